@@ -1,0 +1,118 @@
+"""What every HTTP transport shares: the gateway context, body reading, error replies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.web.server import Request
+
+from mcpgw import jsonrpc
+from mcpgw.config import GatewayConfig
+from mcpgw.session import SessionManager
+from mcpgw.transports.sse import Heartbeat
+
+#: Protocol versions whose handshake the gateway relays (newest last).
+SUPPORTED_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+#: Assumed when a Streamable HTTP client sends no MCP-Protocol-Version (spec 2025-06-18, transports).
+DEFAULT_VERSION = "2025-03-26"
+
+
+@attrs.define
+class GatewayContext:
+    """What the resources of one gateway share."""
+
+    config: GatewayConfig
+    sessions: SessionManager
+    heartbeat: Heartbeat
+    reactor: Any
+
+
+@attrs.frozen
+class Incoming:
+    """One client message: decoded, classified, and the exact bytes to relay."""
+
+    msg: dict[str, Any]
+    raw: bytes
+    kind: str
+
+
+class HttpError(Exception):
+    """A request refused before any message was relayed."""
+
+    def __init__(self, status: int, code: int, message: str, id: Any = None, headers: dict[bytes, bytes] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.id = id
+        self.headers = headers or {}
+
+
+def error_reply(request: Request, status: int, code: int, message: str, id: Any = None, data: Any = None) -> bytes:
+    """Set a JSON-RPC error response and return its body for ``render_*``."""
+    body = jsonrpc.error_bytes(id, code, message, data)
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+def http_error_reply(request: Request, e: HttpError) -> bytes:
+    for name, value in e.headers.items():
+        request.setHeader(name, value)
+    return error_reply(request, e.status, e.code, e.message, e.id)
+
+
+def read_body(request: Request, limit: int) -> bytes:
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0, 2)
+    size = content.tell()
+    if size > limit:
+        raise HttpError(413, jsonrpc.INVALID_REQUEST, f"request body of {size} bytes exceeds the limit of {limit} bytes")
+    content.seek(0)
+    return content.read()
+
+
+def parse_messages(body: bytes, allow_batch: bool = True) -> tuple[list[Incoming], bool]:
+    """Decode a client body into checked messages; (messages, was_a_batch).
+
+    A body that is one message on one line is relayed as sent; anything else
+    is re-encoded onto one line, since the child reads newline-delimited JSON.
+    """
+    try:
+        doc = jsonrpc.parse_body(body)
+    except jsonrpc.MessageError as e:
+        raise HttpError(400, e.code, e.message) from None
+    if isinstance(doc, list):
+        if not allow_batch:
+            raise HttpError(400, jsonrpc.INVALID_REQUEST, "JSON-RPC batches are not supported in this protocol version")
+        if not doc:
+            raise HttpError(400, jsonrpc.INVALID_REQUEST, "empty JSON-RPC batch")
+        return [_incoming(m, jsonrpc.dumps(m)) for m in doc], True
+    raw = body.strip()
+    if b"\n" in raw or b"\r" in raw:
+        raw = jsonrpc.dumps(doc)
+    return [_incoming(doc, raw)], False
+
+
+def _incoming(msg: Any, raw: bytes) -> Incoming:
+    try:
+        kind = jsonrpc.classify(msg)
+    except jsonrpc.MessageError as e:
+        id = msg.get("id") if isinstance(msg, dict) and jsonrpc._valid_id(msg.get("id")) else None
+        raise HttpError(400, e.code, e.message, id) from None
+    return Incoming(msg, raw, kind)
+
+
+def media_types(header: bytes | None) -> set[str]:
+    if not header:
+        return set()
+    return {part.split(";")[0].strip().lower() for part in header.decode("latin-1").split(",")}
+
+
+def accepts(types: set[str], wanted: str) -> bool:
+    major = wanted.split("/")[0]
+    return wanted in types or f"{major}/*" in types or "*/*" in types

@@ -1,0 +1,117 @@
+"""MCP 2024-11-05 HTTP+SSE: ``GET /sse`` streams events, ``POST /messages?sessionId=`` sends.
+
+One SSE stream per session carries everything the child says; the stream's
+end is the session's end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from mcpgw import jsonrpc
+from mcpgw.config import ServerConfig
+from mcpgw.session import Session
+from mcpgw.transports.common import GatewayContext, HttpError, error_reply, http_error_reply, parse_messages, read_body
+from mcpgw.transports.sse import SseResponse, frame
+
+MESSAGE = b"message"
+
+
+class LegacyStream:
+    """The one SSE stream of a 2024-11-05 session: its Route and its Outlet."""
+
+    def __init__(self, session: Session, response: SseResponse):
+        self.session = session
+        self.response = response
+        response.on_close(self._closed)
+
+    def answer(self, id: Any, raw: bytes) -> None:
+        self.response.write(frame(raw, MESSAGE))
+
+    def deliver(self, raw: bytes) -> None:
+        self.response.write(frame(raw, MESSAGE))
+
+    def forget(self, id: Any) -> None:
+        pass
+
+    def unbound(self, raw: bytes, msg: dict[str, Any]) -> None:
+        self.response.write(frame(raw, MESSAGE))
+
+    def session_ended(self, reason: str) -> None:
+        self.response.finish()
+
+    def _closed(self, _: SseResponse) -> None:
+        if not self.session.ended:
+            self.session.close("SSE stream closed")
+
+
+class SseEndpoint(Resource):
+    """``GET /sse``: start a session and stream its events."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, ctx: GatewayContext, server: ServerConfig):
+        super().__init__()
+        self._ctx = ctx
+        self._server = server
+
+    def render_GET(self, request: Request) -> Any:
+        if not self._ctx.sessions.accepting:
+            request.setHeader(b"retry-after", b"5")
+            return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, "gateway is shutting down")
+        session = self._ctx.sessions.create(self._server, "sse")
+        response = SseResponse(request, self._ctx.heartbeat, producer=session)
+        session.outlet = LegacyStream(session, response)
+        # The endpoint sits beside this resource: /sse -> /messages, /servers/x/sse -> /servers/x/messages.
+        base = request.path.rsplit(b"/", 1)[0]
+        response.write(frame(base + b"/messages?sessionId=" + session.id.encode(), b"endpoint"))
+        return NOT_DONE_YET
+
+
+class MessagesEndpoint(Resource):
+    """``POST /messages?sessionId=ID``: relay a message to the session's child; 202."""
+
+    isLeaf = True
+
+    def __init__(self, ctx: GatewayContext, server: ServerConfig):
+        super().__init__()
+        self._ctx = ctx
+        self._server = server
+
+    def render_POST(self, request: Request) -> bytes:
+        ids = request.args.get(b"sessionId") or []
+        if not ids:
+            return error_reply(request, 400, jsonrpc.INVALID_REQUEST, "sessionId query parameter is required")
+        try:
+            session_id = ids[0].decode("ascii")
+        except UnicodeDecodeError:
+            session_id = ""
+        session = self._ctx.sessions.get(session_id)
+        if session is None or session.transport != "sse" or session.server is not self._server:
+            return error_reply(request, 404, jsonrpc.SESSION_NOT_FOUND, "Session not found")
+        try:
+            messages, _ = parse_messages(read_body(request, self._ctx.config.maxBodyBytes))
+        except HttpError as e:
+            return http_error_reply(request, e)
+        stream = session.outlet
+        for m in messages:
+            if m.kind == jsonrpc.REQUEST:
+                if m.msg["method"] == "server/discover":
+                    stream.answer(m.msg["id"], _discover_unsupported(m.msg["id"]))
+                else:
+                    session.request(m.msg, m.raw, stream)
+            else:
+                session.notify(m.msg, m.raw)
+        request.setResponseCode(202)
+        request.setHeader(b"content-type", b"text/plain")
+        return b"Accepted"
+
+
+def _discover_unsupported(id: Any) -> bytes:
+    """``server/discover`` (MCP 2026-07-28) answered at once so the client falls back to initialize."""
+    return jsonrpc.error_bytes(id, jsonrpc.METHOD_NOT_FOUND, "Method not found: server/discover (use initialize)")

@@ -1,0 +1,137 @@
+"""Server-Sent Events on twisted.web: framing, live responses, keepalive, replay logs."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Iterable
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+PING = b": ping\n\n"
+
+
+def frame(data: bytes, event: bytes | None = None, id: bytes | None = None, retry: int | None = None) -> bytes:
+    """One SSE event. ``data`` must hold no newline (JSON lines from a child never do)."""
+    parts = []
+    if id is not None:
+        parts.append(b"id: " + id + b"\n")
+    if retry is not None:
+        parts.append(b"retry: %d\n" % retry)
+    if event is not None:
+        parts.append(b"event: " + event + b"\n")
+    parts.append(b"data: " + data + b"\n\n")
+    return b"".join(parts)
+
+
+class SseResponse:
+    """A live HTTP response that carries SSE events until either side ends it.
+
+    Never writes after finish; the ``closed`` callbacks run exactly once,
+    whether the client went away or the gateway finished the response.
+    """
+
+    def __init__(self, request: Request, heartbeat: "Heartbeat", producer: Any = None):
+        self.request = request
+        self.open = True
+        self._heartbeat = heartbeat
+        self._on_close: list[Callable[["SseResponse"], None]] = []
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache, no-transform")
+        request.setHeader(b"x-accel-buffering", b"no")
+        if producer is not None:
+            request.registerProducer(producer, True)
+        heartbeat.add(self)
+        request.notifyFinish().addBoth(self._gone)
+
+    def on_close(self, callback: Callable[["SseResponse"], None]) -> None:
+        self._on_close.append(callback)
+
+    def write(self, data: bytes) -> None:
+        if self.open:
+            self.request.write(data)
+
+    def write_many(self, chunks: Iterable[bytes]) -> None:
+        if self.open:
+            data = b"".join(chunks)
+            if data:
+                self.request.write(data)
+
+    def finish(self) -> None:
+        """End the response from the gateway's side."""
+        if self.open:
+            self._closed()
+            if self.request.producer is not None:
+                self.request.unregisterProducer()
+            self.request.finish()
+
+    def _gone(self, _: Any) -> None:
+        if self.open:
+            self._closed()
+
+    def _closed(self) -> None:
+        self.open = False
+        self._heartbeat.discard(self)
+        callbacks, self._on_close = self._on_close, []
+        for cb in callbacks:
+            cb(self)
+
+
+class Heartbeat(Service):
+    """One timer for every open SSE response: a ``: ping`` comment per interval.
+
+    A paused channel only notices a vanished peer on its next write, and
+    proxies close idle streams; one LoopingCall for all streams keeps the
+    per-stream cost at a set entry.
+    """
+
+    log = Logger()
+
+    def __init__(self, interval: float, clock: Any):
+        self.interval = interval
+        self._clock = clock
+        self._responses: set[SseResponse] = set()
+        self._loop: LoopingCall | None = None
+
+    def add(self, response: SseResponse) -> None:
+        self._responses.add(response)
+
+    def discard(self, response: SseResponse) -> None:
+        self._responses.discard(response)
+
+    def __len__(self) -> int:
+        return len(self._responses)
+
+    def tick(self) -> None:
+        for response in list(self._responses):
+            try:
+                response.write(PING)
+            except Exception:
+                self.log.failure("keepalive write failed")
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self._clock
+        self._loop.start(self.interval, now=False).addErrback(lambda f: self.log.failure("heartbeat stopped", f))
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+
+class ReplayLog:
+    """The last ``size`` events of one stream, for ``Last-Event-ID`` replay."""
+
+    def __init__(self, size: int):
+        self._events: deque[tuple[int, bytes]] = deque(maxlen=size)
+
+    def append(self, seq: int, event: bytes) -> None:
+        self._events.append((seq, event))
+
+    def after(self, seq: int) -> list[bytes]:
+        return [event for s, event in self._events if s > seq]

@@ -1,0 +1,349 @@
+"""MCP Streamable HTTP (spec 2025-03-26 .. 2025-11-25, basic/transports): ``POST/GET/DELETE /mcp``.
+
+A POST that carries requests is answered lazily: if the child's first word
+for it is the final response, the reply is plain JSON with Content-Length;
+if anything comes first (progress, a sampling request), or the call runs past
+a keepalive tick, it turns into a resumable SSE stream. Each message goes to
+exactly one stream.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from mcpgw import jsonrpc
+from mcpgw.config import ServerConfig
+from mcpgw.session import Session
+from mcpgw.transports.common import (
+    DEFAULT_VERSION,
+    SUPPORTED_VERSIONS,
+    GatewayContext,
+    HttpError,
+    accepts,
+    error_reply,
+    http_error_reply,
+    media_types,
+    parse_messages,
+    read_body,
+)
+from mcpgw.transports.sse import ReplayLog, SseResponse, frame
+
+SESSION_HEADER = b"mcp-session-id"
+VERSION_HEADER = b"mcp-protocol-version"
+#: Streams remembered per session for Last-Event-ID replay.
+MAX_STREAMS = 32
+#: Server messages held for a session with no open stream.
+MAX_BACKLOG = 1024
+#: The first version whose clients expect the empty priming event (2025-11-25, resumability).
+PRIMING_SINCE = "2025-11-25"
+
+
+class EventStream:
+    """A logical SSE stream: numbered events, a replay log, at most one live response."""
+
+    def __init__(self, outlet: "StreamableOutlet", number: int):
+        self.outlet = outlet
+        self.number = number
+        self.seq = 0
+        self.log = ReplayLog(outlet.replay_events)
+        self.live: SseResponse | None = None
+        self.done = False
+
+    def attach(self, request: Request, after: int | None = None) -> None:
+        """Serve this stream on ``request``, replaying events after ``after``."""
+        if self.live is not None:
+            self.live.finish()
+        live = SseResponse(request, self.outlet.heartbeat, producer=self.outlet.session)
+        self.live = live
+        live.on_close(self._detached)
+        if after is None:
+            self._prime()
+        else:
+            live.write_many(self.log.after(after))
+        if self.done:
+            live.finish()
+
+    def _prime(self) -> None:
+        version = self.outlet.session.protocol_version or ""
+        if version >= PRIMING_SINCE and self.live is not None:
+            self.live.write(frame(b"", id=self._id(0), retry=self.outlet.retry))
+
+    def emit(self, raw: bytes) -> None:
+        self.seq += 1
+        event = frame(raw, id=self._id(self.seq))
+        self.log.append(self.seq, event)
+        if self.live is not None:
+            self.live.write(event)
+
+    def close(self) -> None:
+        self.done = True
+        if self.live is not None:
+            self.live.finish()
+
+    def _id(self, seq: int) -> bytes:
+        return b"%d_%d" % (self.number, seq)
+
+    def _detached(self, response: SseResponse) -> None:
+        if self.live is response:
+            self.live = None
+
+
+class PostExchange:
+    """The answer to one POST: the Route for the requests it carried."""
+
+    def __init__(self, outlet: "StreamableOutlet", request: Request, ids: list[Any], batch: bool):
+        self.outlet = outlet
+        self.request = request
+        self.waiting = set(ids)
+        self.batch = batch
+        self.stream: EventStream | None = None
+        self.finished = False
+        self._ticks = 0
+        outlet.heartbeat.add(self)
+        request.notifyFinish().addBoth(self._gone)
+
+    # Route
+    def answer(self, id: Any, raw: bytes) -> None:
+        self.waiting.discard(id)
+        if self.stream is None and not self.waiting and not self.batch and not self.finished:
+            self._json(raw)
+            return
+        self._sse().emit(raw)
+        if not self.waiting:
+            self._end()
+
+    def deliver(self, raw: bytes) -> None:
+        self._sse().emit(raw)
+
+    def forget(self, id: Any) -> None:
+        self.waiting.discard(id)
+        if not self.waiting:
+            self._sse()
+            self._end()
+
+    def keepalive(self) -> None:
+        """A heartbeat tick: a call that runs past one whole interval becomes a stream."""
+        self._ticks += 1
+        if self._ticks >= 2 and self.stream is None:
+            self._sse()
+
+    def _json(self, raw: bytes) -> None:
+        self.outlet.heartbeat.discard(self)
+        self.finished = True
+        if self.request.finished or self.request._disconnected:
+            return
+        self.request.setResponseCode(200)
+        self.request.setHeader(b"content-type", b"application/json")
+        self.request.setHeader(b"content-length", b"%d" % len(raw))
+        self.request.write(raw)
+        self.request.finish()
+
+    def _sse(self) -> EventStream:
+        if self.stream is None:
+            self.outlet.heartbeat.discard(self)
+            self.stream = self.outlet.new_stream()
+            if not (self.finished or self.request._disconnected):
+                self.stream.attach(self.request)
+        return self.stream
+
+    def _end(self) -> None:
+        self.finished = True
+        if self.stream is not None:
+            self.stream.close()
+
+    def _gone(self, _: Any) -> None:
+        self.outlet.heartbeat.discard(self)
+
+
+class StreamableOutlet:
+    """A Streamable HTTP session's streams: the GET stream, the replay logs, the backlog."""
+
+    log = Logger()
+
+    def __init__(self, session: Session, ctx: GatewayContext):
+        self.session = session
+        self.heartbeat = ctx.heartbeat
+        self.replay_events = ctx.config.sse.replayEvents
+        self.retry = ctx.config.sse.retry
+        self.streams: OrderedDict[int, EventStream] = OrderedDict()
+        self.get_stream: EventStream | None = None
+        self._next = 0
+        self._backlog: deque[bytes] = deque(maxlen=MAX_BACKLOG)
+
+    def new_stream(self) -> EventStream:
+        self._next += 1
+        stream = EventStream(self, self._next)
+        self.streams[stream.number] = stream
+        while len(self.streams) > MAX_STREAMS:
+            number, old = next(iter(self.streams.items()))
+            if old is self.get_stream or not old.done:
+                self.streams.move_to_end(number)
+                if all(s is self.get_stream or not s.done for s in self.streams.values()):
+                    break
+                continue
+            del self.streams[number]
+        return stream
+
+    def open_get(self, request: Request) -> None:
+        self.get_stream = self.new_stream()
+        self.get_stream.attach(request)
+        self._flush_backlog()
+
+    def resume(self, request: Request, number: int, seq: int) -> bool:
+        """Reconnect to stream ``number`` after event ``seq``; False if it is not known."""
+        stream = self.streams.get(number)
+        if stream is None:
+            return False
+        stream.attach(request, after=seq)
+        if stream is self.get_stream:
+            self._flush_backlog()
+        return True
+
+    def _flush_backlog(self) -> None:
+        stream = self.get_stream
+        while self._backlog and stream is not None and stream.live is not None:
+            stream.emit(self._backlog.popleft())
+
+    # Outlet
+    def unbound(self, raw: bytes, msg: dict[str, Any]) -> None:
+        """A server message no request claims: an open POST stream, else the GET stream."""
+        for route in reversed(self.session.pending_routes()):
+            if isinstance(route, PostExchange) and not route.finished and not route.request._disconnected:
+                route.deliver(raw)
+                return
+        stream = self.get_stream
+        if stream is not None and stream.live is not None:
+            stream.emit(raw)
+        else:
+            if len(self._backlog) == self._backlog.maxlen:
+                self.log.warn("session {session}: backlog full, oldest server message dropped", session=self.session.id)
+            self._backlog.append(raw)
+
+    def session_ended(self, reason: str) -> None:
+        for stream in list(self.streams.values()):
+            stream.close()
+
+
+class StreamableEndpoint(Resource):
+    """``/mcp`` for one server."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, ctx: GatewayContext, server: ServerConfig):
+        super().__init__()
+        self._ctx = ctx
+        self._server = server
+
+    def render(self, request: Request) -> Any:
+        if request.method not in (b"POST", b"GET", b"DELETE"):
+            request.setHeader(b"allow", b"GET, POST, DELETE")
+            return error_reply(request, 405, jsonrpc.CONNECTION_CLOSED, "Method Not Allowed")
+        try:
+            return super().render(request)
+        except HttpError as e:
+            return http_error_reply(request, e)
+
+    def _session(self, request: Request) -> Session:
+        raw = _header(request, SESSION_HEADER)
+        if raw is None:
+            raise HttpError(400, jsonrpc.CONNECTION_CLOSED, "Bad Request: Mcp-Session-Id header is required")
+        session = self._ctx.sessions.get(raw)
+        if session is None or session.transport != "streamable" or session.server is not self._server:
+            raise HttpError(404, jsonrpc.SESSION_NOT_FOUND, "Session not found")
+        return session
+
+    def _check_version(self, request: Request) -> str:
+        version = _header(request, VERSION_HEADER)
+        if version is None:
+            return DEFAULT_VERSION
+        if version not in SUPPORTED_VERSIONS:
+            raise HttpError(
+                400, jsonrpc.UNSUPPORTED_PROTOCOL_VERSION,
+                f"Bad Request: unsupported MCP-Protocol-Version {version!r} (supported: {', '.join(SUPPORTED_VERSIONS)})",
+            )
+        return version
+
+    # -- POST ---------------------------------------------------------------
+
+    def render_POST(self, request: Request) -> Any:
+        types = media_types(request.getHeader(b"accept"))
+        if not (accepts(types, "application/json") and accepts(types, "text/event-stream")):
+            raise HttpError(406, jsonrpc.CONNECTION_CLOSED, "Not Acceptable: Accept must list application/json and text/event-stream")
+        ctype = media_types(request.getHeader(b"content-type"))
+        if "application/json" not in ctype:
+            raise HttpError(415, jsonrpc.CONNECTION_CLOSED, "Unsupported Media Type: Content-Type must be application/json")
+        body = read_body(request, self._ctx.config.maxBodyBytes)
+        messages, batch = parse_messages(body)
+        if any(m.kind == jsonrpc.REQUEST and m.msg["method"] == "initialize" for m in messages):
+            if batch:
+                raise HttpError(400, jsonrpc.INVALID_REQUEST, "initialize must be sent alone, not in a batch")
+            return self._initialize(request, messages[0])
+        if request.getHeader(SESSION_HEADER) is None:
+            self._check_version(request)
+            if len(messages) == 1 and messages[0].kind == jsonrpc.REQUEST and messages[0].msg["method"] == "server/discover":
+                id = messages[0].msg["id"]
+                return error_reply(request, 404, jsonrpc.METHOD_NOT_FOUND, "Method not found: server/discover (use initialize)", id)
+        session = self._session(request)
+        self._check_version(request)
+        if batch and session.protocol_version not in (None, "2025-03-26"):
+            raise HttpError(400, jsonrpc.INVALID_REQUEST, f"JSON-RPC batches are not supported in protocol version {session.protocol_version}")
+        requests = [m for m in messages if m.kind == jsonrpc.REQUEST]
+        for m in messages:
+            if m.kind != jsonrpc.REQUEST:
+                session.notify(m.msg, m.raw)
+        if not requests:
+            request.setResponseCode(202)
+            return b""
+        exchange = PostExchange(session.outlet, request, [m.msg["id"] for m in requests], batch)
+        for m in requests:
+            session.request(m.msg, m.raw, exchange)
+        return NOT_DONE_YET
+
+    def _initialize(self, request: Request, m: Any) -> Any:
+        sessions = self._ctx.sessions
+        if not sessions.accepting:
+            request.setHeader(b"retry-after", b"5")
+            return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, "gateway is shutting down", m.msg["id"])
+        session = sessions.create(self._server, "streamable")
+        session.outlet = StreamableOutlet(session, self._ctx)
+        request.setHeader(SESSION_HEADER, session.id.encode())
+        exchange = PostExchange(session.outlet, request, [m.msg["id"]], False)
+        session.request(m.msg, m.raw, exchange)
+        return NOT_DONE_YET
+
+    # -- GET ----------------------------------------------------------------
+
+    def render_GET(self, request: Request) -> Any:
+        if not accepts(media_types(request.getHeader(b"accept")), "text/event-stream"):
+            raise HttpError(406, jsonrpc.CONNECTION_CLOSED, "Not Acceptable: Accept must list text/event-stream")
+        session = self._session(request)
+        self._check_version(request)
+        outlet: StreamableOutlet = session.outlet
+        last = _header(request, b"last-event-id")
+        if last is not None:
+            number, _, seq = last.partition("_")
+            if number.isdigit() and seq.isdigit() and outlet.resume(request, int(number), int(seq)):
+                return NOT_DONE_YET
+        if outlet.get_stream is not None and outlet.get_stream.live is not None:
+            raise HttpError(409, jsonrpc.CONNECTION_CLOSED, "Conflict: this session already has an open GET stream")
+        outlet.open_get(request)
+        return NOT_DONE_YET
+
+    # -- DELETE -------------------------------------------------------------
+
+    def render_DELETE(self, request: Request) -> bytes:
+        session = self._session(request)
+        session.close("client ended the session (DELETE)")
+        request.setResponseCode(200)
+        return b""
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return None if value is None else value.decode("latin-1")

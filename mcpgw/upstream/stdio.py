@@ -1,0 +1,247 @@
+"""The stdio side: one child MCP server speaking newline-delimited JSON-RPC.
+
+Framing follows LineOnlyReceiver (explicit delimiter, maximum length) but keeps
+chunks in a list so a 16 MiB line costs one join, not a quadratic rebuild.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from typing import Any, Callable, Protocol
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mcpgw import jsonrpc
+from mcpgw.config import ServerConfig
+
+#: Variables of the gateway's own that a child never sees.
+_PRIVATE_ENV = ("SESSION_SECRET", "REDIS_PASSWORD", "REDIS_URL", "MCPGW_PORT", "MCPGW_HOST")
+_SETSID = shutil.which("setsid")
+
+
+class UpstreamDelegate(Protocol):
+    """What a StdioUpstream reports to (the session)."""
+
+    def upstreamMessage(self, raw: bytes, msg: dict[str, Any]) -> None: ...
+
+    def upstreamProtocolError(self, reason: str) -> None: ...
+
+    def upstreamEnded(self, reason: str) -> None: ...
+
+
+class LineFramer:
+    """Split a byte stream into lines of at most ``max_length`` bytes."""
+
+    def __init__(self, max_length: int, line: Callable[[bytes], None], overflow: Callable[[int], None]):
+        self._max = max_length
+        self._line = line
+        self._overflow = overflow
+        self._chunks: list[bytes] = []
+        self._pending = 0
+        self.broken = False
+
+    def feed(self, data: bytes) -> None:
+        if self.broken:
+            return
+        if b"\n" not in data:
+            self._chunks.append(data)
+            self._pending += len(data)
+            if self._pending > self._max:
+                self._break(self._pending)
+            return
+        if self._chunks:
+            self._chunks.append(data)
+            data = b"".join(self._chunks)
+            self._chunks = []
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            if len(line) > self._max:
+                self._break(len(line))
+                return
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line.strip():
+                self._line(line)
+            if self.broken:
+                return
+        if rest:
+            self._chunks = [rest]
+        self._pending = len(rest)
+        if self._pending > self._max:
+            self._break(self._pending)
+
+    def flush(self) -> None:
+        """Deliver a last line that had no newline (the child exited)."""
+        if self._chunks and not self.broken:
+            line = b"".join(self._chunks)
+            self._chunks = []
+            self._pending = 0
+            if line.strip():
+                self._line(line)
+
+    def _break(self, length: int) -> None:
+        self.broken = True
+        self._chunks = []
+        self._pending = 0
+        self._overflow(length)
+
+
+class StdioUpstream(ProcessProtocol):
+    """A child process for one session; relays raw lines both ways."""
+
+    log = Logger()
+
+    def __init__(self, server: ServerConfig, delegate: UpstreamDelegate, reactor: Any):
+        self.server = server
+        self.delegate = delegate
+        self._reactor = reactor
+        self.pid: int | None = None
+        self.ended = False
+        self.exit_reason = ""
+        self._stopping = False
+        self._waiters: list[defer.Deferred[None]] = []
+        self._timers: list[Any] = []
+        self._out = LineFramer(server.maxMessageBytes, self._outLine, self._outOverflow)
+        self._err = LineFramer(64 * 1024, self._errLine, lambda n: None)
+        self.started_at = reactor.seconds()
+
+    # -- spawning ---------------------------------------------------------
+
+    def spawn(self) -> None:
+        """Start the child in its own process group (so stop reaches its whole tree)."""
+        reactor: IReactorProcess = self._reactor
+        argv = [self.server.executable, *self.server.args]
+        if _SETSID:
+            argv = [_SETSID, *argv]
+        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+        env.update(self.server.env)
+        reactor.spawnProcess(self, argv[0], argv, env=env, path=self.server.cwd)
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+        self.log.info("child {server} started pid={pid}", server=self.server.name, pid=self.pid)
+
+    # -- child -> gateway -------------------------------------------------
+
+    def outReceived(self, data: bytes) -> None:
+        self._out.feed(data)
+
+    def _outLine(self, line: bytes) -> None:
+        try:
+            msg = jsonrpc.loads(line)
+        except (jsonrpc.DecodeError, UnicodeDecodeError, ValueError):
+            self.log.warn(
+                "child {server} pid={pid} wrote a line that is not JSON ({size} bytes); dropped",
+                server=self.server.name, pid=self.pid, size=len(line),
+            )
+            return
+        if not isinstance(msg, dict):
+            self.log.warn("child {server} pid={pid} wrote a non-object message; dropped", server=self.server.name, pid=self.pid)
+            return
+        self.delegate.upstreamMessage(line, msg)
+
+    def _outOverflow(self, length: int) -> None:
+        reason = f"message from the MCP server exceeds {self.server.maxMessageBytes} bytes"
+        self.log.error("child {server} pid={pid}: {reason}", server=self.server.name, pid=self.pid, reason=reason)
+        self.delegate.upstreamProtocolError(reason)
+
+    def errReceived(self, data: bytes) -> None:
+        self._err.feed(data)
+
+    def _errLine(self, line: bytes) -> None:
+        self.log.info(
+            "[{server} pid={pid}] {line}", server=self.server.name, pid=self.pid,
+            line=line.decode("utf-8", "replace"), stderr=True,
+        )
+
+    # -- gateway -> child -------------------------------------------------
+
+    def send(self, raw: bytes) -> bool:
+        """Write one message; False if the child can no longer take input."""
+        if self.ended or self._stopping or self.transport is None:
+            return False
+        self.transport.writeSequence([raw, b"\n"])
+        return True
+
+    def pauseProducing(self) -> None:
+        """Stop reading the child's stdout (a slow client): the pipe fills, the child blocks."""
+        if not self.ended and self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self.ended and self.transport is not None:
+            self.transport.resumeProducing()
+
+    # -- ending ----------------------------------------------------------
+
+    def stop(self) -> defer.Deferred[None]:
+        """Close stdin, SIGTERM the group after a grace period, SIGKILL last.
+
+        The Deferred fires once the child has really exited.
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.ended:
+            d.callback(None)
+            return d
+        self._waiters.append(d)
+        if not self._stopping:
+            self._stopping = True
+            try:
+                self.transport.closeStdin()
+            except Exception:
+                pass
+            grace = self.server.stopGrace
+            self._timers = [
+                self._reactor.callLater(grace, self._signal, signal.SIGTERM),
+                self._reactor.callLater(2 * grace, self._signal, signal.SIGKILL),
+            ]
+        return d
+
+    def _signal(self, sig: int) -> None:
+        if self.ended or self.pid is None:
+            return
+        self.log.info("child {server} pid={pid}: sending {sig}", server=self.server.name, pid=self.pid, sig=signal.Signals(sig).name)
+        try:
+            if _SETSID:
+                os.killpg(self.pid, sig)
+            else:
+                self.transport.signalProcess(sig)
+        except (ProcessLookupError, PermissionError, error.ProcessExitedAlready, OSError):
+            pass
+
+    def processEnded(self, reason: Failure) -> None:
+        self._out.flush()
+        self._err.flush()
+        self.ended = True
+        for t in self._timers:
+            if t.active():
+                t.cancel()
+        if _SETSID and self.pid is not None:
+            # Grandchildren (npm exec -> sh -> node) may outlive the leader.
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        value = reason.value
+        if isinstance(value, error.ProcessDone):
+            self.exit_reason = "exited with status 0"
+        elif getattr(value, "signal", None):
+            self.exit_reason = f"killed by signal {value.signal}"
+        else:
+            self.exit_reason = f"exited with status {getattr(value, 'exitCode', '?')}"
+        duration = self._reactor.seconds() - self.started_at
+        self.log.info(
+            "child {server} pid={pid} {how} after {duration:.3f}s",
+            server=self.server.name, pid=self.pid, how=self.exit_reason, duration=duration,
+        )
+        self.delegate.upstreamEnded(self.exit_reason)
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)

@@ -1,0 +1,33 @@
+from setuptools import setup
+
+setup(
+    name="mcpgw",
+    version="0.1.0",
+    description="An event-driven MCP gateway on Twisted: stdio MCP servers over Streamable HTTP and HTTP+SSE.",
+    python_requires=">=3.11",
+    packages=["mcpgw", "mcpgw.upstream", "mcpgw.store", "mcpgw.transports", "twisted.plugins"],
+    # A static .pth (not a finder hook) for `pip install -e .`, so twistd sees twisted/plugins/.
+    package_dir={"": "."},
+    install_requires=[
+        "twisted>=24.3",
+        "autobahn",
+        "txredisapi",
+        "prometheus-client",
+        "attrs",
+        "treq",
+        "orjson",
+        # The real stdio MCP server that conf/gateway.json serves by default.
+        "mcp-server-time",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-twisted",
+            "pytest-timeout",
+            "mcp>=2",
+            "sseclient-py",
+            "httpx",
+            "hypothesis",
+        ],
+    },
+)

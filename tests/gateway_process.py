@@ -1,0 +1,105 @@
+"""Run a real ``twistd -n mcpgw`` in a subprocess for integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+FIXTURE_SERVER = HERE / "fixtures" / "conformance_server.py"
+#: ``twistd -n --pidfile=`` run by this interpreter (so a venv's plugins are found).
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+
+
+def fixture_server(**extra: Any) -> dict[str, Any]:
+    return {"command": sys.executable, "args": [str(FIXTURE_SERVER)], **extra}
+
+
+class Gateway:
+    """A gateway process listening on a free loopback port; ``stop()`` ends it and checks it ended."""
+
+    def __init__(self, config: dict[str, Any], env: dict[str, str] | None = None):
+        config = {"host": "127.0.0.1", "port": 0, **config}
+        self._dir = tempfile.TemporaryDirectory(prefix="mcpgw-test-")
+        self.config_path = os.path.join(self._dir.name, "gateway.json")
+        with open(self.config_path, "w") as f:
+            json.dump(config, f)
+        full_env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(
+            [*TWISTD, "mcpgw", "--config", self.config_path, "--listen", "tcp:0:interface=127.0.0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=self._dir.name,
+        )
+        self.lines: list[str] = []
+        self.port = self._wait_for_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + 30
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode("utf-8", "replace")
+            if not line:
+                raise RuntimeError("gateway exited before listening:\n" + "".join(self.lines))
+            self.lines.append(line)
+            m = re.search(r"GatewaySite starting on (\d+)", line)
+            if m:
+                return int(m.group(1))
+        raise RuntimeError("gateway did not start listening:\n" + "".join(self.lines))
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode("utf-8", "replace"))
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def child_pids(self) -> list[int]:
+        """Live direct children of the gateway (the MCP servers)."""
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("gateway did not exit within 15 s of SIGTERM")
+        self._dir.cleanup()
+        return self.proc.returncode
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    """Poll an external process's state (never used for in-process timing logic)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); read its state
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
