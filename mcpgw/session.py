@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mcpgw import logs
 from mcpgw import jsonrpc
 from mcpgw.config import GatewayConfig, ServerConfig
 from mcpgw.store import SessionRecord
@@ -73,7 +74,7 @@ class SessionIds:
 class Session:
     """One client session and its child process."""
 
-    log = Logger()
+    log = Logger(observer=logs.observer)
 
     def __init__(self, id: str, server: ServerConfig, transport: str, reactor: Any, on_end: Callable[["Session"], None]):
         self.id = id
@@ -226,7 +227,7 @@ class Session:
 class SessionManager(Service):
     """Creates, finds and ends sessions; stops every child on shutdown."""
 
-    log = Logger()
+    log = Logger(observer=logs.observer)
 
     def __init__(self, config: GatewayConfig, reactor: Any, store: Any = None):
         self.config = config

@@ -8,6 +8,7 @@ from typing import Any
 from twisted.application import service, strports
 from twisted.python import usage
 
+from mcpgw import logs
 from mcpgw.config import ConfigError, GatewayConfig, load
 from mcpgw.session import SessionManager
 from mcpgw.transports.common import GatewayContext
@@ -29,6 +30,7 @@ def endpoint_for(config: GatewayConfig) -> str:
 
 def build_service(config: GatewayConfig, reactor: Any, listen: str | None = None) -> service.MultiService:
     """Everything one gateway runs: sessions (and their children), keepalive, the web endpoint."""
+    logs.set_level(config.logLevel)
     top = service.MultiService()
     sessions = SessionManager(config, reactor)
     sessions.setServiceParent(top)

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from mcpgw import logs
 from mcpgw import jsonrpc
 from mcpgw.config import ServerConfig
 from mcpgw.session import Session
@@ -53,7 +54,7 @@ class SseEndpoint(Resource):
     """``GET /sse``: start a session and stream its events."""
 
     isLeaf = True
-    log = Logger()
+    log = Logger(observer=logs.observer)
 
     def __init__(self, ctx: GatewayContext, server: ServerConfig):
         super().__init__()

@@ -10,6 +10,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from mcpgw import logs
+
 PING = b": ping\n\n"
 
 
@@ -88,7 +90,7 @@ class Heartbeat(Service):
     per-stream cost at a set entry.
     """
 
-    log = Logger()
+    log = Logger(observer=logs.observer)
 
     def __init__(self, interval: float, clock: Any):
         self.interval = interval

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from mcpgw import logs
 from mcpgw import jsonrpc
 from mcpgw.config import ServerConfig
 from mcpgw.session import Session
@@ -163,7 +164,7 @@ class PostExchange:
 class StreamableOutlet:
     """A Streamable HTTP session's streams: the GET stream, the replay logs, the backlog."""
 
-    log = Logger()
+    log = Logger(observer=logs.observer)
 
     def __init__(self, session: Session, ctx: GatewayContext):
         self.session = session
@@ -233,7 +234,7 @@ class StreamableEndpoint(Resource):
     """``/mcp`` for one server."""
 
     isLeaf = True
-    log = Logger()
+    log = Logger(observer=logs.observer)
 
     def __init__(self, ctx: GatewayContext, server: ServerConfig):
         super().__init__()

@@ -17,6 +17,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mcpgw import logs
 from mcpgw import jsonrpc
 from mcpgw.config import ServerConfig
 
@@ -96,7 +97,7 @@ class LineFramer:
 class StdioUpstream(ProcessProtocol):
     """A child process for one session; relays raw lines both ways."""
 
-    log = Logger()
+    log = Logger(observer=logs.observer)
 
     def __init__(self, server: ServerConfig, delegate: UpstreamDelegate, reactor: Any):
         self.server = server
