@@ -64,11 +64,17 @@ class SessionIds:
         nonce, dot, tag = session_id.partition(".")
         if not dot or len(nonce) != 22 or len(tag) != 22:
             return False
-        return hmac.compare_digest(tag, self._tag(nonce))
+        # Bytes: compare_digest raises TypeError on non-ASCII str (a latin-1 decoded header).
+        return hmac.compare_digest(tag.encode(), self._tag(nonce).encode())
 
     def _tag(self, nonce: str) -> str:
         digest = hmac.new(self._key, nonce.encode(), hashlib.sha256).digest()[:16]
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def _routable(value: Any) -> bool:
+    """Ids and progress tokens are strings or numbers; anything else (unhashable) matches nothing."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
 class Session:
@@ -105,27 +111,27 @@ class Session:
         self.last_seen = self._reactor.seconds()
         id = msg["id"]
         if self.ended:
-            route.answer(id, jsonrpc.error_bytes(id, jsonrpc.CONNECTION_CLOSED, f"MCP server {self.end_reason}"))
+            route.answer(id, jsonrpc.error_bytes(id, jsonrpc.CONNECTION_CLOSED, self.end_reason))
             return
         if id in self._requests:
             route.answer(id, jsonrpc.error_bytes(id, jsonrpc.INVALID_REQUEST, f"request id {id!r} is already in flight"))
             return
         self._requests[id] = route
         token = jsonrpc.progress_token(msg)
-        if token is not None:
+        if _routable(token):
             self._token_route[token] = route
             self._request_token[id] = token
         if msg["method"] == "initialize":
             self._initialize_id = id
         if not self.upstream.send(raw):
-            self._fail(id, f"MCP server {self.end_reason or 'is stopping'}")
+            self._fail(id, self.end_reason or "MCP server is stopping")
 
     def notify(self, msg: dict[str, Any], raw: bytes) -> None:
         """Forward a client notification or a response to a server request."""
         self.last_seen = self._reactor.seconds()
         if msg.get("method") == "notifications/cancelled":
             params = msg.get("params")
-            if isinstance(params, dict) and "requestId" in params:
+            if isinstance(params, dict) and _routable(params.get("requestId")):
                 # The child will not answer a cancelled request (spec: cancellation).
                 route = self._pop(params["requestId"])
                 if route is not None:
@@ -143,7 +149,7 @@ class Session:
     def upstreamMessage(self, raw: bytes, msg: dict[str, Any]) -> None:
         if "method" not in msg and "id" in msg:
             id = msg["id"]
-            route = self._pop(id)
+            route = self._pop(id) if _routable(id) else None
             if route is None:
                 self.log.debug("session {session}: response for unknown id {id} dropped", session=self.id, id=id)
                 return
@@ -157,7 +163,8 @@ class Session:
         if msg.get("method") == "notifications/progress":
             params = msg.get("params")
             if isinstance(params, dict):
-                route = self._token_route.get(params.get("progressToken"))
+                token = params.get("progressToken")
+                route = self._token_route.get(token) if _routable(token) else None
                 if route is not None:
                     route.deliver(raw)
                     return
@@ -270,7 +277,7 @@ class SessionManager(Service):
         """End sessions idle for longer than ``session.maxAge``."""
         limit = self._reactor.seconds() - self.config.session.maxAge / 1000.0
         for session in list(self.sessions.values()):
-            if session.last_seen < limit and not session.has_pending() and session.transport != "sse":
+            if session.last_seen < limit and not session.has_pending() and session.transport not in ("sse", "ws"):
                 session.close("idle for longer than session.maxAge")
 
     def startService(self) -> None:

@@ -28,6 +28,39 @@ def frame(data: bytes, event: bytes | None = None, id: bytes | None = None, retr
     return b"".join(parts)
 
 
+class _PauseShare:
+    """One response's share in pausing a producer that many responses share (the session).
+
+    HTTPChannel never resumes a producer it has dropped (the response finished,
+    or the client went away, while paused), so the response holds at most one
+    pause and gives it back itself when it closes.
+    """
+
+    def __init__(self, producer: Any):
+        self._producer = producer
+        self.paused = False
+        self.released = False
+
+    def pauseProducing(self) -> None:
+        if not (self.paused or self.released):
+            self.paused = True
+            self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """This response's connection is going away (not the session): release its pause."""
+        self.resumeProducing()
+
+    def release(self) -> None:
+        """The response is over: give back any pause and ignore later ones."""
+        self.released = True
+        self.resumeProducing()
+
+
 class SseResponse:
     """A live HTTP response that carries SSE events until either side ends it.
 
@@ -44,10 +77,14 @@ class SseResponse:
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache, no-transform")
         request.setHeader(b"x-accel-buffering", b"no")
-        if producer is not None:
-            request.registerProducer(producer, True)
+        self._pause = _PauseShare(producer) if producer is not None else None
+        if self._pause is not None:
+            request.registerProducer(self._pause, True)
         heartbeat.add(self)
         request.notifyFinish().addBoth(self._gone)
+        # Status line and headers now, not with the first event: a client
+        # waits for them before it counts the stream as open.
+        request.write(b"")
 
     def on_close(self, callback: Callable[["SseResponse"], None]) -> None:
         self._on_close.append(callback)
@@ -77,6 +114,8 @@ class SseResponse:
     def _closed(self) -> None:
         self.open = False
         self._heartbeat.discard(self)
+        if self._pause is not None:
+            self._pause.release()
         callbacks, self._on_close = self._on_close, []
         for cb in callbacks:
             cb(self)

@@ -48,12 +48,12 @@ class LineFramer:
         self.broken = False
 
     def feed(self, data: bytes) -> None:
-        if self.broken:
+        if self.broken or not data:
             return
         if b"\n" not in data:
             self._chunks.append(data)
             self._pending += len(data)
-            if self._pending > self._max:
+            if self._too_long(self._pending, data):
                 self._break(self._pending)
             return
         if self._chunks:
@@ -63,11 +63,11 @@ class LineFramer:
         lines = data.split(b"\n")
         rest = lines.pop()
         for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
             if len(line) > self._max:
                 self._break(len(line))
                 return
-            if line.endswith(b"\r"):
-                line = line[:-1]
             if line.strip():
                 self._line(line)
             if self.broken:
@@ -75,7 +75,7 @@ class LineFramer:
         if rest:
             self._chunks = [rest]
         self._pending = len(rest)
-        if self._pending > self._max:
+        if self._too_long(self._pending, rest):
             self._break(self._pending)
 
     def flush(self) -> None:
@@ -84,8 +84,14 @@ class LineFramer:
             line = b"".join(self._chunks)
             self._chunks = []
             self._pending = 0
+            if line.endswith(b"\r"):
+                line = line[:-1]
             if line.strip():
                 self._line(line)
+
+    def _too_long(self, pending: int, tail: bytes) -> bool:
+        # The CR of a CRLF whose LF has not arrived yet does not count.
+        return pending > self._max + (1 if tail.endswith(b"\r") else 0)
 
     def _break(self, length: int) -> None:
         self.broken = True
@@ -217,6 +223,16 @@ class StdioUpstream(ProcessProtocol):
         except (ProcessLookupError, PermissionError, error.ProcessExitedAlready, OSError):
             pass
 
+    def processExited(self, reason: Failure) -> None:
+        """The child itself is gone: end the rest of its group now.
+
+        processEnded waits for every pipe to close; a grandchild that still
+        holds the child's stdout or stderr (``sh -c 'helper & exec server'``)
+        would otherwise keep the session, and its pending requests, waiting.
+        Output already in the pipes is still read.
+        """
+        self._kill_group()
+
     def processEnded(self, reason: Failure) -> None:
         self._out.flush()
         self._err.flush()
@@ -224,12 +240,8 @@ class StdioUpstream(ProcessProtocol):
         for t in self._timers:
             if t.active():
                 t.cancel()
-        if _SETSID and self.pid is not None:
-            # Grandchildren (npm exec -> sh -> node) may outlive the leader.
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
+        # Grandchildren (npm exec -> sh -> node) may outlive the leader.
+        self._kill_group()
         value = reason.value
         if isinstance(value, error.ProcessDone):
             self.exit_reason = "exited with status 0"
@@ -246,3 +258,10 @@ class StdioUpstream(ProcessProtocol):
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(None)
+
+    def _kill_group(self) -> None:
+        if _SETSID and self.pid is not None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
