@@ -28,6 +28,8 @@ setup(
             "sseclient-py",
             "httpx",
             "hypothesis",
+            "pyyaml",
+            "websockets",
         ],
     },
 )

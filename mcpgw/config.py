@@ -79,6 +79,16 @@ class SseConfig:
 
 
 @attrs.frozen
+class WebSocketConfig:
+    #: Seconds between WebSocket ping frames on an open connection.
+    pingInterval: float = 30.0
+    #: Seconds to wait for the pong before the peer counts as dead and is dropped.
+    pingTimeout: float = 10.0
+    #: Largest client message (1009 above it).
+    maxMessageBytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+@attrs.frozen
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     password: str | None = None
@@ -105,6 +115,7 @@ class GatewayConfig:
     rateLimit: RateLimitConfig = RateLimitConfig()
     session: SessionConfig = SessionConfig()
     sse: SseConfig = SseConfig()
+    websocket: WebSocketConfig = WebSocketConfig()
     redis: RedisConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
     auth: AuthConfig = AuthConfig()
@@ -181,6 +192,7 @@ def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
         if not os.path.isdir(cwd):
             raise ConfigError(f"{key}.cwd", f"{cwd!r} is not a directory")
     default = _expect(raw.get("default", False), bool, f"{key}.default", "true or false")
+    _expect(raw.get("disabled", False), bool, f"{key}.disabled", "true or false")
     path = env.get("PATH", environ.get("PATH", os.defpath))
     if os.sep in command:
         base = os.path.join(cwd, command) if cwd and not os.path.isabs(command) else command
@@ -206,7 +218,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     """Check a decoded config document and apply environment overrides."""
     environ = os.environ if environ is None else environ
     top = {
-        "port", "host", "logLevel", "cors", "rateLimit", "session", "sse", "redis",
+        "port", "host", "logLevel", "cors", "rateLimit", "session", "sse", "websocket", "redis",
         "metrics", "auth", "mcpServers", "maxBodyBytes",
     }
     _object(raw, "", top)
@@ -221,9 +233,10 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         raw["host"] = environ["MCPGW_HOST"]
     if "LOG_LEVEL" in environ:
         raw["logLevel"] = environ["LOG_LEVEL"].lower()
-    if "SESSION_SECRET" in environ:
+    # (A section of the wrong type is left as it is for its own check to name.)
+    if "SESSION_SECRET" in environ and isinstance(raw.get("session", {}), dict):
         raw["session"] = {**raw.get("session", {}), "secret": environ["SESSION_SECRET"]}
-    if "REDIS_URL" in environ or "REDIS_PASSWORD" in environ:
+    if ("REDIS_URL" in environ or "REDIS_PASSWORD" in environ) and isinstance(raw.get("redis") or {}, dict):
         redis = dict(raw.get("redis") or {})
         if "REDIS_URL" in environ:
             redis["url"] = environ["REDIS_URL"]
@@ -260,6 +273,12 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         keepalive=_positive(sse_raw.get("keepalive", 15.0), "sse.keepalive", (int, float)),
         replayEvents=_positive(sse_raw.get("replayEvents", 256), "sse.replayEvents"),
         retry=_positive(sse_raw.get("retry", 1000), "sse.retry"),
+    )
+    ws_raw = _object(raw.get("websocket", {}), "websocket", {"pingInterval", "pingTimeout", "maxMessageBytes"})
+    websocket = WebSocketConfig(
+        pingInterval=_positive(ws_raw.get("pingInterval", 30.0), "websocket.pingInterval", (int, float)),
+        pingTimeout=_positive(ws_raw.get("pingTimeout", 10.0), "websocket.pingTimeout", (int, float)),
+        maxMessageBytes=_positive(ws_raw.get("maxMessageBytes", DEFAULT_MAX_MESSAGE_BYTES), "websocket.maxMessageBytes"),
     )
     redis = None
     if raw.get("redis") is not None:
@@ -303,6 +322,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         rateLimit=rate_limit,
         session=session,
         sse=sse,
+        websocket=websocket,
         redis=redis,
         metrics=metrics,
         auth=auth,

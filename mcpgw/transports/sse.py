@@ -93,6 +93,9 @@ class SseResponse:
         if self.open:
             self.request.write(data)
 
+    def keepalive(self) -> None:
+        self.write(PING)
+
     def write_many(self, chunks: Iterable[bytes]) -> None:
         if self.open:
             data = b"".join(chunks)
@@ -124,6 +127,9 @@ class SseResponse:
 class Heartbeat(Service):
     """One timer for every open SSE response: a ``: ping`` comment per interval.
 
+    Members are anything with ``keepalive()``: SseResponse writes the ping; a
+    Streamable POST still waiting for its answer turns into a stream.
+
     A paused channel only notices a vanished peer on its next write, and
     proxies close idle streams; one LoopingCall for all streams keeps the
     per-stream cost at a set entry.
@@ -147,11 +153,11 @@ class Heartbeat(Service):
         return len(self._responses)
 
     def tick(self) -> None:
-        for response in list(self._responses):
+        for member in list(self._responses):
             try:
-                response.write(PING)
+                member.keepalive()
             except Exception:
-                self.log.failure("keepalive write failed")
+                self.log.failure("keepalive failed")
 
     def startService(self) -> None:
         super().startService()
