@@ -14,6 +14,7 @@ from mcpgw.config import GatewayConfig, ServerConfig
 from mcpgw.transports.common import GatewayContext, error_reply
 from mcpgw.transports.legacy import MessagesEndpoint, SseEndpoint
 from mcpgw.transports.streamable import StreamableEndpoint
+from mcpgw.transports.websocket import websocket_resource
 
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 ALLOW_HEADERS = b"Content-Type, Authorization, Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID, Mcp-Method, Mcp-Name"
@@ -93,6 +94,7 @@ class ServerResource(Resource):
         self.putChild(b"sse", Guard(SseEndpoint(ctx, server), config))
         self.putChild(b"messages", Guard(MessagesEndpoint(ctx, server), config))
         self.putChild(b"mcp", Guard(StreamableEndpoint(ctx, server), config))
+        self.putChild(b"ws", Guard(websocket_resource(ctx, server), config))
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return NotFound()
@@ -132,7 +134,7 @@ class ServersIndex(Resource):
                 "name": name,
                 "default": name == default,
                 "command": server.command,
-                "paths": {"sse": f"{base}/sse", "messages": f"{base}/messages", "mcp": f"{base}/mcp"},
+                "paths": {"sse": f"{base}/sse", "messages": f"{base}/messages", "mcp": f"{base}/mcp", "ws": f"{base}/ws"},
                 "sessions": ctx.sessions.count(name),
             })
         return _json(request, {"servers": servers})
@@ -183,7 +185,7 @@ class Root(Resource):
         self.putChild(b"ready", Ready(ctx))
         self.putChild(b"servers", ServersIndex(ctx))
         default = ServerResource(ctx, ctx.config.default_server)
-        for name in (b"sse", b"messages", b"mcp"):
+        for name in (b"sse", b"messages", b"mcp", b"ws"):
             self.putChild(name, default.children[name])
 
     def getChild(self, path: bytes, request: Request) -> Resource:

@@ -33,6 +33,7 @@ def test_servers_lists_each_server_with_paths_and_default(gw):
     assert by_name["beta"]["default"] is True and by_name["alpha"]["default"] is False
     assert by_name["alpha"]["paths"] == {
         "sse": "/servers/alpha/sse", "messages": "/servers/alpha/messages", "mcp": "/servers/alpha/mcp",
+        "ws": "/servers/alpha/ws",
     }
     assert by_name["alpha"]["sessions"] == 0
 
