@@ -91,11 +91,19 @@ def parse_messages(body: bytes, allow_batch: bool = True) -> tuple[list[Incoming
             raise HttpError(400, jsonrpc.INVALID_REQUEST, "JSON-RPC batches are not supported in this protocol version")
         if not doc:
             raise HttpError(400, jsonrpc.INVALID_REQUEST, "empty JSON-RPC batch")
-        return [_incoming(m, jsonrpc.dumps(m)) for m in doc], True
+        return [_incoming(m, _encode(m)) for m in doc], True
     raw = body.strip()
     if b"\n" in raw or b"\r" in raw:
-        raw = jsonrpc.dumps(doc)
+        raw = _encode(doc)
     return [_incoming(doc, raw)], False
+
+
+def _encode(msg: Any) -> bytes:
+    """One message on one line; a document the encoder refuses (nested too deep) is a 400."""
+    try:
+        return jsonrpc.dumps(msg)
+    except (TypeError, ValueError) as e:
+        raise HttpError(400, jsonrpc.INVALID_REQUEST, f"message cannot be relayed: {e}") from None
 
 
 def _incoming(msg: Any, raw: bytes) -> Incoming:

@@ -68,8 +68,9 @@ class SseEndpoint(Resource):
         session = self._ctx.sessions.create(self._server, "sse")
         response = SseResponse(request, self._ctx.heartbeat, producer=session)
         session.outlet = LegacyStream(session, response)
-        # The endpoint sits beside this resource: /sse -> /messages, /servers/x/sse -> /servers/x/messages.
-        base = request.path.rsplit(b"/", 1)[0]
+        # The endpoint sits beside this resource: /sse -> /messages, /servers/x/sse -> /servers/x/messages
+        # (prepath, not path: "/sse/" must not give "/sse/messages").
+        base = b"".join(b"/" + segment for segment in request.prepath[:-1])
         response.write(frame(base + b"/messages?sessionId=" + session.id.encode(), b"endpoint"))
         return NOT_DONE_YET
 

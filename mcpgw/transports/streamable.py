@@ -9,6 +9,7 @@ exactly one stream.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict, deque
 from typing import Any
 
@@ -42,6 +43,16 @@ MAX_STREAMS = 32
 MAX_BACKLOG = 1024
 #: The first version whose clients expect the empty priming event (2025-11-25, resumability).
 PRIMING_SINCE = "2025-11-25"
+#: An event id this gateway wrote, ``STREAM_SEQ`` (ASCII digits only: ``str.isdigit`` takes "²",
+#: and ``int()`` refuses more than 4300 digits).
+EVENT_ID = re.compile(r"([0-9]{1,18})_([0-9]{1,18})")
+#: Server notifications that concern the session, not any one request (GET stream first).
+SESSION_NOTIFICATIONS = frozenset({
+    "notifications/tools/list_changed",
+    "notifications/resources/list_changed",
+    "notifications/prompts/list_changed",
+    "notifications/resources/updated",
+})
 
 
 class EventStream:
@@ -212,13 +223,20 @@ class StreamableOutlet:
 
     # Outlet
     def unbound(self, raw: bytes, msg: dict[str, Any]) -> None:
-        """A server message no request claims: an open POST stream, else the GET stream."""
-        for route in reversed(self.session.pending_routes()):
-            if isinstance(route, PostExchange) and not route.finished and not route.request._disconnected:
-                route.deliver(raw)
-                return
+        """A server message no request claims: the newest open POST stream, else the GET stream.
+
+        Notifications about the session as a whole (SESSION_NOTIFICATIONS) take a
+        live GET stream first: messages on a POST stream SHOULD relate to its
+        request, those on the GET stream SHOULD NOT (2025-11-25 basic/transports).
+        """
         stream = self.get_stream
-        if stream is not None and stream.live is not None:
+        get_live = stream is not None and stream.live is not None
+        if not (get_live and msg.get("method") in SESSION_NOTIFICATIONS):
+            for route in reversed(self.session.pending_routes()):
+                if isinstance(route, PostExchange) and not route.finished and not route.request._disconnected:
+                    route.deliver(raw)
+                    return
+        if stream is not None and get_live:
             stream.emit(raw)
         else:
             if len(self._backlog) == self._backlog.maxlen:
@@ -328,8 +346,8 @@ class StreamableEndpoint(Resource):
         outlet: StreamableOutlet = session.outlet
         last = _header(request, b"last-event-id")
         if last is not None:
-            number, _, seq = last.partition("_")
-            if number.isdigit() and seq.isdigit() and outlet.resume(request, int(number), int(seq)):
+            match = EVENT_ID.fullmatch(last)
+            if match and outlet.resume(request, int(match[1]), int(match[2])):
                 return NOT_DONE_YET
         if outlet.get_stream is not None and outlet.get_stream.live is not None:
             raise HttpError(409, jsonrpc.CONNECTION_CLOSED, "Conflict: this session already has an open GET stream")
