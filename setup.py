@@ -16,6 +16,8 @@ setup(
         "attrs",
         "treq",
         "orjson",
+        # JWT bearer tokens (auth.jwt): HS256 and JWKS keys.
+        "pyjwt[crypto]",
         # The real stdio MCP server that conf/gateway.json serves by default.
         "mcp-server-time",
     ],
@@ -30,6 +32,14 @@ setup(
             "hypothesis",
             "pyyaml",
             "websockets",
+            # tests/test_bench_smoke.py drives the bench, whose WebSocket client is aiohttp.
+            "aiohttp",
+        ],
+        # python3 -m bench (docs/performance.md); --peers installs supergateway and mcp-proxy itself.
+        "bench": [
+            "aiohttp",
+            "matplotlib",
+            "py-spy",
         ],
     },
 )

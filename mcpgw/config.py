@@ -6,6 +6,8 @@ so that startup can stop with one clear line before anything listens.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -13,9 +15,18 @@ import shutil
 from typing import Any, Mapping
 
 import attrs
+import jwt
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+LOG_FORMATS = ("text", "json")
 EXAMPLE_SECRET = "change-this-secret"
+#: Example values from the docs and .env.example: refused unless --insecure-dev or a loopback bind.
+EXAMPLE_SECRETS = frozenset({EXAMPLE_SECRET, "change-this-session-secret"})
+#: Environment variables the gateway reads for itself; a child never sees them.
+PRIVATE_ENV = frozenset({
+    "SESSION_SECRET", "REDIS_PASSWORD", "REDIS_URL", "MCPGW_PORT", "MCPGW_HOST",
+    "MCPGW_AUTH_TOKENS", "MCPGW_JWT_SECRET",
+})
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -45,6 +56,10 @@ class ServerConfig:
     #: The absolute path ``command`` resolved to at load time (spawning a
     #: PATH-searched shim costs tens of ms per session).
     executable: str = ""
+    #: Most concurrent sessions (children) of this server; None: only the global cap.
+    maxSessions: int | None = None
+    #: Variables copied from the gateway's environment into the child's (never PRIVATE_ENV).
+    inheritEnv: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -56,8 +71,15 @@ class CorsConfig:
 @attrs.frozen
 class RateLimitConfig:
     enabled: bool = False
+    #: Hits allowed per client per window.
     max: int = 100
     window: str = "15m"
+    #: Most clients tracked at once (memory bound); the oldest window is dropped beyond it.
+    maxKeys: int = 100_000
+
+    @property
+    def window_seconds(self) -> float:
+        return duration_seconds(self.window)
 
 
 @attrs.frozen
@@ -65,6 +87,8 @@ class SessionConfig:
     secret: str | None = None
     #: Idle lifetime of a session in milliseconds.
     maxAge: int = 3_600_000
+    #: Absolute lifetime of a session in milliseconds, however busy (None: no cap).
+    maxLifetime: int | None = 86_400_000
 
 
 @attrs.frozen
@@ -91,7 +115,13 @@ class WebSocketConfig:
 @attrs.frozen
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
-    password: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    #: Seconds any one Redis operation may take (then it fails, and the connection is re-opened).
+    timeout: float = 2.0
+    #: Seconds between this instance's heartbeats; it counts as gone 3 heartbeats after the last.
+    heartbeat: float = 1.0
+    #: Prefix of every key and pub/sub channel (several gateways may share one Redis).
+    keyPrefix: str = "mcpgw:"
 
 
 @attrs.frozen
@@ -101,8 +131,47 @@ class MetricsConfig:
 
 
 @attrs.frozen
+class StaticToken:
+    """A configured bearer token / API key; ``name`` is the identity it authenticates."""
+
+    name: str
+    token: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class JwtConfig:
+    """JWT bearer tokens: HS256 with ``secret``, or the keys of a JWKS file."""
+
+    issuer: str
+    audience: tuple[str, ...]
+    secret: str | None = attrs.field(default=None, repr=False)
+    jwksFile: str | None = None
+    #: Seconds of clock skew allowed on exp/nbf.
+    leeway: float = 0.0
+
+
+@attrs.frozen
 class AuthConfig:
-    bearerTokens: tuple[str, ...] = ()
+    enabled: bool = False
+    bearerTokens: tuple[StaticToken, ...] = ()
+    #: A header that may carry a static token instead of ``Authorization: Bearer`` (None: off).
+    apiKeyHeader: str | None = "X-API-Key"
+    jwt: JwtConfig | None = None
+    realm: str = "mcpgw"
+
+
+@attrs.frozen
+class LimitsConfig:
+    #: Request line plus all headers, bytes (431 above it).
+    maxHeaderBytes: int = 16384
+    #: Messages in one JSON-RPC batch POST (413 above it).
+    maxBatchMessages: int = 100
+    #: Requests in flight per session (a JSON-RPC error for the one over it).
+    maxPendingRequests: int = 128
+    #: Seconds a request may wait for its response (None: forever).
+    requestTimeout: float | None = 300.0
+    #: Concurrent sessions (children) of the whole gateway (None: no cap).
+    maxSessions: int | None = None
 
 
 @attrs.frozen
@@ -111,6 +180,8 @@ class GatewayConfig:
     port: int = 3000
     host: str = "0.0.0.0"
     logLevel: str = "info"
+    #: "text" (twistd's lines) or "json" (one JSON object per line, mcpgw.logs).
+    logFormat: str = "text"
     cors: CorsConfig = CorsConfig()
     rateLimit: RateLimitConfig = RateLimitConfig()
     session: SessionConfig = SessionConfig()
@@ -121,6 +192,9 @@ class GatewayConfig:
     auth: AuthConfig = AuthConfig()
     #: Largest client request body accepted (413 above it).
     maxBodyBytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    limits: LimitsConfig = LimitsConfig()
+    #: Proxies (addresses or networks) whose X-Forwarded-For / X-Real-IP are believed.
+    trustedProxies: tuple[str, ...] = ()
 
     @property
     def default_server(self) -> ServerConfig:
@@ -171,13 +245,151 @@ def _port(value: Any, key: str) -> int:
 
 
 _WINDOW = re.compile(r"^\d+(ms|s|m|h)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(value: str) -> float:
+    """``"15m"`` -> 900.0 (a checked ``rateLimit.window``)."""
+    unit = value.lstrip("0123456789")
+    return int(value[: len(value) - len(unit)]) * _UNIT_SECONDS[unit]
+
+
+def _optional_positive(value: Any, key: str, kind: type | tuple[type, ...] = int) -> Any:
+    return None if value is None else _positive(value, key, kind)
+
+
+def _static_tokens(value: Any, key: str) -> list[StaticToken]:
+    _expect(value, list, key, "a list of tokens (strings or {\"name\", \"token\"} objects)")
+    tokens = []
+    for i, item in enumerate(value):
+        k = f"{key}[{i}]"
+        if isinstance(item, dict):
+            _object(item, k, {"name", "token"})
+            name = _expect(item.get("name"), str, f"{k}.name", "a string")
+            token = _expect(item.get("token"), str, f"{k}.token", "a string")
+        else:
+            token = _expect(item, str, k, "a string or a {\"name\", \"token\"} object")
+            name = "token-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+        if len(token) < 16:
+            raise ConfigError(k, "a token must be at least 16 characters")
+        tokens.append(StaticToken(name, token))
+    return tokens
+
+
+def load_jwks(path: str) -> dict[str | None, Any]:
+    """The signing keys of a JWKS file by ``kid`` (ConfigError naming auth.jwt.jwksFile)."""
+    key = "auth.jwt.jwksFile"
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError(key, f"cannot read {path}: {e}") from None
+    keys: dict[str | None, Any] = {}
+    for i, data in enumerate(doc.get("keys", []) if isinstance(doc, dict) else []):
+        if not isinstance(data, dict) or data.get("use", "sig") != "sig":
+            continue
+        try:
+            jwk = jwt.PyJWK(data)
+        except jwt.PyJWTError as e:
+            raise ConfigError(key, f"{path}: key {i} is not usable: {e}") from None
+        if jwk.algorithm_name == "none":
+            raise ConfigError(key, f"{path}: key {i} names algorithm none")
+        keys[data.get("kid")] = jwk
+    if not keys:
+        raise ConfigError(key, f"{path} has no signing keys")
+    return keys
+
+
+def _jwt(value: Any, environ: Mapping[str, str]) -> JwtConfig:
+    key = "auth.jwt"
+    raw = dict(_object(value, key, {"secret", "jwksFile", "issuer", "audience", "leeway"}))
+    if "MCPGW_JWT_SECRET" in environ:
+        raw["secret"] = environ["MCPGW_JWT_SECRET"]
+    secret = raw.get("secret")
+    jwks = raw.get("jwksFile")
+    if secret is not None:
+        _expect(secret, str, f"{key}.secret", "a string")
+        if len(secret.encode()) < 32:
+            raise ConfigError(f"{key}.secret", "an HS256 secret must be at least 32 bytes (openssl rand -hex 32)")
+    if jwks is not None:
+        _expect(jwks, str, f"{key}.jwksFile", "a path")
+        load_jwks(jwks)
+    if (secret is None) == (jwks is None):
+        raise ConfigError(key, "needs exactly one of secret (HS256) and jwksFile")
+    if "issuer" not in raw:
+        raise ConfigError(f"{key}.issuer", "is required")
+    if "audience" not in raw:
+        raise ConfigError(f"{key}.audience", "is required")
+    audience = raw["audience"]
+    audiences = (_expect(audience, str, f"{key}.audience", "a string or a list of strings"),) if not isinstance(audience, list) \
+        else _string_list(audience, f"{key}.audience")
+    if not audiences:
+        raise ConfigError(f"{key}.audience", "must name at least one audience")
+    leeway = raw.get("leeway", 0)
+    _expect(leeway, (int, float), f"{key}.leeway", "a number of seconds")
+    if leeway < 0:
+        raise ConfigError(f"{key}.leeway", f"must not be negative, not {leeway}")
+    return JwtConfig(
+        issuer=_expect(raw["issuer"], str, f"{key}.issuer", "a string"),
+        audience=audiences, secret=secret, jwksFile=jwks, leeway=float(leeway),
+    )
+
+
+def _auth(value: Any, environ: Mapping[str, str]) -> AuthConfig:
+    raw = _object(value, "auth", {"enabled", "bearerTokens", "apiKeyHeader", "jwt", "realm"})
+    tokens = _static_tokens(raw.get("bearerTokens", []), "auth.bearerTokens")
+    if environ.get("MCPGW_AUTH_TOKENS"):
+        extra = [t.strip() for t in environ["MCPGW_AUTH_TOKENS"].split(",") if t.strip()]
+        tokens += _static_tokens(extra, "MCPGW_AUTH_TOKENS")
+    names = [t.name for t in tokens]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError("auth.bearerTokens", f"two tokens share the name {name!r}")
+    jwt_config = _jwt(raw["jwt"], environ) if raw.get("jwt") is not None else None
+    configured = bool(tokens) or jwt_config is not None
+    enabled = _expect(raw.get("enabled", configured), bool, "auth.enabled", "true or false")
+    if enabled and not configured:
+        raise ConfigError("auth.enabled", "is true but no bearerTokens, MCPGW_AUTH_TOKENS or jwt are configured")
+    header = raw.get("apiKeyHeader", "X-API-Key")
+    if header is not None:
+        _expect(header, str, "auth.apiKeyHeader", "a header name or null")
+        if not re.fullmatch(r"[A-Za-z0-9-]+", header) or header.lower() == "authorization":
+            raise ConfigError("auth.apiKeyHeader", f"{header!r} is not a usable header name")
+    realm = _expect(raw.get("realm", "mcpgw"), str, "auth.realm", "a string")
+    if not re.fullmatch(r"[\x20-\x7e]*", realm) or '"' in realm or "\\" in realm:
+        raise ConfigError("auth.realm", "must be printable ASCII without quotes or backslashes")
+    return AuthConfig(enabled=enabled, bearerTokens=tuple(tokens), apiKeyHeader=header, jwt=jwt_config, realm=realm)
+
+
+def _limits(value: Any) -> LimitsConfig:
+    raw = _object(value, "limits", {"maxHeaderBytes", "maxBatchMessages", "maxPendingRequests", "requestTimeout", "maxSessions"})
+    header = _positive(raw.get("maxHeaderBytes", 16384), "limits.maxHeaderBytes")
+    if header < 1024:
+        raise ConfigError("limits.maxHeaderBytes", f"must be at least 1024, not {header}")
+    return LimitsConfig(
+        maxHeaderBytes=header,
+        maxBatchMessages=_positive(raw.get("maxBatchMessages", 100), "limits.maxBatchMessages"),
+        maxPendingRequests=_positive(raw.get("maxPendingRequests", 128), "limits.maxPendingRequests"),
+        requestTimeout=_optional_positive(raw.get("requestTimeout", 300.0), "limits.requestTimeout", (int, float)),
+        maxSessions=_optional_positive(raw.get("maxSessions"), "limits.maxSessions"),
+    )
+
+
+def _trusted_proxies(value: Any) -> tuple[str, ...]:
+    proxies = _string_list(value, "trustedProxies")
+    for i, item in enumerate(proxies):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"trustedProxies[{i}]", f"{item!r} is not an IP address or network") from None
+    return proxies
 
 
 def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
     key = f"mcpServers.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(key, "server names may use letters, digits, '_', '.' and '-' only")
-    allowed = {"command", "args", "env", "cwd", "default", "maxMessageBytes", "stopGrace", "disabled"}
+    allowed = {"command", "args", "env", "cwd", "default", "maxMessageBytes", "stopGrace", "disabled", "maxSessions", "inheritEnv"}
     _object(raw, key, allowed)
     if "command" not in raw:
         raise ConfigError(f"{key}.command", "is required")
@@ -192,6 +404,10 @@ def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
         if not os.path.isdir(cwd):
             raise ConfigError(f"{key}.cwd", f"{cwd!r} is not a directory")
     default = _expect(raw.get("default", False), bool, f"{key}.default", "true or false")
+    inherit = _string_list(raw.get("inheritEnv", []), f"{key}.inheritEnv")
+    for i, variable in enumerate(inherit):
+        if variable in PRIVATE_ENV:
+            raise ConfigError(f"{key}.inheritEnv[{i}]", f"{variable} is the gateway's own secret or setting and is never passed to a child")
     _expect(raw.get("disabled", False), bool, f"{key}.disabled", "true or false")
     path = env.get("PATH", environ.get("PATH", os.defpath))
     if os.sep in command:
@@ -211,6 +427,8 @@ def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
         maxMessageBytes=_positive(raw.get("maxMessageBytes", DEFAULT_MAX_MESSAGE_BYTES), f"{key}.maxMessageBytes"),
         stopGrace=_positive(raw.get("stopGrace", 0.5), f"{key}.stopGrace", (int, float)),
         executable=os.path.abspath(executable),
+        maxSessions=_optional_positive(raw.get("maxSessions"), f"{key}.maxSessions"),
+        inheritEnv=inherit,
     )
 
 
@@ -218,8 +436,8 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     """Check a decoded config document and apply environment overrides."""
     environ = os.environ if environ is None else environ
     top = {
-        "port", "host", "logLevel", "cors", "rateLimit", "session", "sse", "websocket", "redis",
-        "metrics", "auth", "mcpServers", "maxBodyBytes",
+        "port", "host", "logLevel", "logFormat", "cors", "rateLimit", "session", "sse", "websocket", "redis",
+        "metrics", "auth", "mcpServers", "maxBodyBytes", "limits", "trustedProxies",
     }
     _object(raw, "", top)
     raw = dict(raw)
@@ -233,6 +451,8 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         raw["host"] = environ["MCPGW_HOST"]
     if "LOG_LEVEL" in environ:
         raw["logLevel"] = environ["LOG_LEVEL"].lower()
+    if "LOG_FORMAT" in environ:
+        raw["logFormat"] = environ["LOG_FORMAT"].lower()
     # (A section of the wrong type is left as it is for its own check to name.)
     if "SESSION_SECRET" in environ and isinstance(raw.get("session", {}), dict):
         raw["session"] = {**raw.get("session", {}), "secret": environ["SESSION_SECRET"]}
@@ -248,13 +468,16 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     level = {"warning": "warn"}.get(level.lower(), level.lower())
     if level not in LOG_LEVELS:
         raise ConfigError("logLevel", f"must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+    log_format = _expect(raw.get("logFormat", "text"), str, "logFormat", "a string")
+    if log_format not in LOG_FORMATS:
+        raise ConfigError("logFormat", f"must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
 
     cors_raw = _object(raw.get("cors", {}), "cors", {"enabled", "origins"})
     cors = CorsConfig(
         enabled=_expect(cors_raw.get("enabled", True), bool, "cors.enabled", "true or false"),
         origins=_string_list(cors_raw.get("origins", ["*"]), "cors.origins"),
     )
-    rl_raw = _object(raw.get("rateLimit", {}), "rateLimit", {"enabled", "max", "window"})
+    rl_raw = _object(raw.get("rateLimit", {}), "rateLimit", {"enabled", "max", "window", "maxKeys"})
     window = _expect(rl_raw.get("window", "15m"), str, "rateLimit.window", 'a duration like "15m"')
     if not _WINDOW.match(window):
         raise ConfigError("rateLimit.window", f'must be a duration like "900s", "15m" or "1h", not {window!r}')
@@ -262,12 +485,19 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         enabled=_expect(rl_raw.get("enabled", False), bool, "rateLimit.enabled", "true or false"),
         max=_positive(rl_raw.get("max", 100), "rateLimit.max"),
         window=window,
+        maxKeys=_positive(rl_raw.get("maxKeys", 100_000), "rateLimit.maxKeys"),
     )
-    s_raw = _object(raw.get("session", {}), "session", {"secret", "maxAge"})
+    if duration_seconds(window) <= 0:
+        raise ConfigError("rateLimit.window", f"must be longer than zero, not {window!r}")
+    s_raw = _object(raw.get("session", {}), "session", {"secret", "maxAge", "maxLifetime"})
     secret = s_raw.get("secret")
     if secret is not None:
         _expect(secret, str, "session.secret", "a string")
-    session = SessionConfig(secret=secret, maxAge=_positive(s_raw.get("maxAge", 3_600_000), "session.maxAge"))
+    session = SessionConfig(
+        secret=secret,
+        maxAge=_positive(s_raw.get("maxAge", 3_600_000), "session.maxAge"),
+        maxLifetime=_optional_positive(s_raw.get("maxLifetime", 86_400_000), "session.maxLifetime"),
+    )
     sse_raw = _object(raw.get("sse", {}), "sse", {"keepalive", "replayEvents", "retry"})
     sse = SseConfig(
         keepalive=_positive(sse_raw.get("keepalive", 15.0), "sse.keepalive", (int, float)),
@@ -282,21 +512,36 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     )
     redis = None
     if raw.get("redis") is not None:
-        r_raw = _object(raw["redis"], "redis", {"url", "password"})
+        r_raw = _object(raw["redis"], "redis", {"url", "password", "timeout", "heartbeat", "keyPrefix"})
         url = _expect(r_raw.get("url", "redis://127.0.0.1:6379/0"), str, "redis.url", "a string")
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("redis.url", f"must start with redis://, rediss:// or unix://, not {url!r}")
         password = r_raw.get("password")
         if password is not None:
             _expect(password, str, "redis.password", "a string")
-        redis = RedisConfig(url=url, password=password)
+        from mcpgw.store.redis import parse_url  # txredisapi only when Redis is configured
+
+        try:
+            parse_url(url, password)
+        except ValueError as e:
+            raise ConfigError("redis.url", str(e)) from None
+        prefix = _expect(r_raw.get("keyPrefix", "mcpgw:"), str, "redis.keyPrefix", "a string")
+        if not re.fullmatch(r"[A-Za-z0-9_.:{}-]*", prefix):
+            raise ConfigError("redis.keyPrefix", "may use letters, digits and _ . : { } - only")
+        redis = RedisConfig(
+            url=url, password=password,
+            timeout=_positive(r_raw.get("timeout", 2.0), "redis.timeout", (int, float)),
+            heartbeat=_positive(r_raw.get("heartbeat", 1.0), "redis.heartbeat", (int, float)),
+            keyPrefix=prefix,
+        )
     m_raw = _object(raw.get("metrics", {}), "metrics", {"enabled", "port"})
     metrics = MetricsConfig(
         enabled=_expect(m_raw.get("enabled", True), bool, "metrics.enabled", "true or false"),
         port=_port(m_raw.get("port", 9091), "metrics.port"),
     )
-    a_raw = _object(raw.get("auth", {}), "auth", {"bearerTokens"})
-    auth = AuthConfig(bearerTokens=_string_list(a_raw.get("bearerTokens", []), "auth.bearerTokens"))
+    auth = _auth(raw.get("auth", {}), environ)
+    limits = _limits(raw.get("limits", {}))
+    trusted = _trusted_proxies(raw.get("trustedProxies", []))
 
     servers_raw = raw.get("mcpServers")
     if servers_raw is None:
@@ -318,6 +563,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         port=_port(raw.get("port", 3000), "port"),
         host=_expect(raw.get("host", "0.0.0.0"), str, "host", "a string"),
         logLevel=level,
+        logFormat=log_format,
         cors=cors,
         rateLimit=rate_limit,
         session=session,
@@ -327,6 +573,8 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         metrics=metrics,
         auth=auth,
         maxBodyBytes=_positive(raw.get("maxBodyBytes", DEFAULT_MAX_MESSAGE_BYTES), "maxBodyBytes"),
+        limits=limits,
+        trustedProxies=trusted,
     )
 
 

@@ -39,6 +39,8 @@ INTERNAL_ERROR = -32603
 #: Implementation-defined server errors (-32000..-32099).
 CONNECTION_CLOSED = -32000
 SESSION_NOT_FOUND = -32001
+#: The MCP SDKs' RequestTimeout (the same number as their "Session not found", on a 404 instead).
+REQUEST_TIMEOUT = -32001
 REQUEST_CANCELLED = -32800
 UNSUPPORTED_PROTOCOL_VERSION = -32022
 

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from mcpgw import logs
 from mcpgw import jsonrpc
 from mcpgw.config import GatewayConfig, ServerConfig
+from mcpgw.metrics import NULL_BOUND, BoundMetrics, Metrics, NoMetrics
 from mcpgw.store import SessionRecord
 from mcpgw.store.memory import MemorySessionStore
 from mcpgw.upstream.stdio import StdioUpstream
@@ -77,13 +78,33 @@ def _routable(value: Any) -> bool:
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
+class SessionRefused(Exception):
+    """No new session now (a session cap is reached): answer 503 with ``Retry-After``."""
+
+    def __init__(self, reason: str, retry_after: int = 5):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
 class Session:
     """One client session and its child process."""
 
     log = Logger(observer=logs.observer)
+    #: The identity that created the session (mcpgw.auth); only it may use the session.
+    owner: str | None = None
+    #: limits.maxPendingRequests and limits.requestTimeout (set by the SessionManager).
+    max_pending: int | None = None
+    #: Called once the child's initialize result names the protocol version (the store records it).
+    on_version: Callable[["Session"], None] | None = None
+    #: Fires once the store has the session's record (other instances can find it), or failed to.
+    recorded: defer.Deferred[None] | None = None
+    request_timeout: float | None = None
 
-    def __init__(self, id: str, server: ServerConfig, transport: str, reactor: Any, on_end: Callable[["Session"], None]):
+    def __init__(self, id: str, server: ServerConfig, transport: str, reactor: Any, on_end: Callable[["Session"], None],
+                 metrics: BoundMetrics = NULL_BOUND):
         self.id = id
+        self.metrics = metrics
         self.server = server
         self.transport = transport
         self._reactor = reactor
@@ -94,12 +115,15 @@ class Session:
         self.ended = False
         self.end_reason = ""
         self.outlet: Outlet | None = None
-        self._requests: dict[Any, Route] = {}
+        #: request id -> (route, method label, start time): the pending request and what its metrics need.
+        self._requests: dict[Any, tuple[Route, str, float]] = {}
         self._token_route: dict[Any, Route] = {}
         self._request_token: dict[Any, Any] = {}
         self._initialize_id: Any = None
         self._pauses = 0
+        self._deadlines: dict[Any, Any] = {}
         self.upstream = StdioUpstream(server, self, reactor)
+        self.upstream.metrics = metrics
 
     def start(self) -> None:
         self.upstream.spawn()
@@ -108,15 +132,26 @@ class Session:
 
     def request(self, msg: dict[str, Any], raw: bytes, route: Route) -> None:
         """Forward a client request; its response will go to ``route``."""
-        self.last_seen = self._reactor.seconds()
+        now = self.last_seen = self._reactor.seconds()
         id = msg["id"]
+        method = self.metrics.request(msg["method"], len(raw))
         if self.ended:
+            self.metrics.error("rejected")
             route.answer(id, jsonrpc.error_bytes(id, jsonrpc.CONNECTION_CLOSED, self.end_reason))
             return
         if id in self._requests:
+            self.metrics.error("rejected")
             route.answer(id, jsonrpc.error_bytes(id, jsonrpc.INVALID_REQUEST, f"request id {id!r} is already in flight"))
             return
-        self._requests[id] = route
+        if self.max_pending is not None and len(self._requests) >= self.max_pending:
+            self.metrics.error("rejected")
+            route.answer(id, jsonrpc.error_bytes(
+                id, jsonrpc.CONNECTION_CLOSED,
+                f"too many requests in flight on this session (limits.maxPendingRequests={self.max_pending})"))
+            return
+        self._requests[id] = (route, method, now)
+        if self.request_timeout is not None and _routable(id):
+            self._deadlines[id] = self._reactor.callLater(self.request_timeout, self._timed_out, id)
         token = jsonrpc.progress_token(msg)
         if _routable(token):
             self._token_route[token] = route
@@ -129,6 +164,7 @@ class Session:
     def notify(self, msg: dict[str, Any], raw: bytes) -> None:
         """Forward a client notification or a response to a server request."""
         self.last_seen = self._reactor.seconds()
+        self.metrics.received(len(raw))
         if msg.get("method") == "notifications/cancelled":
             params = msg.get("params")
             if isinstance(params, dict) and _routable(params.get("requestId")):
@@ -142,21 +178,28 @@ class Session:
         return bool(self._requests)
 
     def pending_routes(self) -> list[Route]:
-        return list(self._requests.values())
+        return [entry[0] for entry in self._requests.values()]
 
     # -- child -> client --------------------------------------------------
 
     def upstreamMessage(self, raw: bytes, msg: dict[str, Any]) -> None:
+        self.metrics.sent(len(raw))
         if "method" not in msg and "id" in msg:
             id = msg["id"]
-            route = self._pop(id) if _routable(id) else None
-            if route is None:
+            entry = self._take(id) if _routable(id) else None
+            if entry is None:
                 self.log.debug("session {session}: response for unknown id {id} dropped", session=self.id, id=id)
                 return
+            route, method, started = entry
+            self.metrics.answered(method, self._reactor.seconds() - started)
+            if "error" in msg:
+                self._upstream_error(id, method, msg["error"])
             if id == self._initialize_id and self._initialize_id is not None:
                 result = msg.get("result")
                 if isinstance(result, dict) and isinstance(result.get("protocolVersion"), str):
                     self.protocol_version = result["protocolVersion"]
+                    if self.on_version is not None:
+                        self.on_version(self)
                 self._initialize_id = None
             route.answer(id, raw)
             return
@@ -172,6 +215,7 @@ class Session:
             self.outlet.unbound(raw, msg)
 
     def upstreamProtocolError(self, reason: str) -> None:
+        self.metrics.error("upstream_protocol")
         self.close(reason)
 
     def upstreamEnded(self, reason: str) -> None:
@@ -200,16 +244,49 @@ class Session:
         self._end(reason)
         return self.upstream.stop()
 
+    def _timed_out(self, id: Any) -> None:
+        """limits.requestTimeout passed: the client gets an error, the child a cancellation."""
+        self._deadlines.pop(id, None)
+        route = self._pop(id)
+        if route is None:
+            return
+        self.metrics.error("timeout")
+        reason = f"Request timed out after {self.request_timeout:g} s (limits.requestTimeout)"
+        self.log.info("session {session}: request {request_id} timed out", session=self.id, request_id=id,
+                      server=self.server.name)
+        route.answer(id, jsonrpc.error_bytes(id, jsonrpc.REQUEST_TIMEOUT, reason))
+        self.upstream.send(jsonrpc.dumps(
+            {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": id, "reason": reason}}))
+
     def _pop(self, id: Any) -> Route | None:
-        route = self._requests.pop(id, None)
+        entry = self._take(id)
+        return None if entry is None else entry[0]
+
+    def _take(self, id: Any) -> tuple[Route, str, float] | None:
+        """Forget pending request ``id``; its (route, method label, start time), or None."""
+        deadline = self._deadlines.pop(id, None)
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+        entry = self._requests.pop(id, None)
         token = self._request_token.pop(id, None)
         if token is not None:
             self._token_route.pop(token, None)
-        return route
+        return entry
+
+    def _upstream_error(self, id: Any, method: str, error: Any) -> None:
+        """The child answered request ``id`` with a JSON-RPC error (its code is logged, not its message)."""
+        self.metrics.error("upstream_error")
+        code = error.get("code") if isinstance(error, dict) else None
+        self.log.info("session {session}: request {request_id} ({method}) got error {code} from {server}",
+                      session=self.id, request_id=id, method=method, code=code, server=self.server.name)
 
     def _fail(self, id: Any, message: str) -> None:
-        route = self._pop(id)
-        if route is not None:
+        entry = self._take(id)
+        if entry is not None:
+            route, method, _ = entry
+            self.metrics.error("upstream_exit")
+            self.log.warn("session {session}: request {request_id} ({method}) failed: {reason}",
+                          session=self.id, request_id=id, method=method, reason=message, server=self.server.name)
             route.answer(id, jsonrpc.error_bytes(id, jsonrpc.CONNECTION_CLOSED, message))
 
     def _end(self, reason: str) -> None:
@@ -218,7 +295,8 @@ class Session:
         self.ended = True
         self.end_reason = reason
         self.log.info("session {session} ({server}/{transport}) ended: {reason}",
-                      session=self.id, server=self.server.name, transport=self.transport, reason=reason)
+                      session=self.id, server=self.server.name, transport=self.transport, reason=reason,
+                      duration=round(self._reactor.seconds() - self.created, 3))
         for id in list(self._requests):
             self._fail(id, reason)
         if self._pauses:
@@ -236,29 +314,71 @@ class SessionManager(Service):
 
     log = Logger(observer=logs.observer)
 
-    def __init__(self, config: GatewayConfig, reactor: Any, store: Any = None):
+    def __init__(self, config: GatewayConfig, reactor: Any, store: Any = None, metrics: Metrics | None = None):
         self.config = config
         self._reactor = reactor
+        self.metrics = metrics if metrics is not None else NoMetrics()
         self.ids = SessionIds(config.session.secret)
         self.store = store if store is not None else MemorySessionStore()
         self.sessions: dict[str, Session] = {}
+        self.metrics.watch_sessions(lambda: len(self.sessions))
         self._ending: set[defer.Deferred[None]] = set()
         self._reaper: LoopingCall | None = None
         self.accepting = True
+        #: Why no new session can start now (mcpgw.cluster: Redis is down), or None.
+        self.unavailable: Callable[[], str | None] | None = None
 
-    def create(self, server: ServerConfig, transport: str) -> Session:
-        session = Session(self.ids.new(), server, transport, self._reactor, self._ended)
+    def room_for(self, server: ServerConfig) -> SessionRefused | None:
+        """Why a new session of ``server`` cannot start now (a cap is reached, Redis is down), or None."""
+        if self.unavailable is not None:
+            reason = self.unavailable()
+            if reason is not None:
+                return SessionRefused(reason)
+        cap = self.config.limits.maxSessions
+        if cap is not None and len(self.sessions) >= cap:
+            return SessionRefused(f"the gateway is at its session limit (limits.maxSessions={cap})")
+        if server.maxSessions is not None and self.count(server.name) >= server.maxSessions:
+            return SessionRefused(f"server {server.name} is at its session limit (maxSessions={server.maxSessions})")
+        return None
+
+    def create(self, server: ServerConfig, transport: str, owner: str | None = None) -> Session:
+        """Start a session (and its child) for ``owner``; SessionRefused when a cap is reached."""
+        refused = self.room_for(server)
+        if refused is not None:
+            raise refused
+        session = Session(self.ids.new(), server, transport, self._reactor, self._ended,
+                          metrics=self.metrics.bound(transport, server.name))
+        session.metrics.session_started()
+        session.owner = owner
+        session.max_pending = self.config.limits.maxPendingRequests
+        session.request_timeout = self.config.limits.requestTimeout
         self.sessions[session.id] = session
-        session.start()
-        self.store.add(SessionRecord(session.id, server.name, transport, session.created))
+        try:
+            session.start()
+        except Exception:
+            session.metrics.error("spawn")
+            raise
+        session.on_version = self._version
+        session.recorded = self.store.add(SessionRecord(session.id, server.name, transport, session.created, owner=owner))
+        self._stored(session.recorded, session)
         self.log.info("session {session} started ({server}/{transport})", session=session.id, server=server.name, transport=transport)
         return session
 
-    def get(self, session_id: str | None) -> Session | None:
-        """The live session with this id, or None (forged ids never reach the dict)."""
-        if not session_id or not self.ids.valid(session_id):
+    def get(self, session_id: str | None, owner: str | None = None) -> Session | None:
+        """The live session with this id that ``owner`` created, or None.
+
+        Only ids this gateway issued are ever keys of ``sessions``, so a hit needs no
+        HMAC (one ``hmac.new`` per request was ~5% of the gateway's time per call);
+        a miss is still checked, so a forged id never reaches a store lookup.
+        """
+        if not session_id:
             return None
-        return self.sessions.get(session_id)
+        session = self.sessions.get(session_id)
+        if session is not None and session.owner != owner:
+            return None  # another identity's session: as if there were none
+        if session is not None or not self.ids.valid(session_id):
+            return session
+        return None
 
     def count(self, server: str | None = None) -> int:
         if server is None:
@@ -267,16 +387,29 @@ class SessionManager(Service):
 
     def _ended(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
-        self.store.remove(session.id)
+        self._stored(self.store.remove(session.id), session)
         if not session.upstream.ended:
             d = session.upstream.stop()
             self._ending.add(d)
             d.addBoth(lambda _: self._ending.discard(d))
 
+    def _version(self, session: Session) -> None:
+        self._stored(self.store.update(session.id, protocol_version=session.protocol_version), session)
+
+    def _stored(self, d: defer.Deferred[Any], session: Session) -> None:
+        """A store write nobody waits for: the owner has the live session, the store only a record of it."""
+        d.addErrback(lambda f: self.log.info("session {session}: store not updated: {error}",
+                                             session=session.id, error=f.getErrorMessage()))
+
     def reap(self) -> None:
-        """End sessions idle for longer than ``session.maxAge``."""
-        limit = self._reactor.seconds() - self.config.session.maxAge / 1000.0
+        """End sessions idle for longer than ``session.maxAge``, and any older than ``session.maxLifetime``."""
+        now = self._reactor.seconds()
+        limit = now - self.config.session.maxAge / 1000.0
+        lifetime = self.config.session.maxLifetime
         for session in list(self.sessions.values()):
+            if lifetime is not None and session.created <= now - lifetime / 1000.0:
+                session.close("older than session.maxLifetime")
+                continue
             if session.last_seen < limit and not session.has_pending() and session.transport not in ("sse", "ws"):
                 session.close("idle for longer than session.maxAge")
 
@@ -284,7 +417,7 @@ class SessionManager(Service):
         super().startService()
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = self._reactor
-        interval = min(60.0, self.config.session.maxAge / 1000.0)
+        interval = min(60.0, self.config.session.maxAge / 1000.0, (self.config.session.maxLifetime or 60_000) / 1000.0)
         self._reaper.start(interval, now=False).addErrback(lambda f: self.log.failure("reaper stopped", f))
 
     def stopService(self) -> defer.Deferred[None]:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
+import prometheus_client
 from twisted.application import service, strports
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from mcpgw import logs
-from mcpgw.config import ConfigError, GatewayConfig, load
+from mcpgw.config import EXAMPLE_SECRETS, LOG_FORMATS, ConfigError, GatewayConfig, load
+from mcpgw.metrics import Metrics, NoMetrics
 from mcpgw.session import SessionManager
 from mcpgw.transports.common import GatewayContext
 from mcpgw.transports.sse import Heartbeat
@@ -17,10 +22,63 @@ from mcpgw.web import build_site
 
 
 class Options(usage.Options):
+    optFlags = [
+        ["insecure-dev", None, "Start even with an example secret (change-this-secret) on a non-loopback address."],
+    ]
     optParameters = [
         ["config", "c", "conf/gateway.json", "Path to the gateway's JSON config file."],
         ["listen", "l", None, "Endpoint to listen on, overriding host/port (e.g. tcp:3000:interface=127.0.0.1)."],
+        ["metrics-listen", None, None,
+         "Endpoint for /metrics, overriding host/metrics.port (e.g. tcp:9091:interface=127.0.0.1); "
+         "metrics.enabled: false still turns metrics off."],
+        ["log-format", None, None, "Log lines as text or json (overrides logFormat / LOG_FORMAT)."],
     ]
+
+    def postOptions(self) -> None:
+        if self["log-format"] is not None and self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {self['log-format']!r}")
+
+
+class GatewayService(service.MultiService):
+    """The gateway's service tree; also gives twistd the JSON log observer when asked.
+
+    twistd (``AppLogger.start``) takes the log observer from the application's
+    ``ILogObserver`` component. makeService cannot see the application, but
+    twistd hands it to ``setServiceParent``, before logging starts.
+    """
+
+    log_observer: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def listens_on_loopback_only(config: GatewayConfig, listen: str | None) -> bool:
+    """True when the gateway can be reached from this machine only (or a Unix socket)."""
+    if listen is None:
+        host = config.host
+    elif listen.startswith("unix:"):
+        return True
+    else:
+        m = re.search(r"(?:^|:)interface=((?:\\.|[^:])*)", listen)
+        host = m.group(1).replace("\\", "") if m else "0.0.0.0"
+    return host in _LOOPBACK or host.startswith("127.")
+
+
+def check_secrets(config: GatewayConfig, listen: str | None, insecure_dev: bool) -> None:
+    """Refuse an example secret (docs, .env.example) unless on loopback or ``--insecure-dev``."""
+    if insecure_dev or listens_on_loopback_only(config, listen):
+        return
+    jwt = config.auth.jwt
+    for key, value in (("session.secret", config.session.secret), ("auth.jwt.secret", jwt.secret if jwt else None)):
+        if value in EXAMPLE_SECRETS:
+            raise ConfigError(key, f"is the example value {value!r}: set a random secret (openssl rand -hex 32), "
+                                   "listen on loopback only, or pass --insecure-dev")
 
 
 def endpoint_for(config: GatewayConfig) -> str:
@@ -28,19 +86,41 @@ def endpoint_for(config: GatewayConfig) -> str:
     return f"tcp:{config.port}:interface={host}"
 
 
-def build_service(config: GatewayConfig, reactor: Any, listen: str | None = None) -> service.MultiService:
-    """Everything one gateway runs: sessions (and their children), keepalive, the web endpoint."""
+def metrics_endpoint_for(config: GatewayConfig) -> str:
+    host = config.host.replace(":", "\\:")
+    return f"tcp:{config.metrics.port}:interface={host}"
+
+
+def build_service(
+    config: GatewayConfig, reactor: Any, listen: str | None = None, metrics_listen: str | None = None,
+) -> GatewayService:
+    """Everything one gateway runs: sessions (and their children), keepalive, the web endpoint,
+    and the metrics endpoint (its own port) unless ``metrics.enabled`` is false."""
     logs.set_level(config.logLevel)
-    top = service.MultiService()
-    sessions = SessionManager(config, reactor)
+    top = GatewayService()
+    metrics = Metrics(config.servers) if config.metrics.enabled else NoMetrics()
+    top.metrics = metrics  # type: ignore[attr-defined]
+    cluster = None
+    if config.redis is not None:
+        from mcpgw.cluster import Cluster
+
+        # Before the sessions: stopped after them, so their records are removed over a live connection.
+        cluster = Cluster(config, reactor, metrics=metrics)
+        cluster.setServiceParent(top)
+    sessions = SessionManager(config, reactor, store=cluster.store if cluster else None, metrics=metrics)
     sessions.setServiceParent(top)
     heartbeat = Heartbeat(config.sse.keepalive, reactor)
     heartbeat.setServiceParent(top)
-    ctx = GatewayContext(config=config, sessions=sessions, heartbeat=heartbeat, reactor=reactor)
+    ctx = GatewayContext(config=config, sessions=sessions, heartbeat=heartbeat, reactor=reactor, metrics=metrics,
+                         cluster=cluster)
+    if cluster is not None:
+        cluster.bind(ctx)
     top.context = ctx  # type: ignore[attr-defined]
     site = build_site(ctx)
     web = strports.service(listen or endpoint_for(config), site)
     web.setServiceParent(top)
+    if metrics.enabled:
+        strports.service(metrics_listen or metrics_endpoint_for(config), metrics.site()).setServiceParent(top)
     return top
 
 
@@ -51,9 +131,15 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         reactor = global_reactor
     try:
         config = load(options["config"])
+        check_secrets(config, options["listen"], bool(options["insecure-dev"]))
     except ConfigError as e:
         # One clear line, a non-zero exit, nothing listening.
         sys.stderr.write(f"mcpgw: config error: {e}\n")
         sys.stderr.flush()
         raise SystemExit(2)
-    return build_service(config, reactor, options["listen"])
+    # This process is twistd's own: no ``*_created`` series (they double a scrape and no panel uses them).
+    prometheus_client.disable_created_metrics()
+    top = build_service(config, reactor, options["listen"], options["metrics-listen"])
+    if (options["log-format"] or config.logFormat) == "json":
+        top.log_observer = logs.json_observer_for(getattr(options, "parent", None))
+    return top

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tempfile
 from typing import Any
 from urllib.parse import urlsplit
 
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site, UnsupportedMethod
 
-from mcpgw import __version__, jsonrpc
-from mcpgw.config import GatewayConfig, ServerConfig
+from mcpgw import __version__, jsonrpc, logs
+from mcpgw.auth import Authenticator, Unauthorized, principal_of
+from mcpgw.config import ServerConfig
+from mcpgw.ratelimit import Decision, MemoryRateLimiter
 from mcpgw.transports.common import GatewayContext, error_reply
 from mcpgw.transports.legacy import MessagesEndpoint, SseEndpoint
 from mcpgw.transports.streamable import StreamableEndpoint
@@ -36,29 +42,52 @@ def _hostname(value: str) -> str:
         return ""
 
 
-class Guard(Resource):
-    """DNS-rebinding defence and CORS in front of one MCP endpoint.
+def unauthorized_reply(auth: Authenticator, request: Request, e: Unauthorized) -> bytes:
+    """401 with ``WWW-Authenticate: Bearer ...`` (RFC 6750)."""
+    request.setHeader(b"www-authenticate", auth.challenge(e))
+    return error_reply(request, 401, jsonrpc.CONNECTION_CLOSED, f"Unauthorized: {e.description}")
 
-    Spec (basic/transports, security warning): servers MUST validate Origin
-    and, bound to loopback, should only answer loopback Host names.
+
+class Guard(Resource):
+    """Everything a request to an MCP endpoint passes first, in this order:
+
+    1. Host: bound to loopback, only loopback Host names (DNS rebinding; spec
+       basic/transports, security warning); 403.
+    2. Origin: 403 unless allowed; CORS headers, and preflights answered here.
+    3. Authentication (``ctx.auth``): the credentials are checked and removed,
+       a Principal is attached; 401 with ``WWW-Authenticate: Bearer``.
+    4. Rate limit (``ctx.limiter``, keyed by identity, else client IP): 429 with
+       ``Retry-After``; ``RateLimit-*`` on every answer. Counted before the 401,
+       so guessing tokens is limited per address too.
+
+    Every transport (Streamable HTTP, HTTP+SSE, the WebSocket upgrade) sits
+    behind one; ``/health`` and ``/ready`` do not.
     """
 
     isLeaf = True
+    log = Logger(observer=logs.observer)
+    #: The endpoint's labels for mcp_gateway_rate_limited_requests_total (set by ServerResource).
+    transport = "other"
+    server = "other"
 
-    def __init__(self, inner: Resource, config: GatewayConfig):
+    def __init__(self, inner: Resource, ctx: GatewayContext):
         super().__init__()
         self._inner = inner
-        self._cors = config.cors
-        self._loopback = config.host in LOOPBACK_HOSTS
+        self._metrics = ctx.metrics
+        self._cors = ctx.config.cors
+        self._loopback = ctx.config.host in LOOPBACK_HOSTS
+        self._auth: Authenticator = ctx.auth
+        self._limiter = ctx.limiter
 
     def origin_allowed(self, origin: str, request: Request) -> bool:
-        if origin in self._cors.origins:
+        """Listed; or any with ``*`` (only loopback origins on a loopback bind); or same-origin."""
+        origins = self._cors.origins
+        if origin in origins:
             return True
-        host = _hostname(origin.split("://", 1)[-1]) if "://" in origin else ""
-        if self._loopback:
-            return host in LOOPBACK_HOSTS
-        if "*" in self._cors.origins:
-            return True
+        if "*" in origins:
+            if not self._loopback:
+                return True
+            return "://" in origin and _hostname(origin.split("://", 1)[1]) in LOOPBACK_HOSTS
         own = request.getHeader(b"host")
         return own is not None and origin.split("://", 1)[-1] == own.decode("latin-1")
 
@@ -73,16 +102,78 @@ class Guard(Resource):
             if not self.origin_allowed(origin, request):
                 return error_reply(request, 403, jsonrpc.CONNECTION_CLOSED, "Forbidden: Origin not allowed")
             if self._cors.enabled:
-                request.setHeader(b"access-control-allow-origin", origin_b)
-                request.setHeader(b"vary", b"Origin")
-                request.setHeader(b"access-control-expose-headers", b"Mcp-Session-Id")
+                self._cors_headers(request, origin, origin_b)
                 if request.method == b"OPTIONS":
                     request.setResponseCode(204)
                     request.setHeader(b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS")
                     request.setHeader(b"access-control-allow-headers", ALLOW_HEADERS)
                     request.setHeader(b"access-control-max-age", b"86400")
                     return b""
+        unauthorized = None
+        try:
+            self._auth.principal(request)
+        except Unauthorized as e:
+            unauthorized = e  # answered after the rate limit has counted it
+        if self._limiter is None:
+            return self._admit(request, None, unauthorized)
+        principal = principal_of(request)
+        assert principal is not None  # attached by Authenticator.principal, even when refused
+        outcome: list[Any] = []
+        try:
+            d = self._limiter.hit(principal.rate_key)
+        except Exception:  # noqa: BLE001 - a failing limiter lets the request through (logged in _admit)
+            outcome.append(Failure())
+        else:
+            d.addBoth(outcome.append)
+        if outcome:
+            return self._admit(request, outcome[0], unauthorized)
+        # A limiter that answers later (a shared store): finish the request then.
+        d.addCallback(lambda _: self._admit_later(request, outcome[0], unauthorized))
+        d.addErrback(lambda f: self.log.failure("guard failed", f))
+        return NOT_DONE_YET
+
+    def _cors_headers(self, request: Request, origin: str, origin_b: bytes) -> None:
+        """Fetch spec: ``*`` is sent literally (and never with credentials); a listed origin is
+        echoed with ``Vary: Origin`` and may send credentials."""
+        listed = origin in self._cors.origins
+        if "*" in self._cors.origins and not self._loopback and not listed:
+            request.setHeader(b"access-control-allow-origin", b"*")
+        else:
+            request.setHeader(b"access-control-allow-origin", origin_b)
+            request.setHeader(b"vary", b"Origin")
+            if listed:
+                request.setHeader(b"access-control-allow-credentials", b"true")
+        request.setHeader(b"access-control-expose-headers", b"Mcp-Session-Id")
+
+    def _admit(self, request: Request, outcome: Decision | Failure | None, unauthorized: Unauthorized | None) -> Any:
+        if isinstance(outcome, Failure):
+            self.log.failure("rate limiter failed; request let through", outcome)
+        elif outcome is not None:
+            for name, value in outcome.headers():
+                request.setHeader(name, value)
+            if not outcome.allowed:
+                self._metrics.rate_limited(self.transport, self.server)
+                body = error_reply(
+                    request, 429, jsonrpc.CONNECTION_CLOSED,
+                    f"Too Many Requests: more than {outcome.limit} per {outcome.window:g} s; retry after {outcome.retry_after} s",
+                )
+                request.setResponseCode(429, b"Too Many Requests")
+                return body
+        if unauthorized is not None:
+            return unauthorized_reply(self._auth, request, unauthorized)
         return self._inner.render(request)
+
+    def _admit_later(self, request: Request, outcome: Any, unauthorized: Unauthorized | None) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        try:
+            body = self._admit(request, outcome, unauthorized)
+        except Exception:  # noqa: BLE001 - what twisted.web does for a render that raises
+            request.processingFailed(Failure())
+            return
+        if body is not NOT_DONE_YET:
+            request.write(body)
+            request.finish()
 
 
 class ServerResource(Resource):
@@ -90,17 +181,23 @@ class ServerResource(Resource):
 
     def __init__(self, ctx: GatewayContext, server: ServerConfig):
         super().__init__()
-        config = ctx.config
-        self.putChild(b"sse", Guard(SseEndpoint(ctx, server), config))
-        self.putChild(b"messages", Guard(MessagesEndpoint(ctx, server), config))
-        self.putChild(b"mcp", Guard(StreamableEndpoint(ctx, server), config))
-        self.putChild(b"ws", Guard(websocket_resource(ctx, server), config))
+        self.putChild(b"sse", _guarded(SseEndpoint(ctx, server), ctx, "sse", server.name))
+        self.putChild(b"messages", _guarded(MessagesEndpoint(ctx, server), ctx, "sse", server.name))
+        self.putChild(b"mcp", _guarded(StreamableEndpoint(ctx, server), ctx, "streamable", server.name))
+        self.putChild(b"ws", _guarded(websocket_resource(ctx, server), ctx, "ws", server.name))
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return NotFound()
 
     def render_GET(self, request: Request) -> bytes:
         return NotFound().render(request)
+
+
+def _guarded(inner: Resource, ctx: GatewayContext, transport: str, server: str) -> Resource:
+    """``inner`` behind its Guard, with its error replies counted (``Metrics.wrap``; as is without metrics)."""
+    guard = Guard(inner, ctx)
+    guard.transport, guard.server = transport, server
+    return ctx.metrics.wrap(guard, transport, server)
 
 
 class NotFound(Resource):
@@ -126,6 +223,10 @@ class ServersIndex(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         ctx = self._ctx
+        try:
+            ctx.auth.principal(request)  # what the gateway runs is not for anonymous eyes
+        except Unauthorized as e:
+            return unauthorized_reply(ctx.auth, request, e)
         default = ctx.config.default_server.name
         servers = []
         for name, server in ctx.config.servers.items():
@@ -173,6 +274,8 @@ class Ready(Resource):
         for server in self._ctx.config.servers.values():
             if not os.access(server.executable, os.X_OK):
                 problems.append(f"{server.name}: {server.executable} is not executable")
+        if self._ctx.cluster is not None and self._ctx.cluster.problem() is not None:
+            problems.append(self._ctx.cluster.problem())
         if problems:
             return _json(request, {"status": "unavailable", "problems": problems}, 503)
         return _json(request, {"status": "ready"})
@@ -181,6 +284,12 @@ class Ready(Resource):
 class Root(Resource):
     def __init__(self, ctx: GatewayContext):
         super().__init__()
+        config = ctx.config
+        if ctx.auth is None:
+            ctx.auth = Authenticator(config.auth, ctx.reactor, config.trustedProxies)
+        if ctx.limiter is None and config.rateLimit.enabled:
+            rl = config.rateLimit
+            ctx.limiter = MemoryRateLimiter(rl.max, rl.window_seconds, ctx.reactor, rl.maxKeys)
         self.putChild(b"health", Health(ctx))
         self.putChild(b"ready", Ready(ctx))
         self.putChild(b"servers", ServersIndex(ctx))
@@ -195,6 +304,30 @@ class Root(Resource):
         return _json(request, {"name": "mcpgw", "version": __version__, "health": "/health", "servers": "/servers"})
 
 
+class _MethodNotAllowed:
+    """A resource whose UnsupportedMethod is a JSON 405 with ``Allow``: twisted.web answers 501
+    for any method besides GET, HEAD and POST (DELETE /health), and the gateway never says 5xx
+    about a client's request."""
+
+    def __init__(self, resource: Any):
+        self._resource = resource
+
+    def render(self, request: Request) -> Any:
+        try:
+            return self._resource.render(request)
+        except UnsupportedMethod as e:
+            if request.method == b"HEAD" and b"GET" in e.allowedMethods:
+                raise  # twisted.web answers HEAD with the GET's headers
+            allowed: list[bytes] = list(e.allowedMethods)
+            request.setHeader(b"allow", b", ".join(allowed))
+            return _json(request, {"error": "method not allowed", "allowed": [m.decode() for m in allowed]}, 405)
+
+
+class GatewayRequest(Request):
+    def render(self, resrc: Any) -> None:
+        super().render(_MethodNotAllowed(resrc))
+
+
 class GatewaySite(Site):
     """A Site without the per-request costs a gateway does not need.
 
@@ -203,11 +336,32 @@ class GatewaySite(Site):
     """
 
     def __init__(self, resource: Resource, **kw: Any):
-        super().__init__(resource, parsePOSTFormSubmission=False, **kw)
+        super().__init__(resource, parsePOSTFormSubmission=False, requestFactory=GatewayRequest, **kw)
 
     def log(self, request: Request) -> None:
         pass
 
+    #: limits.maxHeaderBytes: request line plus headers (twisted.web's 16 KiB by default).
+    max_header_bytes = 16384
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        channel = getattr(protocol, "_channel", protocol)  # _GenericHTTPChannelProtocol wraps an HTTPChannel
+        channel.totalHeadersSize = self.max_header_bytes
+        return protocol
+
+    #: Bodies up to this many bytes are read into memory; twisted.web's own cut-off
+    #: is 100,000 bytes, above which each body is written to a temporary file and read back.
+    max_body = 16 * 1024 * 1024
+
+    def getContentFile(self, length: int | None) -> Any:
+        if length is not None and length <= self.max_body:
+            return io.BytesIO()
+        return tempfile.TemporaryFile()
+
 
 def build_site(ctx: GatewayContext) -> GatewaySite:
-    return GatewaySite(Root(ctx))
+    site = GatewaySite(Root(ctx))
+    site.max_body = ctx.config.maxBodyBytes
+    site.max_header_bytes = ctx.config.limits.maxHeaderBytes
+    return site

@@ -35,7 +35,9 @@ class Gateway:
             json.dump(config, f)
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
-            [*TWISTD, "mcpgw", "--config", self.config_path, "--listen", "tcp:0:interface=127.0.0.1"],
+            # /metrics on a free port too (never the default 9091, which gateways here would share).
+            [*TWISTD, "mcpgw", "--config", self.config_path, "--listen", "tcp:0:interface=127.0.0.1",
+             "--metrics-listen", "tcp:0:interface=127.0.0.1"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=self._dir.name,
         )
         self.lines: list[str] = []
@@ -63,6 +65,23 @@ class Gateway:
 
     def log(self) -> str:
         return "".join(self.lines)
+
+    @property
+    def metrics_url(self) -> str:
+        """``http://127.0.0.1:PORT/metrics`` once the metrics endpoint has logged its port."""
+        found: list[int] = []
+
+        def logged() -> bool:
+            for line in list(self.lines):
+                m = re.search(r"MetricsSite starting on (\d+)", line)
+                if m:
+                    found.append(int(m.group(1)))
+                    return True
+            return False
+
+        if not wait_until(logged, timeout=10):
+            raise RuntimeError("the metrics endpoint did not start:\n" + self.log())
+        return f"http://127.0.0.1:{found[0]}/metrics"
 
     def child_pids(self) -> list[int]:
         """Live direct children of the gateway (the MCP servers)."""

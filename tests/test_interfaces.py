@@ -27,18 +27,18 @@ class MemorySessionStoreTests(SynchronousTestCase):
     def test_addGet(self) -> None:
         """An added record can be read back by id."""
         self.store.add(self.record)
-        self.assertIs(self.store.get("sid"), self.record)
+        self.assertIs(self.successResultOf(self.store.get("sid")), self.record)
 
     def test_getUnknown(self) -> None:
         """An unknown id gives None."""
-        self.assertIsNone(self.store.get("nope"))
+        self.assertIsNone(self.successResultOf(self.store.get("nope")))
 
     def test_removeIdempotent(self) -> None:
         """remove() forgets a record, and removing again is harmless."""
         self.store.add(self.record)
         self.store.remove("sid")
         self.store.remove("sid")
-        self.assertIsNone(self.store.get("sid"))
+        self.assertIsNone(self.successResultOf(self.store.get("sid")))
 
     def test_iterateWhileRemoving(self) -> None:
         """Iteration is over a snapshot, so records may be removed meanwhile."""

@@ -513,7 +513,7 @@ class SessionManagerTests(ManagerTestCase):
         session = self.manager.create(SERVER, "streamable")
         self.assertIs(self.child_of(session).proto, session.upstream)
         self.assertIs(self.manager.get(session.id), session)
-        record = self.manager.store.get(session.id)
+        record = self.successResultOf(self.manager.store.get(session.id))
         self.assertEqual((record.server, record.transport), ("time", "streamable"))
 
     def test_getForged(self) -> None:
@@ -527,7 +527,7 @@ class SessionManagerTests(ManagerTestCase):
         session = self.manager.create(SERVER, "streamable")
         self.child_of(session).exit(1)
         self.assertIsNone(self.manager.get(session.id))
-        self.assertIsNone(self.manager.store.get(session.id))
+        self.assertIsNone(self.successResultOf(self.manager.store.get(session.id)))
         self.assertEqual(self.manager.count(), 0)
 
     def test_count(self) -> None:

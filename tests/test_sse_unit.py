@@ -16,6 +16,7 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from mcpgw.config import GatewayConfig, ServerConfig
+from mcpgw.metrics import NULL_BOUND
 from mcpgw.transports.common import GatewayContext
 from mcpgw.transports.sse import PING, Heartbeat, ReplayLog, SseResponse, frame
 from mcpgw.transports.streamable import PostExchange, StreamableOutlet
@@ -313,6 +314,7 @@ class FakeSession:
     """What a StreamableOutlet and its streams use of a Session."""
 
     id = "sid"
+    metrics = NULL_BOUND
 
     def __init__(self, protocol_version: str | None = None):
         self.protocol_version = protocol_version

@@ -9,6 +9,7 @@ from twisted.web.server import Request
 
 from mcpgw import jsonrpc
 from mcpgw.config import GatewayConfig
+from mcpgw.metrics import Metrics, NoMetrics
 from mcpgw.session import SessionManager
 from mcpgw.transports.sse import Heartbeat
 
@@ -26,6 +27,14 @@ class GatewayContext:
     sessions: SessionManager
     heartbeat: Heartbeat
     reactor: Any
+    #: mcpgw.auth.Authenticator (None: every request is anonymous, no address checks).
+    auth: Any = None
+    #: mcpgw.ratelimit.IRateLimiter (None: rateLimit is off).
+    limiter: Any = None
+    #: mcpgw.metrics.Metrics (NoMetrics: metrics.enabled is false, or a context built in a test).
+    metrics: Metrics = attrs.field(factory=NoMetrics)
+    #: mcpgw.cluster.Cluster (None: no ``redis`` configured, one instance).
+    cluster: Any = None
 
 
 @attrs.frozen
@@ -47,6 +56,11 @@ class HttpError(Exception):
         self.message = message
         self.id = id
         self.headers = headers or {}
+
+
+class Deferring(Exception):
+    """The request was taken over (mcpgw.cluster looks its session up in Redis and renders it again):
+    answer ``NOT_DONE_YET`` and nothing else."""
 
 
 def error_reply(request: Request, status: int, code: int, message: str, id: Any = None, data: Any = None) -> bytes:
@@ -76,7 +90,7 @@ def read_body(request: Request, limit: int) -> bytes:
     return content.read()
 
 
-def parse_messages(body: bytes, allow_batch: bool = True) -> tuple[list[Incoming], bool]:
+def parse_messages(body: bytes, allow_batch: bool = True, max_batch: int | None = None) -> tuple[list[Incoming], bool]:
     """Decode a client body into checked messages; (messages, was_a_batch).
 
     A body that is one message on one line is relayed as sent; anything else
@@ -91,6 +105,9 @@ def parse_messages(body: bytes, allow_batch: bool = True) -> tuple[list[Incoming
             raise HttpError(400, jsonrpc.INVALID_REQUEST, "JSON-RPC batches are not supported in this protocol version")
         if not doc:
             raise HttpError(400, jsonrpc.INVALID_REQUEST, "empty JSON-RPC batch")
+        if max_batch is not None and len(doc) > max_batch:
+            raise HttpError(413, jsonrpc.INVALID_REQUEST,
+                            f"a batch of {len(doc)} messages exceeds limits.maxBatchMessages ({max_batch})")
         return [_incoming(m, _encode(m)) for m in doc], True
     raw = body.strip()
     if b"\n" in raw or b"\r" in raw:

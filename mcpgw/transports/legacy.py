@@ -9,14 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpgw import logs
 from mcpgw import jsonrpc
+from mcpgw.auth import identity_of
 from mcpgw.config import ServerConfig
-from mcpgw.session import Session
-from mcpgw.transports.common import GatewayContext, HttpError, error_reply, http_error_reply, parse_messages, read_body
+from mcpgw.session import Session, SessionRefused
+from mcpgw.transports.common import Deferring, GatewayContext, HttpError, error_reply, http_error_reply, parse_messages, read_body
 from mcpgw.transports.sse import SseResponse, frame
 
 MESSAGE = b"message"
@@ -65,13 +67,23 @@ class SseEndpoint(Resource):
         if not self._ctx.sessions.accepting:
             request.setHeader(b"retry-after", b"5")
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, "gateway is shutting down")
-        session = self._ctx.sessions.create(self._server, "sse")
-        response = SseResponse(request, self._ctx.heartbeat, producer=session)
+        try:
+            session = self._ctx.sessions.create(self._server, "sse", identity_of(request))
+        except SessionRefused as e:
+            request.setHeader(b"retry-after", b"%d" % e.retry_after)
+            return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}")
+        response = SseResponse(request, self._ctx.heartbeat, producer=session, metrics=session.metrics)
         session.outlet = LegacyStream(session, response)
         # The endpoint sits beside this resource: /sse -> /messages, /servers/x/sse -> /servers/x/messages
         # (prepath, not path: "/sse/" must not give "/sse/messages").
         base = b"".join(b"/" + segment for segment in request.prepath[:-1])
-        response.write(frame(base + b"/messages?sessionId=" + session.id.encode(), b"endpoint"))
+        endpoint = frame(base + b"/messages?sessionId=" + session.id.encode(), b"endpoint")
+        # Once the session's record is stored (at once in memory; with Redis, the other instances
+        # behind the same proxy can find it before the client POSTs there).
+        if session.recorded is None:
+            response.write(endpoint)
+        else:
+            session.recorded.addBoth(lambda _: response.write(endpoint))
         return NOT_DONE_YET
 
 
@@ -85,6 +97,10 @@ class MessagesEndpoint(Resource):
         self._ctx = ctx
         self._server = server
 
+    def render_HEAD(self, request: Request) -> bytes:
+        """(twisted.web's default HEAD calls a render_GET this resource does not have: a 500.)"""
+        raise UnsupportedMethod((b"POST",))
+
     def render_POST(self, request: Request) -> bytes:
         ids = request.args.get(b"sessionId") or []
         if not ids:
@@ -93,11 +109,19 @@ class MessagesEndpoint(Resource):
             session_id = ids[0].decode("ascii")
         except UnicodeDecodeError:
             session_id = ""
-        session = self._ctx.sessions.get(session_id)
+        session = self._ctx.sessions.get(session_id, identity_of(request))
+        if session is None and self._ctx.cluster is not None:
+            try:  # owned by another instance? (mcpgw.cluster looks, then renders this request again)
+                session = self._ctx.cluster.session(session_id, identity_of(request), request, self.render)
+            except Deferring:
+                return NOT_DONE_YET
+            except HttpError as e:
+                return http_error_reply(request, e)
         if session is None or session.transport != "sse" or session.server is not self._server:
             return error_reply(request, 404, jsonrpc.SESSION_NOT_FOUND, "Session not found")
         try:
-            messages, _ = parse_messages(read_body(request, self._ctx.config.maxBodyBytes))
+            messages, _ = parse_messages(read_body(request, self._ctx.config.maxBodyBytes),
+                                         max_batch=self._ctx.config.limits.maxBatchMessages)
         except HttpError as e:
             return http_error_reply(request, e)
         stream = session.outlet

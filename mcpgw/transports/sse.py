@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from mcpgw import logs
+from mcpgw.metrics import NULL_BOUND, BoundMetrics
 
 PING = b": ping\n\n"
 
@@ -68,9 +69,12 @@ class SseResponse:
     whether the client went away or the gateway finished the response.
     """
 
-    def __init__(self, request: Request, heartbeat: "Heartbeat", producer: Any = None):
+    def __init__(self, request: Request, heartbeat: "Heartbeat", producer: Any = None, metrics: BoundMetrics = NULL_BOUND):
         self.request = request
         self.open = True
+        #: Counts this response in active connections while open, and the events written to it.
+        self._metrics = metrics
+        metrics.connection_opened()
         self._heartbeat = heartbeat
         self._on_close: list[Callable[["SseResponse"], None]] = []
         request.setResponseCode(200)
@@ -90,17 +94,23 @@ class SseResponse:
         self._on_close.append(callback)
 
     def write(self, data: bytes) -> None:
+        """Write one event (``frame()``)."""
         if self.open:
             self.request.write(data)
+            self._metrics.sse_events()
 
     def keepalive(self) -> None:
-        self.write(PING)
+        if self.open:
+            self.request.write(PING)
 
     def write_many(self, chunks: Iterable[bytes]) -> None:
+        """Write several events at once (a replay)."""
         if self.open:
+            chunks = list(chunks)
             data = b"".join(chunks)
             if data:
                 self.request.write(data)
+                self._metrics.sse_events(len(chunks))
 
     def finish(self) -> None:
         """End the response from the gateway's side."""
@@ -116,6 +126,7 @@ class SseResponse:
 
     def _closed(self) -> None:
         self.open = False
+        self._metrics.connection_closed()
         self._heartbeat.discard(self)
         if self._pause is not None:
             self._pause.release()

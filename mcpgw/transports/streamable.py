@@ -19,11 +19,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpgw import logs
 from mcpgw import jsonrpc
+from mcpgw.auth import identity_of
 from mcpgw.config import ServerConfig
-from mcpgw.session import Session
+from mcpgw.session import Session, SessionRefused
 from mcpgw.transports.common import (
     DEFAULT_VERSION,
     SUPPORTED_VERSIONS,
+    Deferring,
     GatewayContext,
     HttpError,
     accepts,
@@ -70,7 +72,12 @@ class EventStream:
         """Serve this stream on ``request``, replaying events after ``after``."""
         if self.live is not None:
             self.live.finish()
-        live = SseResponse(request, self.outlet.heartbeat, producer=self.outlet.session)
+        self.attach_live(SseResponse(request, self.outlet.heartbeat, producer=self.outlet.session, metrics=self.outlet.metrics), after)
+
+    def attach_live(self, live: Any, after: int | None = None) -> None:
+        """Serve this stream on ``live``: an SseResponse, or (mcpgw.cluster) a response on another instance."""
+        if self.live is not None:
+            self.live.finish()
         self.live = live
         live.on_close(self._detached)
         if after is None:
@@ -171,6 +178,21 @@ class PostExchange:
     def _gone(self, _: Any) -> None:
         self.outlet.heartbeat.discard(self)
 
+    def fail(self, status: int, code: int, message: str) -> None:
+        """No answer can come (mcpgw.cluster: the session's owning instance is gone or unreachable):
+        an HTTP error if nothing was sent yet, else a JSON-RPC error for each request still waiting."""
+        if self.stream is None and not self.finished:
+            self.outlet.heartbeat.discard(self)
+            self.finished = True
+            self.waiting.clear()
+            if not (self.request.finished or self.request._disconnected):
+                body = error_reply(self.request, status, code, message)
+                self.request.write(body)
+                self.request.finish()
+            return
+        for id in list(self.waiting):
+            self.answer(id, jsonrpc.error_bytes(id, code, message))
+
 
 class StreamableOutlet:
     """A Streamable HTTP session's streams: the GET stream, the replay logs, the backlog."""
@@ -179,6 +201,7 @@ class StreamableOutlet:
 
     def __init__(self, session: Session, ctx: GatewayContext):
         self.session = session
+        self.metrics = session.metrics
         self.heartbeat = ctx.heartbeat
         self.replay_events = ctx.config.sse.replayEvents
         self.retry = ctx.config.sse.retry
@@ -233,7 +256,7 @@ class StreamableOutlet:
         get_live = stream is not None and stream.live is not None
         if not (get_live and msg.get("method") in SESSION_NOTIFICATIONS):
             for route in reversed(self.session.pending_routes()):
-                if isinstance(route, PostExchange) and not route.finished and not route.request._disconnected:
+                if _open_stream(route):
                     route.deliver(raw)
                     return
         if stream is not None and get_live:
@@ -246,6 +269,13 @@ class StreamableOutlet:
     def session_ended(self, reason: str) -> None:
         for stream in list(self.streams.values()):
             stream.close()
+
+
+def _open_stream(route: Any) -> bool:
+    """Whether ``route`` is a POST's answer that is still open (here, or on another instance: mcpgw.cluster)."""
+    if isinstance(route, PostExchange):
+        return not route.finished and not route.request._disconnected
+    return bool(getattr(route, "open_stream", False))
 
 
 class StreamableEndpoint(Resource):
@@ -267,12 +297,17 @@ class StreamableEndpoint(Resource):
             return super().render(request)
         except HttpError as e:
             return http_error_reply(request, e)
+        except Deferring:
+            return NOT_DONE_YET
 
     def _session(self, request: Request) -> Session:
         raw = _header(request, SESSION_HEADER)
         if raw is None:
             raise HttpError(400, jsonrpc.CONNECTION_CLOSED, "Bad Request: Mcp-Session-Id header is required")
-        session = self._ctx.sessions.get(raw)
+        session = self._ctx.sessions.get(raw, identity_of(request))
+        if session is None and self._ctx.cluster is not None:
+            # Owned by another instance? (Raises Deferring while it looks; renders this request again.)
+            session = self._ctx.cluster.session(raw, identity_of(request), request, self.render)
         if session is None or session.transport != "streamable" or session.server is not self._server:
             raise HttpError(404, jsonrpc.SESSION_NOT_FOUND, "Session not found")
         return session
@@ -298,7 +333,7 @@ class StreamableEndpoint(Resource):
         if "application/json" not in ctype:
             raise HttpError(415, jsonrpc.CONNECTION_CLOSED, "Unsupported Media Type: Content-Type must be application/json")
         body = read_body(request, self._ctx.config.maxBodyBytes)
-        messages, batch = parse_messages(body)
+        messages, batch = parse_messages(body, max_batch=self._ctx.config.limits.maxBatchMessages)
         if any(m.kind == jsonrpc.REQUEST and m.msg["method"] == "initialize" for m in messages):
             if batch:
                 raise HttpError(400, jsonrpc.INVALID_REQUEST, "initialize must be sent alone, not in a batch")
@@ -329,8 +364,12 @@ class StreamableEndpoint(Resource):
         if not sessions.accepting:
             request.setHeader(b"retry-after", b"5")
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, "gateway is shutting down", m.msg["id"])
-        session = sessions.create(self._server, "streamable")
-        session.outlet = StreamableOutlet(session, self._ctx)
+        try:
+            session = sessions.create(self._server, "streamable", identity_of(request))
+        except SessionRefused as e:
+            request.setHeader(b"retry-after", b"%d" % e.retry_after)
+            return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}", m.msg["id"])
+        session.outlet = (self._ctx.cluster.outlet if self._ctx.cluster is not None else StreamableOutlet)(session, self._ctx)
         request.setHeader(SESSION_HEADER, session.id.encode())
         exchange = PostExchange(session.outlet, request, [m.msg["id"]], False)
         session.request(m.msg, m.raw, exchange)

@@ -21,12 +21,21 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mcpgw import __version__, jsonrpc, logs
+from mcpgw.auth import Principal, principal_of
 from mcpgw.config import ServerConfig
-from mcpgw.session import Session
-from mcpgw.transports.common import GatewayContext, HttpError, parse_messages
+from mcpgw.ratelimit import Decision, ip_key
+from mcpgw.session import Session, SessionRefused
+from mcpgw.transports.common import (
+    GatewayContext,
+    HttpError,
+    error_reply,
+    parse_messages,
+)
 from mcpgw.transports.legacy import _discover_unsupported
 
 SUBPROTOCOL = "mcp"
@@ -37,6 +46,10 @@ _PING_MAX = 64
 CLOSE_GOING_AWAY = WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY  # 1001
 CLOSE_UNSUPPORTED_DATA = WebSocketProtocol.CLOSE_STATUS_CODE_UNSUPPORTED_DATA  # 1003
 CLOSE_INTERNAL_ERROR = WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR  # 1011
+CLOSE_POLICY_VIOLATION = WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION  # 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+#: Messages held while the rate limiter decides on an earlier one (an asynchronous limiter).
+MAX_WAITING = 1024
 
 
 class WsConnection:
@@ -73,6 +86,12 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
     _log = Logger(observer=logs.observer)
     factory: McpWebSocketFactory
     connection: WsConnection | None = None
+    #: Who opened the socket (set by the factory from the Guard's upgrade request).
+    principal: Principal | None = None
+    _inbox: defer.Deferred[Any] | None = None
+    _waiting = 0
+    #: Taken out of mcp_gateway_active_connections (onClose).
+    _uncounted = False
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         if not self.factory.ctx.sessions.accepting:
@@ -89,13 +108,17 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         ctx = self.factory.ctx
         try:
-            session = ctx.sessions.create(self.factory.mcp_server, "ws")
+            session = ctx.sessions.create(self.factory.mcp_server, "ws", self.principal.identity if self.principal else None)
+        except SessionRefused as e:
+            self.close(CLOSE_TRY_AGAIN_LATER, e.reason)
+            return
         except Exception:
             self._log.failure("cannot start a session for a WebSocket client")
             self.close(CLOSE_INTERNAL_ERROR, "cannot start the MCP server")
             return
         self.connection = WsConnection(session, self)
         session.outlet = self.connection
+        session.metrics.connection_opened()
         # Backpressure: a full socket buffer pauses reading the child's stdout.
         # The transport still names the HTTPChannel that served the upgrade request.
         transport: Any = self.transport
@@ -104,6 +127,51 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         transport.registerProducer(session, True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        """Each message is one hit on the rate limiter; messages are handled in order."""
+        limiter = self.factory.ctx.limiter
+        if limiter is None:
+            self._received(payload, isBinary)
+            return
+        if self._waiting >= MAX_WAITING:
+            self.close(CLOSE_POLICY_VIOLATION, "too many messages waiting for the rate limiter")
+            return
+        if self._inbox is None:
+            self._inbox = defer.succeed(None)
+        key = self.principal.rate_key if self.principal is not None else ip_key(getattr(self.transport.getPeer(), "host", "local"))
+        self._waiting += 1
+        # One chain per connection keeps the order when a limiter answers later (Redis).
+        self._inbox.addBoth(lambda _: limiter.hit(key)).addBoth(self._decided, payload, isBinary)
+
+    def _decided(self, outcome: Decision | Failure, payload: bytes, isBinary: bool) -> None:
+        self._waiting -= 1
+        try:
+            if isinstance(outcome, Failure):
+                self._log.failure("rate limiter failed; message let through", outcome)
+            elif not outcome.allowed:
+                self._rate_limited(payload, outcome)
+                return
+            self._received(payload, isBinary)
+        except Exception:  # noqa: BLE001 - the chain of later messages must go on
+            self._log.failure("WebSocket message handling failed")
+
+    def _rate_limited(self, payload: bytes, decision: Decision) -> None:
+        """A JSON-RPC error for the refused message (its id if it is a request)."""
+        self.factory.ctx.metrics.rate_limited("ws", self.factory.mcp_server.name)
+        if self.connection is not None:
+            self.connection.session.metrics.error("rate_limited")
+        id = None
+        try:
+            messages, _ = parse_messages(payload, allow_batch=False)
+            if messages[0].kind == jsonrpc.REQUEST:
+                id = messages[0].msg["id"]
+        except HttpError:
+            pass
+        self.send_text(jsonrpc.error_bytes(
+            id, jsonrpc.CONNECTION_CLOSED,
+            f"Too Many Requests: more than {decision.limit} messages per {decision.window:g} s; retry after {decision.retry_after} s",
+            {"retryAfter": decision.retry_after}))
+
+    def _received(self, payload: bytes, isBinary: bool) -> None:
         connection = self.connection
         if connection is None or connection.session.ended:
             return
@@ -117,6 +185,7 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
             if len(payload) <= _PING_MAX and _is_ping(payload):
                 self.send_text(PONG)
             else:
+                session.metrics.error("bad_request")
                 self.send_text(jsonrpc.error_bytes(e.id, e.code, e.message))
             return
         m = messages[0]
@@ -130,6 +199,9 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.connection is not None:
+            if not self._uncounted:
+                self._uncounted = True
+                self.connection.session.metrics.connection_closed()
             how = f"code {code}" if code is not None else "no close code"
             self.connection.closed(f"WebSocket closed ({how})")
 
@@ -181,6 +253,13 @@ class McpWebSocketFactory(WebSocketServerFactory):
         # Autobahn's timers (handshake timeouts, keepalive pings) on the injected reactor
         # rather than txaio's global one.
         self._batched_timer = _ReactorTimer(ctx.reactor)
+        #: The Principal of the upgrade request McpWebSocketResource is rendering.
+        self.principal: Principal | None = None
+
+    def buildProtocol(self, addr: Any) -> McpWebSocketProtocol:
+        proto = super().buildProtocol(addr)
+        proto.principal = self.principal
+        return proto
 
 
 class _ReactorTimer:
@@ -212,6 +291,24 @@ def _is_ping(payload: bytes) -> bool:
     return isinstance(doc, dict) and doc.get("type") == "ping"
 
 
+class McpWebSocketResource(WebSocketResource):
+    """Autobahn's resource, plus the session caps (503) and the Guard's Principal for the protocol."""
+
+    _factory: McpWebSocketFactory
+
+    def render(self, request: Any) -> Any:
+        refused = self._factory.ctx.sessions.room_for(self._factory.mcp_server)
+        if refused is not None:
+            request.setHeader(b"retry-after", b"%d" % refused.retry_after)
+            return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {refused.reason}")
+        # The upgrade runs to the protocol's onOpen within this call.
+        self._factory.principal = principal_of(request)
+        try:
+            return super().render(request)
+        finally:
+            self._factory.principal = None
+
+
 def websocket_resource(ctx: GatewayContext, server: ServerConfig) -> WebSocketResource:
     """``/ws`` for ``server``: put it behind ``mcpgw.web.Guard`` like every MCP endpoint."""
-    return WebSocketResource(McpWebSocketFactory(ctx, server))
+    return McpWebSocketResource(McpWebSocketFactory(ctx, server))

@@ -6,24 +6,61 @@ chunks in a list so a 16 MiB line costs one join, not a quadratic rebuild.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
+from functools import partial
 from typing import Any, Callable, Protocol
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mcpgw import logs
 from mcpgw import jsonrpc
-from mcpgw.config import ServerConfig
+from mcpgw.config import PRIVATE_ENV, ServerConfig
+from mcpgw.metrics import NULL_BOUND, BoundMetrics
 
-#: Variables of the gateway's own that a child never sees.
-_PRIVATE_ENV = ("SESSION_SECRET", "REDIS_PASSWORD", "REDIS_URL", "MCPGW_PORT", "MCPGW_HOST")
+#: Variables a child gets from the gateway's environment when they are set (and LC_*).
+_BASE_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ")
 _SETSID = shutil.which("setsid")
+
+
+#: Bytes per read of a child's stdout. Twisted's ProcessReader reads 8 KiB at a
+#: time: a 1 MiB reply was 128 reads, each a wakeup of the child blocked on the
+#: full pipe; 64 KiB (the pipe's capacity) makes it 16.
+PIPE_READ = 65536
+
+
+def _read_pipe(reader: Any) -> Any:
+    """``ProcessReader.doRead`` (``fdesc.readFromFD``) with PIPE_READ-sized reads."""
+    try:
+        data = os.read(reader.fd, PIPE_READ)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EINTR):
+            return None
+        return CONNECTION_LOST
+    if not data:
+        return CONNECTION_DONE
+    reader.dataReceived(data)
+    return None
+
+
+def child_environment(server: ServerConfig, environ: Any) -> dict[str, str]:
+    """A minimal, explicit environment: PATH, HOME, locale and TZ if set, the server's
+    ``inheritEnv`` names, then its ``env``. Nothing else of the gateway's (its secrets,
+    tokens, REDIS_PASSWORD) reaches a child."""
+    env = {k: v for k, v in environ.items() if (k in _BASE_ENV or k.startswith("LC_")) and k not in PRIVATE_ENV}
+    env.setdefault("PATH", os.defpath)
+    for name in server.inheritEnv:
+        if name in environ and name not in PRIVATE_ENV:
+            env[name] = environ[name]
+    env.update(server.env)
+    return env
 
 
 class UpstreamDelegate(Protocol):
@@ -104,6 +141,9 @@ class StdioUpstream(ProcessProtocol):
     """A child process for one session; relays raw lines both ways."""
 
     log = Logger(observer=logs.observer)
+    #: Child process gauges (set by the Session); ``_counted`` while this child is in them.
+    metrics: BoundMetrics = NULL_BOUND
+    _counted = False
 
     def __init__(self, server: ServerConfig, delegate: UpstreamDelegate, reactor: Any):
         self.server = server
@@ -127,12 +167,16 @@ class StdioUpstream(ProcessProtocol):
         argv = [self.server.executable, *self.server.args]
         if _SETSID:
             argv = [_SETSID, *argv]
-        env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
-        env.update(self.server.env)
+        env = child_environment(self.server, os.environ)
         reactor.spawnProcess(self, argv[0], argv, env=env, path=self.server.cwd)
+        self._counted = True
+        self.metrics.child_started()
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
+        reader = getattr(self.transport, "pipes", {}).get(1)
+        if reader is not None and hasattr(reader, "fd"):
+            reader.doRead = partial(_read_pipe, reader)
         self.log.info("child {server} started pid={pid}", server=self.server.name, pid=self.pid)
 
     # -- child -> gateway -------------------------------------------------
@@ -200,6 +244,8 @@ class StdioUpstream(ProcessProtocol):
         self._waiters.append(d)
         if not self._stopping:
             self._stopping = True
+            if self._counted:
+                self.metrics.child_stopping()
             try:
                 self.transport.closeStdin()
             except Exception:
@@ -250,9 +296,13 @@ class StdioUpstream(ProcessProtocol):
         else:
             self.exit_reason = f"exited with status {getattr(value, 'exitCode', '?')}"
         duration = self._reactor.seconds() - self.started_at
+        if self._counted:
+            self._counted = False
+            self.metrics.child_exited(self._stopping)
         self.log.info(
             "child {server} pid={pid} {how} after {duration:.3f}s",
             server=self.server.name, pid=self.pid, how=self.exit_reason, duration=duration,
+            status=getattr(value, "exitCode", None), signal=getattr(value, "signal", None), requested=self._stopping,
         )
         self.delegate.upstreamEnded(self.exit_reason)
         waiters, self._waiters = self._waiters, []

@@ -1,0 +1,1 @@
+"""mcpgw's benchmark suite: ``python3 -m bench [--peers]`` (see docs/performance.md)."""

@@ -1,0 +1,137 @@
+"""A private ``redis-server`` for tests: a free loopback port, no persistence, killed at the end.
+
+Never the machine's Redis on 6379: every server here is started from the
+binary on a port the kernel picked, with ``--save "" --appendonly no`` (so a
+restart starts empty, like a Redis that lost its data), optionally with
+``--requirepass``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+REDIS_SERVER = shutil.which("redis-server") or next(
+    (p for p in ("/usr/bin/redis-server", "/usr/local/bin/redis-server") if os.access(p, os.X_OK)), None
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server process; ``stop()``/``kill()``/``restart()`` keep the same port and password."""
+
+    def __init__(self, password: str | None = None, port: int | None = None):
+        if REDIS_SERVER is None:
+            raise RuntimeError("no redis-server binary (apt-get install redis-server; .ci/run does)")
+        self.password = password
+        self.port = port or free_port()
+        self._dir = tempfile.TemporaryDirectory(prefix="mcpgw-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def url_for(self, db: int = 0, password: bool = False) -> str:
+        auth = f":{self.password}@" if password and self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        argv = [
+            REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", self._dir.name, "--daemonize", "no", "--loglevel", "warning", "--protected-mode", "no",
+        ]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode} (port {self.port} taken?)")
+            try:
+                if self._ping():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError("redis-server did not answer PING within 10 s")
+
+    def _ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            if self.password:
+                s.sendall(self._command("AUTH", self.password))
+                s.recv(256)
+            s.sendall(self._command("PING"))
+            return s.recv(256).startswith(b"+PONG")
+
+    @staticmethod
+    def _command(*args: str) -> bytes:
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            b = a.encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        return b"".join(out)
+
+    def command(self, *args: str, db: int = 0) -> bytes:
+        """One command over a fresh socket (on database ``db``); the raw RESP reply (for test assertions)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            if self.password:
+                s.sendall(self._command("AUTH", self.password))
+                s.recv(256)
+            if db:
+                s.sendall(self._command("SELECT", str(db)))
+                s.recv(256)
+            s.sendall(self._command(*args))
+            s.settimeout(0.5)
+            chunks = []
+            try:
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+            except socket.timeout:
+                pass
+            return b"".join(chunks)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the clients see their connections drop at once."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self) -> None:
+        """Kill and start again on the same port: an empty Redis (no persistence)."""
+        self.kill()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self._dir.cleanup()

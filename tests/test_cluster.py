@@ -1,0 +1,372 @@
+"""Issue 4, steps 2, 3 and 5: several real gateway processes sharing one private redis-server.
+
+Each test starts its gateways (tests/gateway_process.py) with the same config:
+the Redis URL, a shared ``session.secret`` and a short heartbeat. A session is
+created on one instance (its owner) and used through the others with raw HTTP
+(tests/mcp_raw.py), so every test sees which instance answered what.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from tests.gateway_process import Gateway, fixture_server, wait_until
+from tests.mcp_raw import (
+    ACCEPT_BOTH,
+    TIMEOUT,
+    LegacySession,
+    SseStream,
+    StreamableSession,
+    initialize_request,
+    notification,
+    request,
+    result_text,
+    tool_call,
+)
+from tests.redis_server import REDIS_SERVER, RedisServer
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(REDIS_SERVER is None, reason="no redis-server binary (.ci/run installs it)"),
+]
+
+SECRET = "cluster-test-secret-0123456789abcdef"
+HEARTBEAT = 0.3
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer(password="cluster pw")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis(redis_server):
+    if not redis_server.running:
+        redis_server.start()
+    redis_server.command("FLUSHALL")
+    yield redis_server
+    if not redis_server.running:
+        redis_server.start()
+
+
+def cluster_config(redis: RedisServer, **extra: Any) -> dict[str, Any]:
+    return {
+        "mcpServers": {"fx": fixture_server()},
+        "session": {"secret": SECRET},
+        "redis": {"url": redis.url_for(0), "heartbeat": HEARTBEAT, "timeout": 1.0},
+        "logLevel": "debug",
+        **extra,
+    }
+
+
+@pytest.fixture
+def cluster(make_gateway, redis):
+    """``cluster(n)``: n gateways on one Redis (the password from REDIS_PASSWORD, as in the compose stack)."""
+
+    def start(n: int = 2, **extra: Any) -> list[Gateway]:
+        gws = [make_gateway(cluster_config(redis, **extra), env={"REDIS_PASSWORD": redis.password}) for _ in range(n)]
+        for gw in gws:
+            assert wait_until(lambda: httpx.get(gw.url + "/ready").status_code == 200, 15), gw.log()
+        return gws
+
+    return start
+
+
+def mcp(gw: Gateway) -> str:
+    return gw.url + "/mcp"
+
+
+def run(fn: Any, *args: Any) -> Any:
+    async def main() -> Any:
+        with anyio.fail_after(60):
+            async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+                return await fn(client, *args)
+
+    return anyio.run(main)
+
+
+def echo_call(id: Any, text: str) -> dict[str, Any]:
+    return tool_call(id, "echo", {"text": text})
+
+
+# -- Streamable HTTP across instances ---------------------------------------------------
+
+
+def test_post_to_another_instance(cluster):
+    """A session initialized on A takes requests, notifications and batches through B: every
+    reply comes back to the POST that asked, on B."""
+    a, b = cluster(2)
+
+    async def main(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a))
+        await s.initialize()
+        s.url = mcp(b)
+        for i in range(1, 6):
+            [reply] = await s.post(echo_call(i, f"via B {i}"))
+            assert reply["id"] == i and result_text(reply) == f"via B {i}"
+        assert await s.post(notification("notifications/progress", {"progressToken": "x", "progress": 1})) == []
+        r = await s.post_raw(request(9, "ping"))
+        assert r.status_code == 200 and r.json() == {"jsonrpc": "2.0", "id": 9, "result": {}}
+
+    run(main)
+    assert "session" in a.log()
+
+
+def test_progress_and_long_call_stream_across_instances(cluster):
+    """A call with a progress token made through B becomes an SSE stream on B: progress, then
+    the result, on that POST."""
+    a, b = cluster(2)
+
+    async def main(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a))
+        await s.initialize()
+        s.url = mcp(b)
+        messages = await s.post(tool_call(7, "sleep", {"seconds": 0.2}, progress_token="tok"))
+        assert [m.get("method") for m in messages] == ["notifications/progress", "notifications/progress", None]
+        assert messages[-1]["id"] == 7 and result_text(messages[-1]) == "slept 0.2"
+
+    run(main)
+
+
+def test_delete_through_another_instance(cluster):
+    """DELETE through B ends the session on A: the child stops, and both answer 404 after."""
+    a, b = cluster(2)
+
+    async def main(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a))
+        await s.initialize()
+        s.url = mcp(b)
+        assert (await s.post(echo_call(1, "x")))[0]["id"] == 1
+        r = await s.delete()
+        assert r.status_code == 200, r.text
+        for gw in (a, b):
+            s.url = mcp(gw)
+            for _ in range(50):
+                r = await s.post_raw(echo_call(2, "after"))
+                if r.status_code == 404:
+                    break
+                await anyio.sleep(0.05)
+            assert r.status_code == 404, (gw.url, r.status_code, r.text)
+
+    run(main)
+    assert wait_until(lambda: "client ended the session (DELETE)" in a.log(), 5), a.log()
+
+
+def test_unknown_and_forged_sessions(cluster):
+    """A well-formed but unknown session id is 404 on every instance (after a Redis lookup); a
+    forged one is 404 without one."""
+    a, b = cluster(2)
+
+    async def main(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(b))
+        await s.initialize()
+        await s.delete()
+        for sid in (s.session_id, "x" * 22 + "." + "y" * 22):
+            s.session_id = sid
+            for gw in (a, b):
+                s.url = mcp(gw)
+                r = await s.post_raw(echo_call(1, "x"))
+                assert r.status_code == 404, r.text
+
+    run(main)
+
+
+# -- HTTP+SSE across instances ---------------------------------------------------------
+
+
+def test_legacy_messages_to_another_instance(cluster):
+    """GET /sse on A, POST /messages through B: 202 from B, the replies on A's stream."""
+    a, b = cluster(2)
+
+    async def main(client: httpx.AsyncClient) -> None:
+        async with LegacySession(client, a.url) as s:
+            s.post_url = s.post_url.replace(a.url, b.url)
+            await s.initialize()
+            for i in range(1, 6):
+                [reply] = await s.call(echo_call(i, f"legacy via B {i}"))
+                assert result_text(reply) == f"legacy via B {i}"
+            [reply] = await s.call(request(50, "server/discover"))
+            assert reply["error"]["code"] == -32601
+
+    run(main)
+
+
+# -- GET streams and resumption across instances ---------------------------------------
+
+
+def test_get_stream_on_another_instance(cluster):
+    """The GET stream opened on B carries the server's session notifications from A; a second
+    GET (on A) is 409 while it is open."""
+    a, b = cluster(2)
+
+    async def main(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a))
+        await s.initialize()
+        s.url = mcp(b)
+        async with s.get_stream() as stream:
+            s.url = mcp(a)
+            headers = {k: v for k, v in s.headers.items() if k != "content-type"}
+            r = await client.get(mcp(a), headers={**headers, "accept": "text/event-stream"})
+            assert r.status_code == 409, r.text
+            replies = await s.post(tool_call(3, "notify", {"message": "hi"}))
+            assert [m.get("method") for m in replies] == ["notifications/message", None]  # the log: on the POST
+            assert result_text(replies[-1]) == "notified"
+            with anyio.fail_after(10):
+                msg = await stream.next_message()
+            assert msg == {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+
+    run(main)
+
+
+def test_resume_on_another_instance(cluster):
+    """A call through B becomes a stream; the client drops it mid-call and resumes with
+    Last-Event-ID on C: the reply arrives exactly once, after the events it missed."""
+    a, b, c = cluster(3)
+
+    async def main(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a), version="2025-11-25")
+        await s.initialize()
+        s.url = mcp(b)
+        call = tool_call(5, "sleep", {"seconds": 1.0}, progress_token="p")
+        last_id = None
+        async with client.stream("POST", s.url, json=call, headers=s.headers) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            stream = SseStream(r)
+            while True:
+                event = await stream.next()
+                assert event is not None
+                last_id = event.get("id", last_id)
+                if event.get("data") and json.loads(event["data"]).get("method") == "notifications/progress":
+                    break
+        # dropped mid-call; resume elsewhere
+        assert last_id is not None and "_" in last_id
+        headers = {k: v for k, v in s.headers.items() if k != "content-type"}
+        headers.update({"accept": "text/event-stream", "last-event-id": last_id})
+        async with client.stream("GET", mcp(c), headers=headers) as r:
+            assert r.status_code == 200, (await r.aread())
+            messages = await SseStream(r).messages_until_end()
+        finals = [m for m in messages if m.get("id") == 5]
+        assert len(finals) == 1 and result_text(finals[0]) == "slept 1.0", messages
+        assert messages[-1]["id"] == 5
+
+    run(main)
+
+
+# -- an owner that goes away --------------------------------------------------------------
+
+
+def test_owner_killed_gives_404_and_record_cleaned(cluster, redis):
+    """SIGKILL the owner: requests through B get 503 (owner not reachable) at most until its
+    heartbeat expires, then 404; the record is deleted; a new initialize through B works."""
+    a, b = cluster(2)
+    sid: list[str] = []
+
+    async def setup(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a))
+        await s.initialize()
+        s.url = mcp(b)
+        assert (await s.post(echo_call(1, "x")))[0]["id"] == 1
+        sid.append(s.session_id)
+
+    run(setup)
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+
+    async def after(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(b))
+        s.session_id = sid[0]
+        statuses = []
+        for _ in range(100):
+            r = await s.post_raw(echo_call(2, "y"))
+            statuses.append(r.status_code)
+            if r.status_code == 404:
+                break
+            assert r.status_code == 503 and "not reachable" in r.text, r.text
+            await anyio.sleep(0.05)
+        assert statuses[-1] == 404, statuses
+        s.session_id = ""
+        await s.initialize()
+        assert (await s.post(echo_call(3, "new")))[0]["id"] == 3
+
+    run(after)
+    assert b"0" in redis.command("EXISTS", f"mcpgw:session:{sid[0]}")
+
+
+# -- Redis faults ------------------------------------------------------------------------
+
+
+def test_redis_down_at_startup(make_gateway, redis):
+    """Redis down at start: /ready 503 naming Redis, /health 200, new sessions 503; once Redis
+    is up the gateway gets ready and serves."""
+    redis.stop()
+    gw = make_gateway(cluster_config(redis), env={"REDIS_PASSWORD": redis.password})
+    assert wait_until(lambda: "connection refused" in httpx.get(gw.url + "/ready").text, 10)
+    r = httpx.get(gw.url + "/ready")
+    assert r.status_code == 503 and r.json()["problems"] == [f"redis: {redis.url}: connection refused"], r.text
+    assert httpx.get(gw.url + "/health").status_code == 200
+    r = httpx.post(mcp(gw), json=initialize_request(), headers={"accept": ACCEPT_BOTH})
+    assert r.status_code == 503 and "Redis" in r.text and r.headers.get("retry-after"), r.text
+    redis.start()
+    assert wait_until(lambda: httpx.get(gw.url + "/ready").status_code == 200, 20), httpx.get(gw.url + "/ready").text
+
+    async def main(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(gw))
+        await s.initialize()
+
+    run(main)
+
+
+def test_redis_lost_while_running(cluster, redis):
+    """Redis stops: A's own session keeps working on A; through B it is a clear 503; /ready is
+    503 on both. Redis comes back (empty): both ready again, and B reaches A's session again
+    (A wrote its records back)."""
+    a, b = cluster(2)
+    sid: list[str] = []
+
+    async def before(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a))
+        await s.initialize()
+        sid.append(s.session_id)
+        s.url = mcp(b)
+        assert (await s.post(echo_call(1, "x")))[0]["id"] == 1
+
+    run(before)
+    redis.kill()
+    for gw in (a, b):
+        assert wait_until(lambda: httpx.get(gw.url + "/ready").status_code == 503, 10)
+
+    async def during(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a))
+        s.session_id = sid[0]
+        for i in range(5):
+            [reply] = await s.post(echo_call(10 + i, "local"))
+            assert result_text(reply) == "local"
+        s.url = mcp(b)
+        r = await s.post_raw(echo_call(20, "remote"))
+        assert r.status_code == 503 and "Redis" in r.text and r.headers.get("retry-after"), r.text
+
+    run(during)
+    redis.start()
+    for gw in (a, b):
+        assert wait_until(lambda: httpx.get(gw.url + "/ready").status_code == 200, 20)
+
+    async def after(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(b))
+        s.session_id = sid[0]
+        for _ in range(50):
+            r = await s.post_raw(echo_call(30, "back"))
+            if r.status_code == 200:
+                break
+            await anyio.sleep(0.1)
+        assert r.status_code == 200 and result_text(r.json()) == "back", r.text
+
+    run(after)
+    assert a.proc.poll() is None and b.proc.poll() is None
