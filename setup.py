@@ -8,6 +8,9 @@ setup(
     packages=["mcpgw", "mcpgw.upstream", "mcpgw.store", "mcpgw.transports", "twisted.plugins"],
     # A static .pth (not a finder hook) for `pip install -e .`, so twistd sees twisted/plugins/.
     package_dir={"": "."},
+    # The web console's static files (mcpgw.admin serves them at /console/).
+    package_data={"mcpgw": ["console/*.html", "console/*.js", "console/*.css"]},
+    include_package_data=True,
     install_requires=[
         "twisted>=24.3",
         "autobahn",

@@ -28,9 +28,10 @@ Messages between instances are ``<JSON header>\\n<payload>`` on the channel
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -44,7 +45,6 @@ from mcpgw.store.redis import (
     Keys,
     RedisConnection,
     RedisSessionStore,
-    RedisUnavailable,
     Script,
     new_instance_id,
     parse_url,
@@ -83,7 +83,7 @@ def _unavailable(what: str, problem: str | None) -> HttpError:
 class RemoteLegacyOutlet:
     """The outlet of an HTTP+SSE session owned elsewhere: its SSE stream is on the owner."""
 
-    def __init__(self, session: "RemoteSession"):
+    def __init__(self, session: RemoteSession):
         self.session = session
 
     def answer(self, id: Any, raw: bytes) -> None:
@@ -106,7 +106,7 @@ class RemoteLegacyOutlet:
 class RemoteSession:
     """A session owned by another instance, as the transports here see it."""
 
-    def __init__(self, cluster: "Cluster", record: Any, server: Any):
+    def __init__(self, cluster: Cluster, record: Any, server: Any):
         self.cluster = cluster
         self.id = record.id
         self.server = server
@@ -118,6 +118,7 @@ class RemoteSession:
         self.metrics = cluster.ctx.metrics.bound(record.transport, server.name)
         self.ended = False
         self.end_reason = ""
+        self.refreshing = False
         self.last_used = cluster._reactor.seconds()
         #: Route ids of this session's POSTs waiting here.
         self.routes: set[int] = set()
@@ -187,7 +188,7 @@ class RemoteSession:
 class MirroredLog:
     """An EventStream's replay log, also appended to the stream's log in Redis."""
 
-    def __init__(self, local: ReplayLog, cluster: "Cluster", session_id: str, number: int):
+    def __init__(self, local: ReplayLog, cluster: Cluster, session_id: str, number: int):
         self._local = local
         self._cluster = cluster
         self._key = cluster.keys.events(session_id, number)
@@ -208,15 +209,16 @@ class ClusterOutlet(StreamableOutlet):
     def __init__(self, session: Any, ctx: Any):
         super().__init__(session, ctx)
         self.cluster: Cluster = ctx.cluster
-        self._next = int(self.cluster.instance) * STREAM_BASE
 
     def new_stream(self) -> Any:
+        # Numbered by the instance's own counter: unique among all of the session's streams anywhere.
+        self._next = self.cluster.next_stream() - 1
         stream = super().new_stream()
         stream.log = MirroredLog(stream.log, self.cluster, self.session.id, stream.number)
         return stream
 
     def resume(self, request: Request, number: int, seq: int) -> bool:
-        if number in self.streams or getattr(request, "_mcpgw_fresh_get", False):
+        if number in self.streams:
             return super().resume(request, number, seq)
         holder = holder_of(number)
         if holder is None or holder == self.cluster.instance:
@@ -228,12 +230,11 @@ class ClusterOutlet(StreamableOutlet):
         """The GET stream has a live response again (here or on another instance)."""
         self._flush_backlog()
 
-    def get_detached(self) -> None:
-        pass
-
 
 class RemoteOutlet(ClusterOutlet):
     """The streams held here of a Streamable HTTP session owned by another instance."""
+
+    session: Any  # a RemoteSession
 
     #: The route id under which the owner knows this instance's GET stream.
     get_rid: int | None = None
@@ -266,7 +267,7 @@ class RemoteOutlet(ClusterOutlet):
         live = stream.live
 
         def detached(_: Any) -> None:
-            if self.get_rid == rid and (self.get_stream is None or self.get_stream.live is None or self.get_stream.live is live):
+            if self.get_rid == rid and (self.get_stream is None or self.get_stream.live is None):
                 self.cluster.forward(self.session, "gx", rid, b"")
 
         live.on_close(detached)
@@ -283,7 +284,7 @@ class RemoteOutlet(ClusterOutlet):
 class RemoteLive:
     """The live response of one of this instance's streams, open on another instance (a resume there)."""
 
-    def __init__(self, cluster: "Cluster", instance: str, rid: int):
+    def __init__(self, cluster: Cluster, instance: str, rid: int):
         self._cluster = cluster
         self.instance = instance
         self.rid = rid
@@ -347,7 +348,7 @@ class _Pipe:
 class RemoteRoute:
     """The owner's Route for a POST waiting on another instance: answers are published to it."""
 
-    def __init__(self, cluster: "Cluster", session: Any, instance: str, rid: int):
+    def __init__(self, cluster: Cluster, session: Any, instance: str, rid: int):
         self._cluster = cluster
         self.session = session
         self.instance = instance
@@ -378,7 +379,11 @@ class RemoteRoute:
         if self.lost:
             return
         d = self._cluster.send(self.instance, header, payload)
-        d.addCallbacks(lambda n: n or self.lose("nobody listens there"), lambda f: self.lose(f.getErrorMessage()))
+        d.addCallbacks(self._sent, lambda f: self.lose(f.getErrorMessage()))
+
+    def _sent(self, receivers: int) -> None:
+        if not receivers:
+            self.lose("nobody listens there")
 
     def _maybe_done(self) -> None:
         if not self.waiting:
@@ -401,7 +406,7 @@ class RemoteRoute:
 class RemoteGet:
     """The owner's view of a session's GET stream held by another instance."""
 
-    def __init__(self, cluster: "Cluster", instance: str, rid: int):
+    def __init__(self, cluster: Cluster, instance: str, rid: int):
         self._cluster = cluster
         self.instance = instance
         self.rid = rid
@@ -411,7 +416,7 @@ class RemoteGet:
 
     def emit(self, raw: bytes) -> None:
         d = self._cluster.send(self.instance, {"t": "u", "r": self.rid}, raw)
-        d.addCallbacks(lambda n: n or self._unreachable(), lambda f: self._unreachable())
+        d.addCallbacks(lambda n: None if n else self._unreachable(), lambda f: self._unreachable())
 
     def close(self) -> None:
         self.done = True
@@ -423,13 +428,14 @@ class RemoteGet:
 # -- the cluster ----------------------------------------------------------------------
 
 
-class Cluster(Service):
+class Cluster(MultiService):
     """This instance's part of a gateway cluster: Redis connection, session store, heartbeat, routing."""
 
     log = Logger(observer=logs.observer)
 
     def __init__(self, config: GatewayConfig, reactor: Any, metrics: Any = None, instance: str | None = None):
         assert config.redis is not None
+        self.redis_config = config.redis
         self.config = config
         self._reactor = reactor
         self.instance = instance or new_instance_id()
@@ -443,6 +449,9 @@ class Cluster(Service):
         self.store.on_remove = self._session_removed
         self.registry = InstanceRegistry(self.redis, self.store, reactor, interval=config.redis.heartbeat,
                                          touch_interval=touch)
+        super().__init__()
+        self.redis.setServiceParent(self)
+        self.registry.setServiceParent(self)
         self.redis.subscribe(self.keys.channel(self.instance), self._received)
         self.redis.on_change(self._redis_changed)
         self.ctx: Any = None
@@ -450,6 +459,7 @@ class Cluster(Service):
         self.outlet = ClusterOutlet
         self._sweeper: LoopingCall | None = None
         self._next_rid = 0
+        self._streams = 0
         # receiving side
         self.remote: dict[str, RemoteSession] = {}
         self.routes: dict[int, Any] = {}
@@ -457,7 +467,7 @@ class Cluster(Service):
         self.gets: dict[int, RemoteOutlet] = {}
         self.pipes: dict[int, _Pipe] = {}
         self._acks: dict[int, defer.Deferred[str]] = {}
-        self._looking: dict[str, list[Callable[[], None]]] = {}
+        self._looking: dict[str, list[tuple[Request, Callable[[Request], Any]]]] = {}
         # owning side
         self.routes_out: dict[tuple[str, int], RemoteRoute] = {}
         self.lives_out: dict[tuple[str, int], RemoteLive] = {}
@@ -494,19 +504,17 @@ class Cluster(Service):
     def startService(self) -> None:
         self.log.info("cluster: instance {instance}, Redis at {address}", instance=self.instance,
                       address=self.redis.address.describe())
-        super().startService()
-        self.redis.startService()
-        self.registry.startService()
+        super().startService()  # the connection, then the registry (children in order)
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self._reactor
-        self._sweeper.start(max(self.config.redis.heartbeat, 0.5), now=False).addErrback(
+        self._sweeper.start(max(self.redis_config.heartbeat, 0.5), now=False).addErrback(
             lambda f: self.log.failure("cluster sweeper stopped", f))
 
     def stopService(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        super().stopService()
+        Service.stopService(self)  # not MultiService's: the children stop in order, not all at once
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         # The registry's DEL is answered after every write the sessions' shutdown queued before it.
@@ -553,9 +561,13 @@ class Cluster(Service):
         header = jsonrpc.loads(head)
         handler = self._handlers.get(header.get("t"))
         if handler is None:
-            self.log.warn("cluster: unknown message type {t!r} dropped", t=header.get("t"))
+            self.log.warn("cluster: unknown message type {t!r} dropped", t=header.get("t"))  # noqa: G010 (twisted.logger)
             return
         handler(header, payload)
+
+    def next_stream(self) -> int:
+        self._streams += 1
+        return int(self.instance) * STREAM_BASE + self._streams
 
     def new_rid(self) -> int:
         self._next_rid += 1
@@ -596,15 +608,17 @@ class Cluster(Service):
         The first request for a session owned elsewhere is held while its record is
         read from Redis (``Deferring``), then ``render(request)`` runs again.
         """
-        if not session_id or not self.sessions.ids.valid(session_id):
-            return None
-        remote = self.remote.get(session_id)
+        remote = self.remote.get(session_id) if session_id else None
         if remote is not None:
             if remote.owner != identity:
                 return None
             if not self.redis.available:
                 raise _unavailable("the session is owned by another gateway instance", self.redis.problem())
+            if remote.protocol_version is None and not remote.refreshing:
+                self._refresh(remote)
             return remote
+        if not session_id or not self.sessions.ids.valid(session_id):
+            return None  # forged: never looked up
         if getattr(request, "_mcpgw_looked_up", False) or session_id in self.sessions.sessions:
             return None  # looked up already, or ours (and another identity's): 404
         if not self.redis.available:
@@ -618,6 +632,20 @@ class Cluster(Service):
         d.addBoth(self._looked_up, session_id)
         d.addErrback(lambda f: self.log.failure("cluster: after looking up session {session}", f, session=session_id))
         raise Deferring()
+
+    def _refresh(self, remote: RemoteSession) -> None:
+        """Read the record again for what the owner learnt after we first read it (the protocol version)."""
+        remote.refreshing = True
+
+        def read(record: Any) -> None:
+            remote.refreshing = False
+            if record is not None and record.protocol_version is not None:
+                remote.protocol_version = record.protocol_version
+
+        def failed(f: Any) -> None:
+            remote.refreshing = False
+
+        self.store.get(remote.id).addCallbacks(read, failed)
 
     async def _lookup(self, session_id: str) -> RemoteSession | None:
         record = await self.store.get(session_id)
@@ -658,9 +686,9 @@ class Cluster(Service):
         request._mcpgw_looked_up = True  # type: ignore[attr-defined]
         try:
             body = render(request)
-        except Exception:
-            self.log.failure("cluster: rendering a request again failed")
-            body = error_reply(request, 500, jsonrpc.INTERNAL_ERROR, "Internal Server Error")
+        except Exception:  # noqa: BLE001 - what twisted.web does for a render that raises
+            request.processingFailed(Failure())
+            return
         if body is not NOT_DONE_YET and not request.finished:
             if body:
                 request.write(body)
@@ -713,6 +741,8 @@ class Cluster(Service):
             return
         code = jsonrpc.SESSION_NOT_FOUND if status == 404 else jsonrpc.CONNECTION_CLOSED
         if isinstance(route, PostExchange):
+            if status == 503 and not route.request.startedWriting:
+                route.request.setHeader(b"retry-after", b"1")
             route.fail(status, code, message)
         else:
             for id in list(getattr(route, "waiting", ())):
@@ -845,7 +875,7 @@ class Cluster(Service):
         last = seq
         try:
             entries = await self.redis.execute("XRANGE", self.keys.events(session.id, number), f"{seq + 1}-0", "+")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - without the replay, the stream still goes on from its holder
             self.log.info("cluster: no replay from Redis for stream {number}: {error}", number=number, error=str(e))
             entries = []
         for entry_id, fields in entries or []:
@@ -860,7 +890,7 @@ class Cluster(Service):
         try:
             status = await self.call(holder, {"t": "att", "s": session.id, "n": number, "after": last,
                                               "f": self.instance, "r": rid})
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - Redis down or a timeout: the holder counts as unreachable
             self.log.info("cluster: holder {holder} of stream {number} did not answer: {error}", holder=holder,
                           number=number, error=str(e))
             status = "unreachable"
@@ -873,7 +903,6 @@ class Cluster(Service):
             self.pipes.pop(rid, None)
             if not frames:
                 # Neither Redis nor the holder knows the stream: as for an unknown Last-Event-ID here.
-                request._mcpgw_fresh_get = True  # type: ignore[attr-defined]
                 self._render_again(request, lambda r: self._fresh_get(outlet, r))
                 return
         response = SseResponse(request, self.ctx.heartbeat, metrics=outlet.metrics)
@@ -914,7 +943,7 @@ class Cluster(Service):
         frm, rid = h["f"], h["r"]
         outlet = self._outlet_of(h["s"])
         stream = outlet.streams.get(h["n"]) if outlet is not None else None
-        if stream is None:
+        if outlet is None or stream is None:
             self.tell(frm, {"t": "ack", "r": rid, "status": "unknown"})
             return
         self.tell(frm, {"t": "ack", "r": rid, "status": "ok"})
@@ -962,8 +991,8 @@ class Cluster(Service):
             try:
                 msg = jsonrpc.loads(line)
                 kind = jsonrpc.classify(msg)
-            except Exception:
-                self.log.warn("cluster: malformed message for session {session} dropped", session=session.id)
+            except (jsonrpc.DecodeError, jsonrpc.MessageError, TypeError):
+                self.log.warn("cluster: malformed message for session {session} dropped", session=session.id)  # noqa: G010 (twisted.logger)
                 continue
             if kind == jsonrpc.REQUEST:
                 if route is None:
@@ -1045,7 +1074,7 @@ class Cluster(Service):
     def _log_failed(self, f: Any) -> None:
         self._log_failures += 1
         if self._log_failures == 1 or self._log_failures % 100 == 0:
-            self.log.warn("cluster: event not logged in Redis ({n} so far): {error}", n=self._log_failures,
+            self.log.warn("cluster: event not logged in Redis ({n} so far): {error}", n=self._log_failures,  # noqa: G010 (twisted.logger)
                           error=f.getErrorMessage())
 
     # -- housekeeping --------------------------------------------------------------------
@@ -1061,6 +1090,8 @@ class Cluster(Service):
                 owners.setdefault(remote.instance, []).append(remote)
             elif now - remote.last_used > self.max_age:
                 del self.remote[remote.id]
+                if isinstance(remote.outlet, StreamableOutlet):
+                    remote.outlet.session_ended("forgotten here after session.maxAge without use")
         peers = {i for i, _ in self.routes_out} | {i for i, _ in self.lives_out}
         for session in self.sessions.sessions.values():
             stream = getattr(session.outlet, "get_stream", None)

@@ -25,7 +25,7 @@ EXAMPLE_SECRETS = frozenset({EXAMPLE_SECRET, "change-this-session-secret"})
 #: Environment variables the gateway reads for itself; a child never sees them.
 PRIVATE_ENV = frozenset({
     "SESSION_SECRET", "REDIS_PASSWORD", "REDIS_URL", "MCPGW_PORT", "MCPGW_HOST",
-    "MCPGW_AUTH_TOKENS", "MCPGW_JWT_SECRET",
+    "MCPGW_AUTH_TOKENS", "MCPGW_JWT_SECRET", "MCPGW_ADMIN_TOKEN",
 })
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -60,6 +60,49 @@ class ServerConfig:
     maxSessions: int | None = None
     #: Variables copied from the gateway's environment into the child's (never PRIVATE_ENV).
     inheritEnv: tuple[str, ...] = ()
+    #: A remote server (``url`` instead of ``command``): its endpoint, "streamable-http" or "sse".
+    url: str | None = None
+    transport: str = "stdio"
+    #: Headers sent upstream (``${VAR}`` already resolved from the environment); never logged.
+    headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    #: Seconds to connect to a remote server / for one HTTP exchange with it (not the SSE streams).
+    connectTimeout: float = 10.0
+    requestTimeout: float = 300.0
+    #: Tool filtering (``tools.allow`` / ``tools.deny``); None: every tool.
+    tools: "ToolFilter | None" = None
+    #: "per-client" (one child per client session) or "pooled" (mcpgw.pool: poolSize shared children).
+    sessions: str = "per-client"
+    #: Children of a pooled server, and the most requests in flight on each (more: 503 + Retry-After).
+    poolSize: int = 4
+    poolQueue: int = 256
+    #: The aggregated server (top-level ``aggregate``): its member servers.
+    aggregate: "AggregateConfig | None" = None
+
+    @property
+    def kind(self) -> str:
+        """"stdio", "remote" or "aggregate"."""
+        return "aggregate" if self.aggregate is not None else "remote" if self.url is not None else "stdio"
+
+
+@attrs.frozen
+class ToolFilter:
+    """``tools.allow`` (None: all) and ``tools.deny`` names of one server."""
+
+    allow: tuple[str, ...] | None = None
+    deny: tuple[str, ...] = ()
+
+    def permits(self, name: Any) -> bool:
+        return isinstance(name, str) and (self.allow is None or name in self.allow) and name not in self.deny
+
+
+@attrs.frozen
+class AggregateConfig:
+    """One endpoint over several servers (mcpgw.aggregate)."""
+
+    members: tuple[ServerConfig, ...]
+    separator: str = "__"
+    #: "always": every name is ``server<sep>name``; "on-collision": only names two members share.
+    prefix: str = "always"
 
 
 @attrs.frozen
@@ -122,6 +165,19 @@ class RedisConfig:
     heartbeat: float = 1.0
     #: Prefix of every key and pub/sub channel (several gateways may share one Redis).
     keyPrefix: str = "mcpgw:"
+
+
+@attrs.frozen
+class AdminConfig:
+    """The admin API (``/admin/``) and web console (``/console/``): off unless ``token`` is set."""
+
+    token: str | None = attrs.field(default=None, repr=False)
+    #: Seconds between the samples of the 15-minute stats ring (``/admin/stats``).
+    statsInterval: float = 5.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.token is not None
 
 
 @attrs.frozen
@@ -195,6 +251,7 @@ class GatewayConfig:
     limits: LimitsConfig = LimitsConfig()
     #: Proxies (addresses or networks) whose X-Forwarded-For / X-Real-IP are believed.
     trustedProxies: tuple[str, ...] = ()
+    admin: AdminConfig = AdminConfig()
 
     @property
     def default_server(self) -> ServerConfig:
@@ -375,6 +432,26 @@ def _limits(value: Any) -> LimitsConfig:
     )
 
 
+def _admin(value: Any, environ: Mapping[str, str]) -> AdminConfig:
+    """``admin``: ``{"token": ..., "statsInterval": 5}``; ``MCPGW_ADMIN_TOKEN`` overrides the token."""
+    raw = _object(value, "admin", {"token", "statsInterval"})
+    token = environ.get("MCPGW_ADMIN_TOKEN") or raw.get("token")
+    key = "MCPGW_ADMIN_TOKEN" if environ.get("MCPGW_ADMIN_TOKEN") else "admin.token"
+    if token is not None:
+        _expect(token, str, key, "a string")
+        if len(token) < 16 or not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise ConfigError(key, "must be at least 16 visible ASCII characters (openssl rand -hex 32)")
+    interval = _positive(raw.get("statsInterval", 5.0), "admin.statsInterval", (int, float))
+    if interval > 60:
+        raise ConfigError("admin.statsInterval", f"must be at most 60 seconds, not {interval}")
+    return AdminConfig(token=token, statsInterval=float(interval))
+
+
+def parse_server(name: str, raw: Any, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Check one ``mcpServers`` entry (as the file would give it) and resolve its command."""
+    return _server(name, raw, os.environ if environ is None else environ)
+
+
 def _trusted_proxies(value: Any) -> tuple[str, ...]:
     proxies = _string_list(value, "trustedProxies")
     for i, item in enumerate(proxies):
@@ -385,11 +462,32 @@ def _trusted_proxies(value: Any) -> tuple[str, ...]:
     return proxies
 
 
+SESSION_MODES = ("per-client", "pooled")
+
+
+def _pooling(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """``sessions``, ``poolSize``, ``poolQueue`` of one stdio server (mcpgw.pool)."""
+    mode = _expect(raw.get("sessions", "per-client"), str, f"{key}.sessions", '"per-client" or "pooled"')
+    if mode not in SESSION_MODES:
+        raise ConfigError(f"{key}.sessions", f'must be "per-client" or "pooled", not {json.dumps(mode)}')
+    for option in ("poolSize", "poolQueue"):
+        if option in raw and mode != "pooled":
+            raise ConfigError(f"{key}.{option}", 'only applies to a server with "sessions": "pooled"')
+    size = _positive(raw.get("poolSize", 4), f"{key}.poolSize")
+    if size > 256:
+        raise ConfigError(f"{key}.poolSize", f"must be at most 256, not {size}")
+    queue = _positive(raw.get("poolQueue", 256), f"{key}.poolQueue")
+    return {"sessions": mode, "poolSize": size, "poolQueue": queue}
+
+
 def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
     key = f"mcpServers.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(key, "server names may use letters, digits, '_', '.' and '-' only")
-    allowed = {"command", "args", "env", "cwd", "default", "maxMessageBytes", "stopGrace", "disabled", "maxSessions", "inheritEnv"}
+    allowed = {"command", "args", "env", "cwd", "default", "maxMessageBytes", "stopGrace", "disabled", "maxSessions", "inheritEnv",
+               "tools", "sessions", "poolSize", "poolQueue"}
+    if isinstance(raw, dict) and "url" in raw:
+        return _remote_server(name, raw, environ)
     _object(raw, key, allowed)
     if "command" not in raw:
         raise ConfigError(f"{key}.command", "is required")
@@ -429,6 +527,93 @@ def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
         executable=os.path.abspath(executable),
         maxSessions=_optional_positive(raw.get("maxSessions"), f"{key}.maxSessions"),
         inheritEnv=inherit,
+        tools=_tool_filter(raw.get("tools"), f"{key}.tools"),
+        **_pooling(raw, key),
+    )
+
+
+REMOTE_TRANSPORTS = ("streamable-http", "sse")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _tool_filter(value: Any, key: str) -> ToolFilter | None:
+    if value is None:
+        return None
+    raw = _object(value, key, {"allow", "deny"})
+    allow = _string_list(raw["allow"], f"{key}.allow") if "allow" in raw else None
+    return ToolFilter(allow=allow, deny=_string_list(raw.get("deny", []), f"{key}.deny"))
+
+
+def _remote_server(name: str, raw: dict[str, Any], environ: Mapping[str, str]) -> ServerConfig:
+    """``{"url": ..., "transport": "streamable-http" | "sse", "headers": {...}, ...}``."""
+    key = f"mcpServers.{name}"
+    _object(raw, key, {"url", "transport", "headers", "connectTimeout", "requestTimeout", "default", "disabled",
+                       "maxSessions", "maxMessageBytes", "tools"})
+    url = _expect(raw["url"], str, f"{key}.url", "a string")
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ConfigError(f"{key}.url", f"must be an http:// or https:// URL, not {url!r}")
+    if "@" in url.split("/", 3)[2]:
+        raise ConfigError(f"{key}.url", "must not carry credentials (user:password@): put them in headers")
+    transport = _expect(raw.get("transport", "streamable-http"), str, f"{key}.transport", "a string")
+    if transport not in REMOTE_TRANSPORTS:
+        raise ConfigError(f"{key}.transport", f"must be one of {', '.join(REMOTE_TRANSPORTS)}, not {transport!r}")
+    headers_raw = _expect(raw.get("headers", {}), dict, f"{key}.headers", "an object of strings")
+    headers = {}
+    for header, value in headers_raw.items():
+        _expect(value, str, f"{key}.headers.{header}", "a string")
+        if not re.fullmatch(r"[A-Za-z0-9-]+", header):
+            raise ConfigError(f"{key}.headers.{header}", "is not a usable header name")
+
+        def resolve(m: re.Match[str], header: str = header) -> str:
+            if m.group(1) not in environ:
+                raise ConfigError(f"{key}.headers.{header}", f"refers to ${{{m.group(1)}}}, which is not set")
+            return environ[m.group(1)]
+
+        headers[header] = _ENV_REF.sub(resolve, value)
+        if "\r" in headers[header] or "\n" in headers[header]:
+            raise ConfigError(f"{key}.headers.{header}", "must not contain line breaks")
+    return ServerConfig(
+        name=name,
+        command="",
+        default=_expect(raw.get("default", False), bool, f"{key}.default", "true or false"),
+        maxMessageBytes=_positive(raw.get("maxMessageBytes", DEFAULT_MAX_MESSAGE_BYTES), f"{key}.maxMessageBytes"),
+        maxSessions=_optional_positive(raw.get("maxSessions"), f"{key}.maxSessions"),
+        url=url,
+        transport=transport,
+        headers=headers,
+        connectTimeout=_positive(raw.get("connectTimeout", 10.0), f"{key}.connectTimeout", (int, float)),
+        requestTimeout=_positive(raw.get("requestTimeout", 300.0), f"{key}.requestTimeout", (int, float)),
+        tools=_tool_filter(raw.get("tools"), f"{key}.tools"),
+    )
+
+
+def _aggregate(value: Any, servers: Mapping[str, ServerConfig]) -> ServerConfig:
+    """Top-level ``aggregate``: a server made of other servers (mcpgw.aggregate)."""
+    raw = _object(value, "aggregate", {"name", "servers", "separator", "prefix", "default", "maxSessions"})
+    name = _expect(raw.get("name", "all"), str, "aggregate.name", "a string")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError("aggregate.name", "may use letters, digits, '_', '.' and '-' only")
+    if name in servers:
+        raise ConfigError("aggregate.name", f"{name!r} is also the name of a server in mcpServers")
+    names = _string_list(raw.get("servers", list(servers)), "aggregate.servers")
+    if not names:
+        raise ConfigError("aggregate.servers", "must name at least one server")
+    for i, member in enumerate(names):
+        if member not in servers:
+            raise ConfigError(f"aggregate.servers[{i}]", f"{member!r} is not an enabled server in mcpServers")
+        if names.count(member) > 1:
+            raise ConfigError(f"aggregate.servers[{i}]", f"{member!r} is listed twice")
+    separator = _expect(raw.get("separator", "__"), str, "aggregate.separator", "a string")
+    if not separator or not re.fullmatch(r"[A-Za-z0-9_.:/-]+", separator):
+        raise ConfigError("aggregate.separator", "must be one or more of letters, digits and _ . : / -")
+    prefix = _expect(raw.get("prefix", "always"), str, "aggregate.prefix", "a string")
+    if prefix not in ("always", "on-collision"):
+        raise ConfigError("aggregate.prefix", f'must be "always" or "on-collision", not {prefix!r}')
+    return ServerConfig(
+        name=name, command="",
+        default=_expect(raw.get("default", False), bool, "aggregate.default", "true or false"),
+        maxSessions=_optional_positive(raw.get("maxSessions"), "aggregate.maxSessions"),
+        aggregate=AggregateConfig(members=tuple(servers[m] for m in names), separator=separator, prefix=prefix),
     )
 
 
@@ -437,7 +622,8 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     environ = os.environ if environ is None else environ
     top = {
         "port", "host", "logLevel", "logFormat", "cors", "rateLimit", "session", "sse", "websocket", "redis",
-        "metrics", "auth", "mcpServers", "maxBodyBytes", "limits", "trustedProxies",
+        "metrics", "auth", "mcpServers", "maxBodyBytes", "limits", "trustedProxies", "aggregate",
+        "admin",
     }
     _object(raw, "", top)
     raw = dict(raw)
@@ -542,6 +728,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     auth = _auth(raw.get("auth", {}), environ)
     limits = _limits(raw.get("limits", {}))
     trusted = _trusted_proxies(raw.get("trustedProxies", []))
+    admin = _admin(raw.get("admin", {}), environ)
 
     servers_raw = raw.get("mcpServers")
     if servers_raw is None:
@@ -554,6 +741,9 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     }
     if not servers:
         raise ConfigError("mcpServers", "is empty: configure at least one MCP server")
+    if raw.get("aggregate") is not None:
+        aggregate = _aggregate(raw["aggregate"], servers)
+        servers[aggregate.name] = aggregate
     defaults = [s.name for s in servers.values() if s.default]
     if len(defaults) > 1:
         raise ConfigError(f"mcpServers.{defaults[1]}.default", f"only one server may be the default (also {defaults[0]})")
@@ -575,6 +765,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         maxBodyBytes=_positive(raw.get("maxBodyBytes", DEFAULT_MAX_MESSAGE_BYTES), "maxBodyBytes"),
         limits=limits,
         trustedProxies=trusted,
+        admin=admin,
     )
 
 

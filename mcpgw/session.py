@@ -24,7 +24,8 @@ from mcpgw.config import GatewayConfig, ServerConfig
 from mcpgw.metrics import NULL_BOUND, BoundMetrics, Metrics, NoMetrics
 from mcpgw.store import SessionRecord
 from mcpgw.store.memory import MemorySessionStore
-from mcpgw.upstream.stdio import StdioUpstream
+from mcpgw.upstream.stdio import ServerActivity, StdioUpstream
+from mcpgw.upstream import make_upstream
 
 
 class Route(Protocol):
@@ -122,7 +123,7 @@ class Session:
         self._initialize_id: Any = None
         self._pauses = 0
         self._deadlines: dict[Any, Any] = {}
-        self.upstream = StdioUpstream(server, self, reactor)
+        self.upstream = make_upstream(server, self, reactor)  # stdio, remote or aggregate (mcpgw.upstream)
         self.upstream.metrics = metrics
 
     def start(self) -> None:
@@ -325,6 +326,10 @@ class SessionManager(Service):
         self._ending: set[defer.Deferred[None]] = set()
         self._reaper: LoopingCall | None = None
         self.accepting = True
+        #: An operator drained this instance (mcpgw.control): no new sessions, the current ones go on.
+        self.draining = False
+        #: Per server: recent stderr lines, children started and crashed (the admin API).
+        self.activity: dict[str, ServerActivity] = {}
         #: Why no new session can start now (mcpgw.cluster: Redis is down), or None.
         self.unavailable: Callable[[], str | None] | None = None
 
@@ -341,17 +346,21 @@ class SessionManager(Service):
             return SessionRefused(f"server {server.name} is at its session limit (maxSessions={server.maxSessions})")
         return None
 
-    def create(self, server: ServerConfig, transport: str, owner: str | None = None) -> Session:
+    def create(self, server: ServerConfig, transport: str, owner: str | None = None,
+               factory: Callable[..., Session] | None = None) -> Session:
         """Start a session (and its child) for ``owner``; SessionRefused when a cap is reached."""
         refused = self.room_for(server)
         if refused is not None:
             raise refused
-        session = Session(self.ids.new(), server, transport, self._reactor, self._ended,
+        session = (factory or Session)(self.ids.new(), server, transport, self._reactor, self._ended,
                           metrics=self.metrics.bound(transport, server.name))
         session.metrics.session_started()
         session.owner = owner
         session.max_pending = self.config.limits.maxPendingRequests
         session.request_timeout = self.config.limits.requestTimeout
+        child = getattr(session.upstream, "inner", session.upstream)  # behind a tool filter, or not
+        if isinstance(child, StdioUpstream):
+            child.activity = self.activity_of(server.name)
         self.sessions[session.id] = session
         try:
             session.start()
@@ -379,6 +388,13 @@ class SessionManager(Service):
         if session is not None or not self.ids.valid(session_id):
             return session
         return None
+
+    def activity_of(self, server: str) -> ServerActivity:
+        """The activity record of ``server`` (made on first use)."""
+        activity = self.activity.get(server)
+        if activity is None:
+            activity = self.activity[server] = ServerActivity()
+        return activity
 
     def count(self, server: str | None = None) -> int:
         if server is None:

@@ -15,6 +15,7 @@ from twisted.python.components import Componentized
 from mcpgw import logs
 from mcpgw.config import EXAMPLE_SECRETS, LOG_FORMATS, ConfigError, GatewayConfig, load
 from mcpgw.metrics import Metrics, NoMetrics
+from mcpgw.pool import PoolManager
 from mcpgw.session import SessionManager
 from mcpgw.transports.common import GatewayContext
 from mcpgw.transports.sse import Heartbeat
@@ -93,9 +94,13 @@ def metrics_endpoint_for(config: GatewayConfig) -> str:
 
 def build_service(
     config: GatewayConfig, reactor: Any, listen: str | None = None, metrics_listen: str | None = None,
+    serve: bool = True,
 ) -> GatewayService:
     """Everything one gateway runs: sessions (and their children), keepalive, the web endpoint,
-    and the metrics endpoint (its own port) unless ``metrics.enabled`` is false."""
+    and the metrics endpoint (its own port) unless ``metrics.enabled`` is false.
+
+    ``serve=False`` (mcpgw.Gateway, embedded in another application): no listening port at all;
+    the caller mounts ``top.site.resource`` where it likes."""
     logs.set_level(config.logLevel)
     top = GatewayService()
     metrics = Metrics(config.servers) if config.metrics.enabled else NoMetrics()
@@ -111,17 +116,47 @@ def build_service(
     sessions.setServiceParent(top)
     heartbeat = Heartbeat(config.sse.keepalive, reactor)
     heartbeat.setServiceParent(top)
+    pools = PoolManager(config, reactor)  # "sessions": "pooled" servers' children
+    pools.setServiceParent(top)
     ctx = GatewayContext(config=config, sessions=sessions, heartbeat=heartbeat, reactor=reactor, metrics=metrics,
-                         cluster=cluster)
+                         cluster=cluster, pools=pools)
     if cluster is not None:
         cluster.bind(ctx)
+        if config.rateLimit.enabled:
+            # Shared counters: the limit holds for the whole cluster, whichever instance is hit.
+            from mcpgw.store.redis import RedisRateLimiter
+
+            rl = config.rateLimit
+            ctx.limiter = RedisRateLimiter(cluster.redis, cluster.keys, rl.max, rl.window_seconds, reactor, rl.maxKeys)
     top.context = ctx  # type: ignore[attr-defined]
     site = build_site(ctx)
+    top.site = site  # type: ignore[attr-defined]
+    _control(top, ctx, site, reactor)
+    if not serve:
+        return top
     web = strports.service(listen or endpoint_for(config), site)
     web.setServiceParent(top)
     if metrics.enabled:
         strports.service(metrics_listen or metrics_endpoint_for(config), metrics.site()).setServiceParent(top)
     return top
+
+
+def _control(top: GatewayService, ctx: GatewayContext, site: Any, reactor: Any) -> None:
+    """Runtime control (``top.control``: mcpgw.control), and the admin API, console and stats
+    sampler when an admin token is configured (mcpgw.admin)."""
+    from mcpgw.control import ServerControl
+
+    control = ServerControl(ctx, site.resource)
+    top.control = control  # type: ignore[attr-defined]
+    admin = ctx.config.admin
+    if admin.token is not None:
+        from mcpgw import admin as admin_api
+        from mcpgw.stats import StatsSampler
+
+        sampler = StatsSampler(ctx.metrics, control.sessions_by_transport, reactor, admin.statsInterval)
+        sampler.setServiceParent(top)
+        top.stats = sampler  # type: ignore[attr-defined]
+        admin_api.install(site.resource, control, sampler, admin.token)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:

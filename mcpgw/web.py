@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +33,14 @@ def _json(request: Request, obj: Any, status: int = 200) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"content-length", b"%d" % len(body))
     return body
+
+
+def _param_headers(request: Request) -> bytes:
+    """The ``Mcp-Param-*`` headers a preflight asks for (MCP 2026-07-28 x-mcp-header), to allow them too."""
+    asked = request.getHeader(b"access-control-request-headers") or b""
+    names = [n.strip() for n in asked.split(b",")]
+    params = [n for n in names if n.lower().startswith(b"mcp-param-") and re.fullmatch(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+", n)]
+    return b"".join(b", " + n for n in params)
 
 
 def _hostname(value: str) -> str:
@@ -106,7 +115,7 @@ class Guard(Resource):
                 if request.method == b"OPTIONS":
                     request.setResponseCode(204)
                     request.setHeader(b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS")
-                    request.setHeader(b"access-control-allow-headers", ALLOW_HEADERS)
+                    request.setHeader(b"access-control-allow-headers", ALLOW_HEADERS + _param_headers(request))
                     request.setHeader(b"access-control-max-age", b"86400")
                     return b""
         unauthorized = None
@@ -235,10 +244,29 @@ class ServersIndex(Resource):
                 "name": name,
                 "default": name == default,
                 "command": server.command,
+                **_server_kind(ctx, server),
                 "paths": {"sse": f"{base}/sse", "messages": f"{base}/messages", "mcp": f"{base}/mcp", "ws": f"{base}/ws"},
                 "sessions": ctx.sessions.count(name),
             })
         return _json(request, {"servers": servers})
+
+
+def _server_kind(ctx: GatewayContext, server: ServerConfig) -> dict[str, Any]:
+    """``kind`` and what belongs to it in ``/servers``: a remote's URL (never its headers), an aggregate's
+    members with the number of its live sessions in which each one is down (mcpgw.aggregate)."""
+    if server.kind == "remote":
+        return {"kind": "remote", "url": server.url, "transport": server.transport}
+    if server.aggregate is not None:
+        sessions = [s for s in ctx.sessions.sessions.values() if s.server.name == server.name]
+        members = []
+        for member in server.aggregate.members:
+            down = [s.upstream.member_down(member.name) for s in sessions if hasattr(s.upstream, "member_down")]
+            reasons = sorted({r for r in down if r})
+            members.append({"name": member.name, "kind": member.kind, "downIn": sum(1 for r in down if r),
+                            "reasons": reasons[:5]})
+        return {"kind": "aggregate", "members": members, "separator": server.aggregate.separator,
+                "prefix": server.aggregate.prefix}
+    return {"kind": server.kind}
 
 
 class Health(Resource):
@@ -250,12 +278,15 @@ class Health(Resource):
         self._started = ctx.reactor.seconds()
 
     def render_GET(self, request: Request) -> bytes:
-        return _json(request, {
+        body = {
             "status": "healthy",
             "version": __version__,
             "sessions": len(self._ctx.sessions.sessions),
             "uptime": round(self._ctx.reactor.seconds() - self._started, 3),
-        })
+        }
+        if self._ctx.cluster is not None:
+            body["instance"] = self._ctx.cluster.instance  # this replica's id in Redis (mcpgw.cluster)
+        return _json(request, body)
 
 
 class Ready(Resource):
@@ -270,9 +301,9 @@ class Ready(Resource):
     def render_GET(self, request: Request) -> bytes:
         problems = []
         if not self._ctx.sessions.accepting:
-            problems.append("shutting down")
+            problems.append("draining" if getattr(self._ctx.sessions, "draining", False) else "shutting down")
         for server in self._ctx.config.servers.values():
-            if not os.access(server.executable, os.X_OK):
+            if server.kind == "stdio" and not os.access(server.executable, os.X_OK):
                 problems.append(f"{server.name}: {server.executable} is not executable")
         if self._ctx.cluster is not None and self._ctx.cluster.problem() is not None:
             problems.append(self._ctx.cluster.problem())

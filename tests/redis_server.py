@@ -30,21 +30,33 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process; ``stop()``/``kill()``/``restart()`` keep the same port and password."""
 
-    def __init__(self, password: str | None = None, port: int | None = None):
+    def __init__(self, password: str | None = None, port: int | None = None, tls: bool = False):
         if REDIS_SERVER is None:
             raise RuntimeError("no redis-server binary (apt-get install redis-server; .ci/run does)")
         self.password = password
         self.port = port or free_port()
+        self.tls = tls
         self._dir = tempfile.TemporaryDirectory(prefix="mcpgw-redis-")
+        self.ca_file = os.path.join(self._dir.name, "cert.pem")
+        if tls:
+            # A self-signed certificate for localhost and 127.0.0.1; it is its own CA.
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                 "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                 "-keyout", os.path.join(self._dir.name, "key.pem"), "-out", self.ca_file],
+                check=True, capture_output=True,
+            )
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_for(0)
 
     def url_for(self, db: int = 0, password: bool = False) -> str:
         auth = f":{self.password}@" if password and self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/{db}?ssl_ca_certs={self.ca_file}"
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def start(self) -> None:
@@ -55,6 +67,10 @@ class RedisServer:
         ]
         if self.password:
             argv += ["--requirepass", self.password]
+        if self.tls:
+            argv[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            argv += ["--tls-cert-file", self.ca_file, "--tls-key-file", os.path.join(self._dir.name, "key.pem"),
+                     "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -70,6 +86,17 @@ class RedisServer:
         raise RuntimeError("redis-server did not answer PING within 10 s")
 
     def _ping(self) -> bool:
+        if self.tls:
+            import ssl
+
+            context = ssl.create_default_context(cafile=self.ca_file)
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw, \
+                    context.wrap_socket(raw, server_hostname="localhost") as s:
+                if self.password:
+                    s.sendall(self._command("AUTH", self.password))
+                    s.recv(256)
+                s.sendall(self._command("PING"))
+                return s.recv(256).startswith(b"+PONG")
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
             if self.password:
                 s.sendall(self._command("AUTH", self.password))
@@ -103,7 +130,7 @@ class RedisServer:
                     if not chunk:
                         break
                     chunks.append(chunk)
-            except socket.timeout:
+            except TimeoutError:
                 pass
             return b"".join(chunks)
 

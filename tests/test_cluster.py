@@ -74,10 +74,15 @@ def cluster(make_gateway, redis):
     def start(n: int = 2, **extra: Any) -> list[Gateway]:
         gws = [make_gateway(cluster_config(redis, **extra), env={"REDIS_PASSWORD": redis.password}) for _ in range(n)]
         for gw in gws:
-            assert wait_until(lambda: httpx.get(gw.url + "/ready").status_code == 200, 15), gw.log()
+            assert wait_until(ready(gw), 15), gw.log()
         return gws
 
     return start
+
+
+def ready(gw: Gateway, status: int = 200) -> Any:
+    """A predicate for wait_until: ``/ready`` answers ``status``."""
+    return lambda: httpx.get(gw.url + "/ready").status_code == status
 
 
 def mcp(gw: Gateway) -> str:
@@ -260,6 +265,74 @@ def test_resume_on_another_instance(cluster):
     run(main)
 
 
+def test_get_stream_resumed_on_third_instance(cluster):
+    """The GET stream held on B is dropped with two events unread; resumed with Last-Event-ID on
+    C, they arrive (from the Redis log) exactly once, and later ones follow live from B."""
+    a, b, c = cluster(3)
+
+    async def notify(s: StreamableSession, text: str) -> None:
+        replies = await s.post(tool_call(text, "notify", {"message": text}))
+        assert result_text(replies[-1]) == "notified"
+
+    async def main(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a))
+        await s.initialize()
+        s.url = mcp(b)
+        async with s.get_stream() as stream:
+            s.url = mcp(a)
+            await notify(s, "one")
+            with anyio.fail_after(10):
+                event = await stream.next()
+            assert event is not None and json.loads(event["data"])["method"] == "notifications/tools/list_changed"
+            last_id = event["id"]
+            await notify(s, "two")  # on the GET stream, but the client does not read them
+            await notify(s, "three")
+        # B's stream is gone.
+        headers = {k: v for k, v in s.headers.items() if k != "content-type"}
+        headers.update({"accept": "text/event-stream", "last-event-id": last_id})
+        async with client.stream("GET", mcp(c), headers=headers) as r:
+            assert r.status_code == 200, await r.aread()
+            resumed = SseStream(r)
+            got = []
+            with anyio.fail_after(10):
+                while len(got) < 2:
+                    event = await resumed.next()
+                    assert event is not None
+                    if event.get("data"):
+                        got.append(event)
+            await notify(s, "four")
+            with anyio.fail_after(10):
+                while len(got) < 3:
+                    event = await resumed.next()
+                    assert event is not None
+                    if event.get("data"):
+                        got.append(event)
+        assert [json.loads(e["data"])["method"] for e in got] == ["notifications/tools/list_changed"] * 3
+        ids = [e["id"] for e in got]
+        assert len(set(ids)) == 3 and last_id not in ids, ids
+
+    run(main)
+
+
+def test_get_stream_ends_when_owner_dies(cluster):
+    """A GET stream held on B for a session owned by A ends when A is killed (B notices A's
+    heartbeat is gone); the session is then 404 on B."""
+    a, b = cluster(2)
+
+    async def main(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a))
+        await s.initialize()
+        s.url = mcp(b)
+        async with s.get_stream() as stream:
+            a.proc.send_signal(signal.SIGKILL)
+            with anyio.fail_after(10):
+                assert await stream.next() is None  # the stream ends
+        r = await s.post_raw(echo_call(1, "x"))
+        assert r.status_code == 404, r.text
+
+    run(main)
+
+
 # -- an owner that goes away --------------------------------------------------------------
 
 
@@ -289,7 +362,7 @@ def test_owner_killed_gives_404_and_record_cleaned(cluster, redis):
             statuses.append(r.status_code)
             if r.status_code == 404:
                 break
-            assert r.status_code == 503 and "not reachable" in r.text, r.text
+            assert r.status_code == 503 and "not reachable" in r.text and r.headers["retry-after"], r.text
             await anyio.sleep(0.05)
         assert statuses[-1] == 404, statuses
         s.session_id = ""
@@ -298,6 +371,31 @@ def test_owner_killed_gives_404_and_record_cleaned(cluster, redis):
 
     run(after)
     assert b"0" in redis.command("EXISTS", f"mcpgw:session:{sid[0]}")
+
+
+def test_owner_stopped_cleanly_gives_404_at_once(cluster, redis):
+    """SIGTERM the owner: it deletes its records and heartbeat on the way out, so through B the
+    session is 404 at once (no 503 while a heartbeat runs out)."""
+    a, b = cluster(2)
+    sid: list[str] = []
+
+    async def setup(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a))
+        await s.initialize()
+        sid.append(s.session_id)
+
+    run(setup)
+    instance = json.loads(httpx.get(a.url + "/health").text)["instance"]
+    a.stop()  # SIGTERM, waits for the exit
+    assert redis.command("EXISTS", f"mcpgw:session:{sid[0]}", f"mcpgw:instance:{instance}").startswith(b":0")
+
+    async def after(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(b))
+        s.session_id = sid[0]
+        r = await s.post_raw(echo_call(2, "y"))
+        assert r.status_code == 404, r.text
+
+    run(after)
 
 
 # -- Redis faults ------------------------------------------------------------------------
@@ -341,7 +439,7 @@ def test_redis_lost_while_running(cluster, redis):
     run(before)
     redis.kill()
     for gw in (a, b):
-        assert wait_until(lambda: httpx.get(gw.url + "/ready").status_code == 503, 10)
+        assert wait_until(ready(gw, 503), 10)
 
     async def during(client: httpx.AsyncClient) -> None:
         s = StreamableSession(client, mcp(a))
@@ -356,7 +454,7 @@ def test_redis_lost_while_running(cluster, redis):
     run(during)
     redis.start()
     for gw in (a, b):
-        assert wait_until(lambda: httpx.get(gw.url + "/ready").status_code == 200, 20)
+        assert wait_until(ready(gw), 20)
 
     async def after(client: httpx.AsyncClient) -> None:
         s = StreamableSession(client, mcp(b))
@@ -370,3 +468,48 @@ def test_redis_lost_while_running(cluster, redis):
 
     run(after)
     assert a.proc.poll() is None and b.proc.poll() is None
+
+
+# -- shared rate limits ----------------------------------------------------------------------
+
+
+def test_rate_limit_shared_by_instances(cluster):
+    """rateLimit with Redis: one count per client for the whole cluster. Hits on A and B add up;
+    the one over the limit is 429 on whichever instance it reaches."""
+    a, b = cluster(2, rateLimit={"enabled": True, "max": 6, "window": "1m"})
+
+    async def main(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a))
+        await s.initialize()  # 2 hits on A: initialize, initialized
+        remaining = []
+        for i, gw in enumerate([b, a, b, a]):
+            s.url = mcp(gw)
+            r = await s.post_raw(echo_call(i, "x"))
+            assert r.status_code == 200, r.text
+            remaining.append(int(r.headers["ratelimit-remaining"]))
+        assert remaining == [3, 2, 1, 0]
+        for gw in (a, b):
+            s.url = mcp(gw)
+            r = await s.post_raw(echo_call(9, "over"))
+            assert r.status_code == 429, r.text
+            assert r.headers["retry-after"] and int(r.headers["ratelimit-remaining"]) == 0
+
+    run(main)
+
+
+# -- units ---------------------------------------------------------------------------------
+
+
+def test_stream_numbers_name_their_holder():
+    """SSE stream numbers are instance * 10^8 + n: the holder is read back from an event id, and
+    the id still matches the single-instance Last-Event-ID syntax (digits, at most 18)."""
+    from mcpgw.cluster import STREAM_BASE, holder_of
+    from mcpgw.store.redis import new_instance_id
+    from mcpgw.transports.streamable import EVENT_ID
+
+    instance = new_instance_id()
+    number = int(instance) * STREAM_BASE + 12345
+    assert holder_of(number) == instance
+    assert holder_of(7) is None  # a single-instance stream number
+    assert EVENT_ID.fullmatch(f"{number}_99")
+    assert EVENT_ID.fullmatch(f"{999_999_999 * STREAM_BASE + STREAM_BASE - 1}_1")

@@ -509,3 +509,106 @@ class TestRegistry:
         finally:
             await conn.stopService()
             server.close()
+
+
+# -- shared rate-limit counters --------------------------------------------------------
+
+
+@needs_redis
+class TestRedisRateLimiter:
+    def test_interface(self):
+        """RedisRateLimiter provides mcpgw.ratelimit.IRateLimiter."""
+        from mcpgw.ratelimit import IRateLimiter
+        from mcpgw.store.redis import RedisRateLimiter
+
+        limiter = RedisRateLimiter(RedisConnection(RedisAddress(), reactor), Keys(), 5, 60.0, task.Clock())
+        assert verifyObject(IRateLimiter, limiter)
+
+    @pytest_twisted.ensureDeferred
+    async def test_one_window_for_all_instances(self, redis):
+        """Two instances' limiters count the same key in one window: the limit holds for the
+        cluster; the decision carries remaining hits and the time left in the window."""
+        from mcpgw.store.redis import RedisRateLimiter
+
+        a, b = await connect(redis.url), await connect(redis.url)
+        try:
+            one = RedisRateLimiter(a, Keys(), 3, 60.0, task.Clock())
+            two = RedisRateLimiter(b, Keys(), 3, 60.0, task.Clock())
+            decisions = [await one.hit("ip:10.0.0.1"), await two.hit("ip:10.0.0.1"), await one.hit("ip:10.0.0.1"),
+                         await two.hit("ip:10.0.0.1")]
+            assert [(d.allowed, d.remaining) for d in decisions] == [(True, 2), (True, 1), (True, 0), (False, 0)]
+            assert all(59.0 < d.reset_after <= 60.0 and d.window == 60.0 and d.limit == 3 for d in decisions)
+            other = await two.hit("ip:10.0.0.2")
+            assert (other.allowed, other.remaining) == (True, 2)
+            ttl = await a.execute("PTTL", "mcpgw:rate:ip:10.0.0.1")
+            assert 59_000 < ttl <= 60_000
+        finally:
+            await a.stopService()
+            await b.stopService()
+
+    @pytest_twisted.ensureDeferred
+    async def test_new_window_after_expiry(self, redis):
+        """When the window's key has expired the count starts again."""
+        from mcpgw.store.redis import RedisRateLimiter
+
+        conn = await connect(redis.url)
+        try:
+            limiter = RedisRateLimiter(conn, Keys(), 1, 60.0, task.Clock())
+            assert (await limiter.hit("k")).allowed
+            assert not (await limiter.hit("k")).allowed
+            await conn.execute("DEL", "mcpgw:rate:k")  # as when Redis expires it at the window's end
+            assert (await limiter.hit("k")).allowed
+        finally:
+            await conn.stopService()
+
+    @pytest_twisted.ensureDeferred
+    async def test_redis_down_counts_locally(self, redis):
+        """Redis unavailable: the limiter decides at once from a per-instance count (no errback,
+        no waiting), and goes back to Redis when it returns."""
+        from mcpgw.store.redis import RedisRateLimiter
+
+        conn = await connect(redis.url)
+        limiter = RedisRateLimiter(conn, Keys(), 2, 60.0, task.Clock())
+        await conn.stopService()
+        decisions = [limiter.hit("k") for _ in range(3)]
+        assert all(d.called for d in decisions)
+        assert [(await d).allowed for d in decisions] == [True, True, False]
+
+
+@needs_redis
+class TestTls:
+    @pytest.fixture(scope="class")
+    def tls_redis(self):
+        server = RedisServer(password="tls pw", tls=True)
+        yield server
+        server.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_rediss_with_ca_file(self, tls_redis):
+        """rediss:// with ssl_ca_certs: TLS, the certificate checked against that CA, AUTH inside."""
+        conn = await connect(tls_redis.url, tls_redis.password)
+        try:
+            assert await conn.execute("PING") == "PONG"
+        finally:
+            await conn.stopService()
+
+    @pytest_twisted.ensureDeferred
+    async def test_rediss_untrusted_certificate_refused(self, tls_redis):
+        """rediss:// without the CA: the self-signed certificate is refused (reported, retried)."""
+        conn = RedisConnection(parse_url(f"rediss://127.0.0.1:{tls_redis.port}/0", tls_redis.password), reactor, timeout=1)
+        conn.startService()
+        try:
+            await link_failed(conn, "certificate")
+            assert not conn.available
+        finally:
+            await conn.stopService()
+
+    @pytest_twisted.ensureDeferred
+    async def test_rediss_without_verification(self, tls_redis):
+        """ssl_cert_reqs=none: TLS without checking the certificate."""
+        url = f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_cert_reqs=none"
+        conn = await connect(url, tls_redis.password)
+        try:
+            assert await conn.execute("PING") == "PONG"
+        finally:
+            await conn.stopService()

@@ -13,7 +13,8 @@ on the store on a session's hot path: it has the live Session in memory.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 from twisted.internet import defer
@@ -36,17 +37,17 @@ class SessionRecord:
 
 
 class ISessionStore(Interface):
-    def add(record: SessionRecord) -> "defer.Deferred[None]":
+    def add(record: SessionRecord) -> defer.Deferred[None]:
         """Remember a new session."""
 
-    def get(session_id: str) -> "defer.Deferred[SessionRecord | None]":
+    def get(session_id: str) -> defer.Deferred[SessionRecord | None]:
         """The record of a session, or None."""
 
-    def update(session_id: str, **fields: Any) -> "defer.Deferred[None]":
+    def update(session_id: str, **fields: Any) -> defer.Deferred[None]:
         """Change fields of a session's record (``protocol_version``, ...)."""
 
-    def touch(seen: Mapping[str, float]) -> "defer.Deferred[None]":
+    def touch(seen: Mapping[str, float]) -> defer.Deferred[None]:
         """Sessions used since the last touch: id -> last use; refreshes their idle expiry."""
 
-    def remove(session_id: str) -> "defer.Deferred[None]":
+    def remove(session_id: str) -> defer.Deferred[None]:
         """Forget a session (idempotent)."""

@@ -33,7 +33,8 @@ import os
 import random
 import secrets
 import socket
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
@@ -46,6 +47,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mcpgw import jsonrpc, logs
+from mcpgw.ratelimit import Decision, IRateLimiter, MemoryRateLimiter
 from mcpgw.store import ISessionStore, SessionRecord
 
 DEFAULT_PORT = 6379
@@ -94,7 +96,7 @@ def parse_url(url: str, password: str | None = None) -> RedisAddress:
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     unknown = set(query) - {"db", "ssl_ca_certs", "ssl_cert_reqs"}
     if unknown:
-        raise ValueError(f"unknown URL parameter {sorted(unknown)[0]!r} (known: db, ssl_ca_certs, ssl_cert_reqs)")
+        raise ValueError(f"unknown URL parameter {min(unknown)!r} (known: db, ssl_ca_certs, ssl_cert_reqs)")
     db_text = query.get("db")
     if parts.scheme in ("redis", "rediss") and parts.path not in ("", "/"):
         db_text = parts.path.lstrip("/")
@@ -179,11 +181,21 @@ class _Once(Factory):
         return self._protocol
 
 
-class _Commands(txredisapi.RedisProtocol):
+class _Lost:
+    """Keeps why the connection was lost (a TLS handshake error shows up only there)."""
+
+    lost_reason: Any = None
+
+    def connectionLost(self, why: Any) -> None:
+        self.lost_reason = why
+        super().connectionLost(why)  # type: ignore[misc]
+
+
+class _Commands(_Lost, txredisapi.RedisProtocol):
     pass
 
 
-class _Subscriber(txredisapi.SubscriberProtocol):
+class _Subscriber(_Lost, txredisapi.SubscriberProtocol):
     on_message: Callable[[bytes, bytes], None] = staticmethod(lambda channel, message: None)
 
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
@@ -209,7 +221,7 @@ class _Link:
 
     log = Logger(observer=logs.observer)
 
-    def __init__(self, owner: "RedisConnection", name: str, protocol: type, prepare: Callable[[Any], Any]):
+    def __init__(self, owner: RedisConnection, name: str, protocol: type, prepare: Callable[[Any], Any]):
         self._owner = owner
         self.name = name
         self._protocol_class = protocol
@@ -246,14 +258,14 @@ class _Link:
             try:
                 self._attempt = defer.Deferred.fromCoroutine(self._open())
                 protocol = await self._attempt
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - whatever failed, the answer is to report it and retry
                 if not self._running:
                     break
                 self.attempts += 1
                 problem = _describe(e)
                 delay = owner.backoff(self.attempts)
                 if problem != self.problem or self.attempts == 1:
-                    self.log.warn("redis: {link} connection to {address}: {problem}; retrying in {delay:.1f}s (attempt {attempt})",
+                    self.log.warn("redis: {link} connection to {address}: {problem}; retrying in {delay:.1f}s (attempt {attempt})",  # noqa: G010 (twisted.logger)
                                   link=self.name, address=owner.address.describe(), problem=problem, delay=delay,
                                   attempt=self.attempts)
                 self.problem = problem
@@ -277,7 +289,7 @@ class _Link:
             self.protocol = None
             self.problem = "connection lost"
             if self._running:
-                self.log.warn("redis: {link} connection to {address} lost; reconnecting", link=self.name,
+                self.log.warn("redis: {link} connection to {address} lost; reconnecting", link=self.name,  # noqa: G010 (twisted.logger)
                               address=owner.address.describe())
             owner._changed()
 
@@ -294,9 +306,12 @@ class _Link:
             if address.db:
                 await owner._timed(protocol.execute_command("SELECT", address.db), owner.timeout)
             await self._prepare(protocol)
-        except BaseException:
+        except BaseException as e:
             if protocol.transport is not None:
                 protocol.transport.abortConnection()
+            reason = getattr(protocol.lost_reason, "value", None)
+            if isinstance(e, txredisapi.ConnectionError) and reason is not None and "SSL" in type(reason).__module__ + type(reason).__name__:
+                raise ConnectionError(f"TLS handshake failed: {reason}") from None
             raise
         return protocol
 
@@ -344,7 +359,7 @@ class RedisConnection(Service):
         for listener in list(self._listeners):
             try:
                 listener(available)
-            except Exception:
+            except Exception:  # noqa: BLE001 - one listener's bug must not keep the others uninformed
                 self.log.failure("redis: state listener failed")
 
     def backoff(self, attempt: int) -> float:
@@ -400,7 +415,7 @@ class RedisConnection(Service):
             return
         try:
             handler(message)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a bad message must not end the subscription
             self.log.failure("redis: handler of channel {channel} failed", channel=channel.decode("latin-1"))
 
     def _count(self, op: str, outcome: str) -> None:
@@ -418,7 +433,7 @@ class RedisConnection(Service):
             return defer.fail(RedisUnavailable(f"Redis unavailable: {self.problem()}"))
         try:
             d = protocol.execute_command(*args)
-        except Exception as e:
+        except (txredisapi.RedisError, ConnectionError) as e:
             self._count(op, "error")
             return defer.fail(RedisUnavailable(f"Redis unavailable: {e}"))
         return self._watch(d, op, protocol)
@@ -442,7 +457,7 @@ class RedisConnection(Service):
 
         return d.addTimeout(self.timeout, self._reactor).addCallbacks(ok, failed)
 
-    def eval(self, script: "Script", keys: Iterable[Any] = (), args: Iterable[Any] = ()) -> defer.Deferred[Any]:
+    def eval(self, script: Script, keys: Iterable[Any] = (), args: Iterable[Any] = ()) -> defer.Deferred[Any]:
         """Run a Lua script by its SHA1, loading it first when Redis does not know it."""
         keys, args = list(keys), list(args)
 
@@ -481,7 +496,7 @@ class Script:
     source: str
     sha: str = attrs.field(init=False)
     #: Every script made, for SCRIPT LOAD when a connection opens (EVALSHA then never misses).
-    made: ClassVar[list["Script"]] = []
+    made: ClassVar[list[Script]] = []
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
@@ -776,4 +791,64 @@ class InstanceRegistry(Service):
     def _failed(self, f: Any, what: str) -> None:
         self._failures += 1
         if self._failures == 1 or self._failures % 60 == 0:
-            self.log.warn("registry: {what} failed: {error}", what=what, error=f.getErrorMessage())
+            self.log.warn("registry: {what} failed: {error}", what=what, error=f.getErrorMessage())  # noqa: G010 (twisted.logger)
+
+
+# -- shared rate-limit counters ------------------------------------------------------
+
+#: KEYS[1] the window's counter; ARGV[1] the window in ms. Returns {count, ms left in the window}.
+RATE_HIT = Script("""
+local count = redis.call('INCR', KEYS[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if count == 1 or ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {count, ttl}
+""")
+
+
+@implementer(IRateLimiter)
+class RedisRateLimiter:
+    """``mcpgw.ratelimit.IRateLimiter`` with the counters in Redis: one fixed window per key for
+    every instance, counted atomically by one script (INCR, PEXPIRE on the first hit, PTTL).
+
+    While Redis is unavailable the instance counts on its own (a MemoryRateLimiter with the same
+    limit and window): limits are then per instance, not off, and requests are not slowed down.
+    """
+
+    log = Logger(observer=logs.observer)
+
+    def __init__(self, redis: RedisConnection, keys: Keys, limit: int, window: float, clock: Any,
+                 max_keys: int = 100_000):
+        self._redis = redis
+        self._keys = keys
+        self.limit = limit
+        self.window = window
+        self._fallback = MemoryRateLimiter(limit, window, clock, max_keys)
+        self._degraded = False
+
+    def hit(self, key: str) -> defer.Deferred[Any]:
+        if not self._redis.commands.up:
+            return defer.succeed(self._local(key, self._redis.problem()))
+        d = self._redis.eval(RATE_HIT, [self._keys.rate(key)], [max(1, int(self.window * 1000))])
+        return d.addCallbacks(self._decided, self._failed, errbackArgs=(key,))
+
+    def _decided(self, reply: list[Any]) -> Any:
+        if self._degraded:
+            self._degraded = False
+            self.log.info("rate limiter: counting in Redis again")
+        count, ttl = int(reply[0]), max(0, int(reply[1]))
+        allowed = count <= self.limit
+        return Decision(allowed, self.limit, self.limit - count if allowed else 0, ttl / 1000.0, self.window)
+
+    def _failed(self, f: Any, key: str) -> Any:
+        if not f.check(RedisUnavailable):
+            return f
+        return self._local(key, f.getErrorMessage())
+
+    def _local(self, key: str, why: str | None) -> Any:
+        if not self._degraded:
+            self._degraded = True
+            self.log.warn("rate limiter: Redis unavailable ({why}); counting per instance until it is back", why=why)  # noqa: G010 (twisted.logger)
+        return self._fallback.decide(key)

@@ -35,6 +35,8 @@ class GatewayContext:
     metrics: Metrics = attrs.field(factory=NoMetrics)
     #: mcpgw.cluster.Cluster (None: no ``redis`` configured, one instance).
     cluster: Any = None
+    #: mcpgw.pool.PoolManager (None: no server is "sessions": "pooled", or a context built in a test).
+    pools: Any = None
 
 
 @attrs.frozen
@@ -49,13 +51,15 @@ class Incoming:
 class HttpError(Exception):
     """A request refused before any message was relayed."""
 
-    def __init__(self, status: int, code: int, message: str, id: Any = None, headers: dict[bytes, bytes] | None = None):
+    def __init__(self, status: int, code: int, message: str, id: Any = None, headers: dict[bytes, bytes] | None = None,
+                 data: Any = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.id = id
         self.headers = headers or {}
+        self.data = data
 
 
 class Deferring(Exception):
@@ -75,7 +79,7 @@ def error_reply(request: Request, status: int, code: int, message: str, id: Any 
 def http_error_reply(request: Request, e: HttpError) -> bytes:
     for name, value in e.headers.items():
         request.setHeader(name, value)
-    return error_reply(request, e.status, e.code, e.message, e.id)
+    return error_reply(request, e.status, e.code, e.message, e.id, e.data)
 
 
 def read_body(request: Request, limit: int) -> bytes:
@@ -141,3 +145,18 @@ def media_types(header: bytes | None) -> set[str]:
 def accepts(types: set[str], wanted: str) -> bool:
     major = wanted.split("/")[0]
     return wanted in types or f"{major}/*" in types or "*/*" in types
+
+
+def discover_unsupported(id: Any) -> bytes:
+    """``server/discover`` (MCP 2026-07-28) answered at once so the client falls back to initialize."""
+    return jsonrpc.error_bytes(id, jsonrpc.METHOD_NOT_FOUND, "Method not found: server/discover (use initialize)")
+
+
+def relay(session: Any, m: Incoming, route: Any) -> None:
+    """Hand one client message to its session (a request's answer goes to ``route``)."""
+    if m.kind != jsonrpc.REQUEST:
+        session.notify(m.msg, m.raw)
+    elif m.msg["method"] == "server/discover":
+        route.answer(m.msg["id"], discover_unsupported(m.msg["id"]))
+    else:
+        session.request(m.msg, m.raw, route)

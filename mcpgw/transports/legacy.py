@@ -18,7 +18,9 @@ from mcpgw import jsonrpc
 from mcpgw.auth import identity_of
 from mcpgw.config import ServerConfig
 from mcpgw.session import Session, SessionRefused
-from mcpgw.transports.common import Deferring, GatewayContext, HttpError, error_reply, http_error_reply, parse_messages, read_body
+from mcpgw.transports.common import (
+    Deferring, GatewayContext, HttpError, error_reply, http_error_reply, parse_messages, read_body, relay,
+)
 from mcpgw.transports.sse import SseResponse, frame
 
 MESSAGE = b"message"
@@ -126,18 +128,7 @@ class MessagesEndpoint(Resource):
             return http_error_reply(request, e)
         stream = session.outlet
         for m in messages:
-            if m.kind == jsonrpc.REQUEST:
-                if m.msg["method"] == "server/discover":
-                    stream.answer(m.msg["id"], _discover_unsupported(m.msg["id"]))
-                else:
-                    session.request(m.msg, m.raw, stream)
-            else:
-                session.notify(m.msg, m.raw)
+            relay(session, m, stream)
         request.setResponseCode(202)
         request.setHeader(b"content-type", b"text/plain")
         return b"Accepted"
-
-
-def _discover_unsupported(id: Any) -> bytes:
-    """``server/discover`` (MCP 2026-07-28) answered at once so the client falls back to initialize."""
-    return jsonrpc.error_bytes(id, jsonrpc.METHOD_NOT_FOUND, "Method not found: server/discover (use initialize)")

@@ -29,12 +29,15 @@ from mcpgw.transports.common import (
     GatewayContext,
     HttpError,
     accepts,
+    discover_unsupported,
     error_reply,
     http_error_reply,
     media_types,
     parse_messages,
     read_body,
 )
+from mcpgw.pool import pooled_session_factory
+from mcpgw.transports.modern import MODERN_VERSIONS, ModernEndpoint, is_modern
 from mcpgw.transports.sse import ReplayLog, SseResponse, frame
 
 SESSION_HEADER = b"mcp-session-id"
@@ -288,11 +291,18 @@ class StreamableEndpoint(Resource):
         super().__init__()
         self._ctx = ctx
         self._server = server
+        #: 2026-07-28 requests (mcpgw.transports.modern): the version header and the body decide, per request.
+        self._modern = ModernEndpoint(ctx, server)
 
     def render(self, request: Request) -> Any:
         if request.method not in (b"POST", b"GET", b"DELETE"):
             request.setHeader(b"allow", b"GET, POST, DELETE")
             return error_reply(request, 405, jsonrpc.CONNECTION_CLOSED, "Method Not Allowed")
+        if request.method != b"POST" and _header(request, VERSION_HEADER) in MODERN_VERSIONS \
+                and request.getHeader(SESSION_HEADER) is None:
+            # 2026-07-28 has no GET stream and no sessions to DELETE (with a session id: that session's 400).
+            request.setHeader(b"allow", b"POST")
+            return error_reply(request, 405, jsonrpc.CONNECTION_CLOSED, "Method Not Allowed in protocol version 2026-07-28")
         try:
             return super().render(request)
         except HttpError as e:
@@ -317,9 +327,11 @@ class StreamableEndpoint(Resource):
         if version is None:
             return DEFAULT_VERSION
         if version not in SUPPORTED_VERSIONS:
+            supported = self._modern.supported()
             raise HttpError(
                 400, jsonrpc.UNSUPPORTED_PROTOCOL_VERSION,
-                f"Bad Request: unsupported MCP-Protocol-Version {version!r} (supported: {', '.join(SUPPORTED_VERSIONS)})",
+                f"Bad Request: unsupported MCP-Protocol-Version {version!r} (supported: {', '.join(supported)})",
+                data={"supported": supported, "requested": version},
             )
         return version
 
@@ -334,6 +346,8 @@ class StreamableEndpoint(Resource):
             raise HttpError(415, jsonrpc.CONNECTION_CLOSED, "Unsupported Media Type: Content-Type must be application/json")
         body = read_body(request, self._ctx.config.maxBodyBytes)
         messages, batch = parse_messages(body, max_batch=self._ctx.config.limits.maxBatchMessages)
+        if is_modern(request, messages):
+            return self._modern.post(request, messages, batch)
         if any(m.kind == jsonrpc.REQUEST and m.msg["method"] == "initialize" for m in messages):
             if batch:
                 raise HttpError(400, jsonrpc.INVALID_REQUEST, "initialize must be sent alone, not in a batch")
@@ -342,7 +356,9 @@ class StreamableEndpoint(Resource):
             self._check_version(request)
             if len(messages) == 1 and messages[0].kind == jsonrpc.REQUEST and messages[0].msg["method"] == "server/discover":
                 id = messages[0].msg["id"]
-                return error_reply(request, 404, jsonrpc.METHOD_NOT_FOUND, "Method not found: server/discover (use initialize)", id)
+                request.setResponseCode(404)
+                request.setHeader(b"content-type", b"application/json")
+                return discover_unsupported(id)
         session = self._session(request)
         self._check_version(request)
         if batch and session.protocol_version not in (None, "2025-03-26"):
@@ -365,7 +381,9 @@ class StreamableEndpoint(Resource):
             request.setHeader(b"retry-after", b"5")
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, "gateway is shutting down", m.msg["id"])
         try:
-            session = sessions.create(self._server, "streamable", identity_of(request))
+            pool = self._modern.pool()
+            factory = pooled_session_factory(pool) if pool is not None else None  # "sessions": "pooled"
+            session = sessions.create(self._server, "streamable", identity_of(request), factory=factory)
         except SessionRefused as e:
             request.setHeader(b"retry-after", b"%d" % e.retry_after)
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}", m.msg["id"])

@@ -35,8 +35,8 @@ from mcpgw.transports.common import (
     HttpError,
     error_reply,
     parse_messages,
+    relay,
 )
-from mcpgw.transports.legacy import _discover_unsupported
 
 SUBPROTOCOL = "mcp"
 PONG = b'{"type":"pong"}'
@@ -188,14 +188,7 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
                 session.metrics.error("bad_request")
                 self.send_text(jsonrpc.error_bytes(e.id, e.code, e.message))
             return
-        m = messages[0]
-        if m.kind == jsonrpc.REQUEST:
-            if m.msg["method"] == "server/discover":
-                connection.answer(m.msg["id"], _discover_unsupported(m.msg["id"]))
-            else:
-                session.request(m.msg, m.raw, connection)
-        else:
-            session.notify(m.msg, m.raw)
+        relay(session, messages[0], connection)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.connection is not None:

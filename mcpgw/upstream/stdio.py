@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import signal
+from collections import deque
 from functools import partial
 from typing import Any, Callable, Protocol
 
@@ -61,6 +62,20 @@ def child_environment(server: ServerConfig, environ: Any) -> dict[str, str]:
             env[name] = environ[name]
     env.update(server.env)
     return env
+
+
+class ServerActivity:
+    """What one server's children did, across sessions, for the admin API: the last
+    ``max_lines`` stderr lines (a bounded ring), children started, children that exited unasked."""
+
+    def __init__(self, max_lines: int = 50, max_line_length: int = 2000):
+        self.stderr: deque[dict[str, Any]] = deque(maxlen=max_lines)
+        self.max_line_length = max_line_length
+        self.starts = 0
+        self.restarts = 0
+
+    def line(self, when: float, pid: int | None, text: str) -> None:
+        self.stderr.append({"time": when, "pid": pid, "line": text[: self.max_line_length]})
 
 
 class UpstreamDelegate(Protocol):
@@ -144,6 +159,8 @@ class StdioUpstream(ProcessProtocol):
     #: Child process gauges (set by the Session); ``_counted`` while this child is in them.
     metrics: BoundMetrics = NULL_BOUND
     _counted = False
+    #: The server's activity record (set by the SessionManager; None: not kept).
+    activity: ServerActivity | None = None
 
     def __init__(self, server: ServerConfig, delegate: UpstreamDelegate, reactor: Any):
         self.server = server
@@ -171,6 +188,8 @@ class StdioUpstream(ProcessProtocol):
         reactor.spawnProcess(self, argv[0], argv, env=env, path=self.server.cwd)
         self._counted = True
         self.metrics.child_started()
+        if self.activity is not None:
+            self.activity.starts += 1
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -207,10 +226,10 @@ class StdioUpstream(ProcessProtocol):
         self._err.feed(data)
 
     def _errLine(self, line: bytes) -> None:
-        self.log.info(
-            "[{server} pid={pid}] {line}", server=self.server.name, pid=self.pid,
-            line=line.decode("utf-8", "replace"), stderr=True,
-        )
+        text = line.decode("utf-8", "replace")
+        self.log.info("[{server} pid={pid}] {line}", server=self.server.name, pid=self.pid, line=text, stderr=True)
+        if self.activity is not None:
+            self.activity.line(self._reactor.seconds(), self.pid, text)
 
     # -- gateway -> child -------------------------------------------------
 
@@ -299,6 +318,8 @@ class StdioUpstream(ProcessProtocol):
         if self._counted:
             self._counted = False
             self.metrics.child_exited(self._stopping)
+        if self.activity is not None and not self._stopping:
+            self.activity.restarts += 1
         self.log.info(
             "child {server} pid={pid} {how} after {duration:.3f}s",
             server=self.server.name, pid=self.pid, how=self.exit_reason, duration=duration,

@@ -1,0 +1,707 @@
+"""Pooled children: a few stdio MCP servers shared by every client of one server.
+
+A server configured ``"sessions": "pooled"`` gets ``poolSize`` children that the
+gateway starts and initializes itself (it is their MCP client: ``initialize``,
+then ``notifications/initialized``). Client requests are spread over them:
+
+- every request id is rewritten to a gateway-unique id (and the progress token
+  with it), and the child's response gets the client's own id back, so ids that
+  collide across clients (``1`` from everyone) never meet in a child;
+- a request goes to the ready child with the fewest requests in flight; each
+  child takes at most ``poolQueue`` at once, and beyond that the caller is told
+  ``PoolFull`` (HTTP 503 with ``Retry-After``);
+- a child that exits fails its in-flight requests at once (JSON-RPC -32000) and
+  is replaced after a doubling backoff on the injected reactor; the other
+  children's requests are untouched;
+- a child's own request to its client (sampling, elicitation, roots) during a
+  call becomes an ``InputRequiredResult`` for a 2026-07-28 caller when the call
+  is the child's only one in flight (mcpgw.transports.modern), else it is
+  answered with a JSON-RPC error at once: nothing waits for a client that
+  cannot be asked.
+
+The pool keeps no per-client state beyond the requests in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mcpgw import jsonrpc, logs
+from mcpgw.config import GatewayConfig, ServerConfig
+from mcpgw.upstream import make_upstream
+
+#: The version the gateway offers its pooled children (the newest handshake version).
+CHILD_VERSION = "2025-11-25"
+#: What the gateway tells its pooled children it can do: sampling, elicitation and roots are
+#: bridged to 2026-07-28 callers as InputRequiredResult (see module docstring).
+CLIENT_CAPABILITIES: dict[str, Any] = {"sampling": {}, "elicitation": {"form": {}}, "roots": {}}
+CLIENT_INFO = {"name": "mcpgw-pool", "version": "1"}
+#: Backoff between replacements of a child that keeps dying (seconds): first, cap.
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+#: Server-to-client methods that the 2026-07-28 InputRequiredResult flow can carry.
+INPUT_METHODS = frozenset({"sampling/createMessage", "elicitation/create", "roots/list"})
+#: A child's notifications that every pooled session hears (log lines and the like stay with one call, or nowhere).
+SHARED_NOTIFICATIONS = frozenset({"notifications/tools/list_changed", "notifications/prompts/list_changed",
+                                  "notifications/resources/list_changed"})
+#: How long a parked call waits for the client's retry with inputResponses (seconds).
+INPUT_WAIT = 300.0
+
+
+def params_of(msg: dict[str, Any]) -> dict[str, Any]:
+    """A message's params if they are an object, else an empty one."""
+    params = msg.get("params")
+    return params if isinstance(params, dict) else {}
+
+
+class PoolFull(Exception):
+    """No child can take the request now: answer 503 with ``Retry-After``."""
+
+    def __init__(self, reason: str, retry_after: int = 1):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@attrs.define(eq=False)
+class Pending:
+    """One client request in a child: whom to answer, under which id."""
+
+    route: Any
+    id: Any
+    gid: str
+    method: str
+    token: Any = None
+    child: PooledChild | None = None
+    deadline: Any = None
+    #: The caller's hook for a child's request during this call (mcpgw.transports.modern), or None.
+    on_input: Callable[[Pending, dict[str, Any]], bool] | None = None
+    #: The rewritten request as sent to the child.
+    raw: bytes = b""
+
+
+@attrs.define(eq=False)
+class Parked:
+    """A call waiting for the client's inputResponses (2026-07-28 InputRequiredResult)."""
+
+    pending: Pending
+    child: PooledChild
+    server_request_id: Any
+    key: str
+    timer: Any = None
+
+
+class PooledChild:
+    """One child of a pool; the gateway is its MCP client."""
+
+    log = Logger(observer=logs.observer)
+
+    def __init__(self, pool: ChildPool, number: int):
+        self.pool = pool
+        self.number = number
+        self.ready = False
+        self.dead = False
+        self.inflight: dict[str, Pending] = {}
+        self.upstream = make_upstream(pool.server, self, pool._reactor)  # behind the server's tool filter
+        self._init_id = f"mcpgw-init-{number}"
+
+    def start(self) -> None:
+        self.upstream.spawn()
+        self.upstream.send(jsonrpc.dumps({
+            "jsonrpc": "2.0", "id": self._init_id, "method": "initialize",
+            "params": {"protocolVersion": CHILD_VERSION, "capabilities": CLIENT_CAPABILITIES, "clientInfo": CLIENT_INFO},
+        }))
+
+    @property
+    def load(self) -> int:
+        return len(self.inflight)
+
+    # -- UpstreamDelegate ---------------------------------------------------
+
+    def upstreamMessage(self, raw: bytes, msg: dict[str, Any]) -> None:
+        if "method" not in msg:
+            if msg.get("id") == self._init_id:
+                self._initialized(msg)
+            else:
+                self.pool._response(self, msg)
+        elif "id" in msg:
+            self.pool._server_request(self, msg)
+        else:
+            self.pool._notification(self, msg)
+
+    def upstreamProtocolError(self, reason: str) -> None:
+        self.log.warn("pool {server} child {number}: {reason}", server=self.pool.server.name, number=self.number, reason=reason)
+        self.upstream.stop()
+
+    def upstreamEnded(self, reason: str) -> None:
+        self.dead = True
+        self.ready = False
+        self.pool._child_died(self, f"MCP server {reason}")
+
+    def _initialized(self, msg: dict[str, Any]) -> None:
+        result = msg.get("result")
+        if not isinstance(result, dict) or not isinstance(result.get("protocolVersion"), str):
+            self.log.error("pool {server} child {number}: initialize failed: {error}", server=self.pool.server.name,
+                           number=self.number, error=msg.get("error"))
+            self.upstream.stop()
+            return
+        self.upstream.send(jsonrpc.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        self.ready = True
+        self.pool._child_ready(self, result)
+
+
+class ChildPool:
+    """``poolSize`` initialized children of one server, and the requests in flight on them."""
+
+    log = Logger(observer=logs.observer)
+
+    def __init__(self, server: ServerConfig, reactor: Any, request_timeout: float | None = None):
+        self.server = server
+        self._reactor = reactor
+        self.size = server.poolSize
+        self.queue = server.poolQueue
+        self.request_timeout = request_timeout
+        self.children: list[PooledChild] = []
+        #: The first child's initialize result (server/discover and pooled handshakes answer from it).
+        self.init_result: dict[str, Any] | None = None
+        self.running = False
+        self._numbers = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._prefix = f"g{secrets.token_hex(3)}-"
+        self._pending: dict[str, Pending] = {}
+        self._waiting: list[Pending] = []
+        self._parked: dict[str, Parked] = {}
+        self._ready_waiters: list[defer.Deferred[dict[str, Any]]] = []
+        self._backoff = BACKOFF_FIRST
+        self._restarts: list[Any] = []
+        #: Notification listeners (subscriptions/listen): callables of (raw, msg).
+        self.listeners: set[Callable[[bytes, dict[str, Any]], None]] = set()
+        #: Resource URIs some listener watches -> how many listeners; every ready child is subscribed to each.
+        self._subscriptions: dict[str, int] = {}
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        self.running = True
+        for _ in range(self.size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        child = PooledChild(self, next(self._numbers))
+        self.children.append(child)
+        try:
+            child.start()
+        except OSError as e:
+            self.log.error("pool {server}: cannot start a child: {error}", server=self.server.name, error=str(e))
+            self.children.remove(child)
+            self._schedule_restart()
+
+    def stop(self) -> defer.Deferred[Any]:
+        """Stop every child; fires when all have exited."""
+        self.running = False
+        for call in self._restarts:
+            if call.active():
+                call.cancel()
+        self._restarts = []
+        for pending in list(self._waiting):
+            self._fail(pending, "gateway shutting down")
+        self._waiting = []
+        for waiter in self._ready_waiters:
+            waiter.errback(PoolFull("gateway shutting down"))
+        self._ready_waiters = []
+        return defer.DeferredList([c.upstream.stop() for c in list(self.children)])
+
+    def ready(self) -> defer.Deferred[dict[str, Any]]:
+        """Fires with the cached initialize result once a child is initialized."""
+        if self.init_result is not None:
+            return defer.succeed(self.init_result)
+        d: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def _child_ready(self, child: PooledChild, result: dict[str, Any]) -> None:
+        self._backoff = BACKOFF_FIRST
+        if self.init_result is None:
+            self.init_result = result
+        self.log.info("pool {server} child {number} ready pid={pid} ({version})", server=self.server.name,
+                      number=child.number, pid=child.upstream.pid, version=result.get("protocolVersion"))
+        for uri in self._subscriptions:
+            self._send_own(child, "resources/subscribe", {"uri": uri})
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(self.init_result)
+        waiting, self._waiting = self._waiting, []
+        for pending in waiting:
+            self._dispatch(pending)
+
+    def _child_died(self, child: PooledChild, reason: str) -> None:
+        if child in self.children:
+            self.children.remove(child)
+        for pending in list(child.inflight.values()):
+            self._fail(pending, reason)
+        for key, parked in list(self._parked.items()):
+            if parked.child is child:
+                self._unpark(key)
+                self._fail(parked.pending, reason)
+        if self.running:
+            self.log.warn("pool {server} child {number}: {reason}; replacing it in {delay}s", server=self.server.name,
+                          number=child.number, reason=reason, delay=self._backoff)
+            self._schedule_restart()
+
+    def _schedule_restart(self) -> None:
+        delay, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF_MAX)
+        self._restarts = [c for c in self._restarts if c.active()]
+        self._restarts.append(self._reactor.callLater(delay, self._restart))
+
+    def _restart(self) -> None:
+        if self.running and len(self.children) < self.size:
+            self._spawn()
+
+    # -- requests -----------------------------------------------------------
+
+    def request(self, msg: dict[str, Any], route: Any,
+                on_input: Callable[[Pending, dict[str, Any]], bool] | None = None) -> Pending:
+        """Send client request ``msg`` to the least-loaded child; its response goes to ``route.answer``.
+
+        Raises PoolFull when every child has ``poolQueue`` requests in flight (or none can start).
+        """
+        child = self._least_loaded()
+        if child is None:
+            if not self.running or (not self.children and not self._restarts):
+                raise PoolFull(f"server {self.server.name} has no running child")
+            if any(c.ready for c in self.children) or len(self._waiting) >= self.queue * self.size:
+                raise PoolFull(f"server {self.server.name}: every pooled child is busy (poolQueue={self.queue})")
+        gid = f"{self._prefix}{next(self._ids)}"
+        pending = Pending(route=route, id=msg["id"], gid=gid, method=str(msg.get("method")), on_input=on_input)
+        params = msg.get("params")
+        out = dict(msg)
+        out["id"] = gid
+        meta = params.get("_meta") if isinstance(params, dict) else None
+        if isinstance(meta, dict) and "progressToken" in meta:
+            pending.token = meta["progressToken"]
+            out["params"] = {**params, "_meta": {**meta, "progressToken": gid}}
+        pending.raw = jsonrpc.dumps(out)
+        self._pending[gid] = pending
+        if self.request_timeout is not None:
+            pending.deadline = self._reactor.callLater(self.request_timeout, self._timed_out, gid)
+        if child is None:
+            self._waiting.append(pending)
+        else:
+            self._send(child, pending)
+        return pending
+
+    def _least_loaded(self) -> PooledChild | None:
+        best = None
+        for child in self.children:
+            if child.ready and child.load < self.queue and (best is None or child.load < best.load):
+                best = child
+        return best
+
+    def _dispatch(self, pending: Pending) -> None:
+        if pending.gid not in self._pending:
+            return
+        child = self._least_loaded()
+        if child is None:
+            self._fail(pending, f"server {self.server.name}: no pooled child could take the request")
+            return
+        self._send(child, pending)
+
+    def _send(self, child: PooledChild, pending: Pending) -> None:
+        pending.child = child
+        child.inflight[pending.gid] = pending
+        if not child.upstream.send(pending.raw):
+            self._fail(pending, "MCP server is stopping")
+
+    def cancel(self, pending: Pending, reason: str = "client closed the stream") -> None:
+        """The caller went away: forget the request and tell its child (``notifications/cancelled``)."""
+        if self._take(pending.gid) is None:
+            return
+        for key, parked in list(self._parked.items()):
+            if parked.pending is pending:
+                self._unpark(key)
+        if pending in self._waiting:
+            self._waiting.remove(pending)
+        elif pending.child is not None:
+            pending.child.upstream.send(jsonrpc.dumps({
+                "jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": pending.gid, "reason": reason}}))
+
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def _take(self, gid: str) -> Pending | None:
+        pending = self._pending.pop(gid, None)
+        if pending is None:
+            return None
+        if pending.child is not None:
+            pending.child.inflight.pop(gid, None)
+        if pending.deadline is not None and pending.deadline.active():
+            pending.deadline.cancel()
+        return pending
+
+    def _fail(self, pending: Pending, message: str, code: int = jsonrpc.CONNECTION_CLOSED) -> None:
+        if self._take(pending.gid) is not None:
+            if pending in self._waiting:
+                self._waiting.remove(pending)
+            pending.route.answer(pending.id, jsonrpc.error_bytes(pending.id, code, message))
+
+    def _timed_out(self, gid: str) -> None:
+        pending = self._pending.get(gid)
+        if pending is None:
+            return
+        pending.deadline = None
+        reason = f"Request timed out after {self.request_timeout:g} s (limits.requestTimeout)"
+        child = pending.child
+        self._fail(pending, reason, jsonrpc.REQUEST_TIMEOUT)
+        if child is not None:
+            child.upstream.send(jsonrpc.dumps({
+                "jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": gid, "reason": reason}}))
+
+    # -- child -> clients ---------------------------------------------------
+
+    def _response(self, child: PooledChild, msg: dict[str, Any]) -> None:
+        gid = msg.get("id")
+        pending = self._take(gid) if isinstance(gid, str) else None
+        if pending is None:
+            return  # an answer to a cancelled or timed-out request, or to the gateway's own request
+        msg["id"] = pending.id
+        pending.route.answer(pending.id, jsonrpc.dumps(msg))
+
+    def _notification(self, child: PooledChild, msg: dict[str, Any]) -> None:
+        method = msg.get("method")
+        params = msg.get("params")
+        if method == "notifications/progress" and isinstance(params, dict):
+            pending = self._pending.get(params.get("progressToken"))  # type: ignore[arg-type]
+            if pending is not None:
+                msg["params"] = {**params, "progressToken": pending.token}
+                pending.route.deliver(jsonrpc.dumps(msg))
+            return
+        if method == "notifications/message" and len(child.inflight) == 1:
+            # A log line while the child runs exactly one call: it belongs to that call.
+            (pending,) = child.inflight.values()
+            pending.route.deliver(jsonrpc.dumps(msg))
+            return
+        if self.listeners:
+            raw = jsonrpc.dumps(msg)
+            for listener in list(self.listeners):
+                listener(raw, msg)
+
+    def _server_request(self, child: PooledChild, msg: dict[str, Any]) -> None:
+        """The child asks its client something: bridge it for a 2026-07-28 call, else refuse at once."""
+        method = msg.get("method")
+        if method == "ping":
+            child.upstream.send(jsonrpc.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": {}}))
+            return
+        owners = list(child.inflight.values())
+        if method in INPUT_METHODS and len(owners) == 1 and owners[0].on_input is not None and owners[0].on_input(owners[0], msg):
+            return
+        if method == "roots/list" and not owners:
+            child.upstream.send(jsonrpc.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": {"roots": []}}))
+            return
+        why = ("the calling client cannot be asked through a pooled child" if owners
+               else "no client call is in progress on this pooled child")
+        self.log.info("pool {server} child {number}: refused {method}: {why}", server=self.server.name,
+                      number=child.number, method=method, why=why)
+        child.upstream.send(jsonrpc.error_bytes(msg["id"], jsonrpc.METHOD_NOT_FOUND, f"{method} is not available: {why}"))
+
+    # -- resource subscriptions (subscriptions/listen) -------------------------
+
+    def subscribe(self, uris: list[str]) -> None:
+        """A listener watches ``uris``: every ready child is asked for ``resources/subscribe`` once per URI."""
+        for uri in uris:
+            self._subscriptions[uri] = self._subscriptions.get(uri, 0) + 1
+            if self._subscriptions[uri] == 1:
+                for child in self.children:
+                    if child.ready:
+                        self._send_own(child, "resources/subscribe", {"uri": uri})
+
+    def unsubscribe(self, uris: list[str]) -> None:
+        for uri in uris:
+            left = self._subscriptions.get(uri, 0) - 1
+            if left > 0:
+                self._subscriptions[uri] = left
+                continue
+            self._subscriptions.pop(uri, None)
+            for child in self.children:
+                if child.ready:
+                    self._send_own(child, "resources/unsubscribe", {"uri": uri})
+
+    def _send_own(self, child: PooledChild, method: str, params: dict[str, Any]) -> None:
+        """A request of the gateway's own (its answer matches no client request and is dropped)."""
+        child.upstream.send(jsonrpc.dumps({"jsonrpc": "2.0", "id": f"{self._prefix}own-{next(self._ids)}",
+                                           "method": method, "params": params}))
+
+    # -- InputRequiredResult (2026-07-28) -------------------------------------
+
+    def park(self, pending: Pending, server_request: dict[str, Any]) -> str:
+        """Hold ``pending`` (its route is answered by the caller) until the client retries; the state token."""
+        child = pending.child
+        assert child is not None
+        key = secrets.token_urlsafe(18)
+        parked = Parked(pending=pending, child=child, server_request_id=server_request["id"], key=key)
+        parked.timer = self._reactor.callLater(INPUT_WAIT, self._abandon, key)
+        self._parked[key] = parked
+        return key
+
+    def resume(self, key: str, client_msg: dict[str, Any], responses: Any, route: Any) -> Pending | None:
+        """The client retried a parked call with its inputResponses: answer the child's request, re-route
+        the call's eventual response to ``route`` under the retry's id; None if ``key`` is unknown."""
+        parked = self._unpark(key)
+        if parked is None:
+            return None
+        pending = parked.pending
+        pending.route = route
+        pending.id = client_msg["id"]
+        answer = responses.get("input") if isinstance(responses, dict) else None
+        if isinstance(answer, dict):
+            reply = {"jsonrpc": "2.0", "id": parked.server_request_id, "result": answer}
+        else:
+            reply = jsonrpc.error(parked.server_request_id, jsonrpc.INVALID_PARAMS, "the client gave no input")
+        parked.child.upstream.send(jsonrpc.dumps(reply))
+        return pending
+
+    def _unpark(self, key: str) -> Parked | None:
+        parked = self._parked.pop(key, None)
+        if parked is not None and parked.timer is not None and parked.timer.active():
+            parked.timer.cancel()
+        return parked
+
+    def _abandon(self, key: str) -> None:
+        parked = self._parked.pop(key, None)
+        if parked is not None:
+            parked.child.upstream.send(jsonrpc.error_bytes(parked.server_request_id, jsonrpc.REQUEST_CANCELLED,
+                                                           "the client did not retry with its input"))
+            self.cancel(parked.pending, "the client did not retry with its input")
+
+
+class PoolManager(Service):
+    """Every pooled server's ChildPool: started with the gateway, stopped (children exited) with it."""
+
+    log = Logger(observer=logs.observer)
+
+    def __init__(self, config: GatewayConfig, reactor: Any):
+        self.pools: dict[str, ChildPool] = {
+            name: ChildPool(server, reactor, config.limits.requestTimeout)
+            for name, server in config.servers.items()
+            if server.sessions == "pooled" and server.url is None and getattr(server, "aggregate", None) is None
+        }
+
+    def get(self, server: ServerConfig) -> ChildPool | None:
+        return self.pools.get(server.name)
+
+    def startService(self) -> None:
+        super().startService()
+        for pool in self.pools.values():
+            pool.start()
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        return defer.DeferredList([p.stop() for p in self.pools.values()])
+
+
+# -- handshake-era sessions served by a pool -----------------------------------------------------
+
+
+class _NoChild:
+    """A pooled session's ``upstream``: it has no child of its own to start, pause or stop."""
+
+    ended = True
+    pid = None
+    metrics: Any = None
+
+    def send(self, raw: bytes) -> bool:
+        return False
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stop(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+class _SessionRoute:
+    """Between a pool and a pooled session's route: the session forgets the request once it is answered."""
+
+    def __init__(self, session: Any, route: Any, id: Any):
+        self.session = session
+        self.route = route
+        self.id = id
+
+    def answer(self, id: Any, raw: bytes) -> None:
+        self.session._inflight.pop(self.id, None)
+        self.route.answer(id, raw)
+
+    def deliver(self, raw: bytes) -> None:
+        self.route.deliver(raw)
+
+    def forget(self, id: Any) -> None:
+        self.session._inflight.pop(self.id, None)
+        self.route.forget(id)
+
+
+def pooled_session_factory(pool: ChildPool) -> Callable[..., Any]:
+    """A SessionManager.create factory whose sessions are served by ``pool`` (one class per pool)."""
+    made = getattr(pool, "_session_class", None)
+    if made is None:
+        made = pool._session_class = _pooled_session_class(pool)  # type: ignore[attr-defined]
+    return made
+
+
+def _pooled_session_class(pool: ChildPool) -> Callable[..., Any]:
+    from mcpgw.session import Session
+
+    class PooledSession(Session):
+        """A handshake-era client session (2024-11-05 .. 2025-11-25) served by a ChildPool.
+
+        ``initialize`` is answered from the pool's cached result with the version negotiated for
+        this client; ``ping`` and ``logging/setLevel`` by the gateway; ``resources/subscribe`` and
+        ``unsubscribe`` become the pool's shared subscriptions; everything else goes to the least-loaded
+        child with a gateway-unique id. A child's sampling / elicitation / roots request while it runs
+        only this session's call is relayed to the client on that call's stream (its answer goes back
+        to the child). What the session gives up is in docs/protocol-versions.md.
+        """
+
+        def __init__(self, *args: Any, **kw: Any):
+            super().__init__(*args, **kw)
+            self.upstream = _NoChild()  # type: ignore[assignment]
+            self.pool = pool
+            self._inflight: dict[Any, Pending] = {}
+            self._uris: set[str] = set()
+            #: A child's requests relayed to this client: the id the client saw -> (child, the child's id).
+            self._asked: dict[str, tuple[PooledChild, Any]] = {}
+
+        def start(self) -> None:
+            self.pool.listeners.add(self._notification)
+
+        def request(self, msg: dict[str, Any], raw: bytes, route: Any) -> None:
+            self.last_seen = self._reactor.seconds()
+            id = msg["id"]
+            method = msg["method"]
+            self.metrics.request(method, len(raw))
+            if self.ended:
+                route.answer(id, jsonrpc.error_bytes(id, jsonrpc.CONNECTION_CLOSED, self.end_reason))
+                return
+            if id in self._inflight:
+                route.answer(id, jsonrpc.error_bytes(id, jsonrpc.INVALID_REQUEST, f"request id {id!r} is already in flight"))
+                return
+            if self.max_pending is not None and len(self._inflight) >= self.max_pending:
+                route.answer(id, jsonrpc.error_bytes(id, jsonrpc.CONNECTION_CLOSED,
+                                                     f"too many requests in flight on this session (limits.maxPendingRequests={self.max_pending})"))
+                return
+            if method == "initialize":
+                self._initialize(msg, route)
+                return
+            params = params_of(msg)
+            if method in ("ping", "logging/setLevel"):
+                route.answer(id, jsonrpc.dumps({"jsonrpc": "2.0", "id": id, "result": {}}))
+                return
+            if method in ("resources/subscribe", "resources/unsubscribe") and isinstance(params.get("uri"), str):
+                uri = params["uri"]
+                if method == "resources/subscribe" and uri not in self._uris:
+                    self._uris.add(uri)
+                    self.pool.subscribe([uri])
+                elif method == "resources/unsubscribe" and uri in self._uris:
+                    self._uris.discard(uri)
+                    self.pool.unsubscribe([uri])
+                route.answer(id, jsonrpc.dumps({"jsonrpc": "2.0", "id": id, "result": {}}))
+                return
+            try:
+                self._inflight[id] = self.pool.request(msg, _SessionRoute(self, route, id), on_input=self._relay)
+            except PoolFull as e:
+                route.answer(id, jsonrpc.error_bytes(id, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}"))
+
+        def _initialize(self, msg: dict[str, Any], route: Any) -> None:
+            from mcpgw.transports.common import SUPPORTED_VERSIONS
+
+            id = msg["id"]
+            params = params_of(msg)
+            asked = params.get("protocolVersion")
+            version = asked if asked in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1]
+
+            def answer(init: dict[str, Any]) -> None:
+                self.protocol_version = version
+                if self.on_version is not None:
+                    self.on_version(self)
+                route.answer(id, jsonrpc.dumps({"jsonrpc": "2.0", "id": id, "result": {**init, "protocolVersion": version}}))
+
+            def failed(f: Any) -> None:
+                route.answer(id, jsonrpc.error_bytes(id, jsonrpc.CONNECTION_CLOSED, f.getErrorMessage()))
+
+            self.pool.ready().addCallbacks(answer, failed).addErrback(
+                lambda f: self.log.failure("pooled initialize for {session} failed", f, session=self.id))
+
+        def _relay(self, pending: Pending, request: dict[str, Any]) -> bool:
+            """The child asks sampling / elicitation / roots while running only this session's call: the
+            request goes to the client on that call's stream, under an id of the gateway's."""
+            if pending.child is None:
+                return False
+            key = f"{self.pool._prefix}ask-{next(self.pool._ids)}"
+            self._asked[key] = (pending.child, request["id"])
+            pending.route.deliver(jsonrpc.dumps({**request, "id": key}))
+            return True
+
+        def notify(self, msg: dict[str, Any], raw: bytes) -> None:
+            """Client notifications and responses: an answer to a relayed child request goes back to that
+            child under the child's id; a cancellation reaches the child under the gateway id; the rest
+            (initialized, roots/list_changed) stop here."""
+            self.last_seen = self._reactor.seconds()
+            if "method" not in msg:
+                asked = self._asked.pop(msg.get("id"), None) if isinstance(msg.get("id"), str) else None
+                if asked is not None:
+                    child, child_id = asked
+                    child.upstream.send(jsonrpc.dumps({**msg, "id": child_id}))
+                return
+            if msg.get("method") == "notifications/cancelled":
+                params = msg.get("params")
+                rid = params.get("requestId") if isinstance(params, dict) else None
+                pending = self._inflight.pop(rid, None) if isinstance(rid, (str, int)) else None
+                if pending is not None:
+                    self.pool.cancel(pending, "cancelled by the client")
+                    pending.route.route.forget(rid)
+
+        def _notification(self, raw: bytes, msg: dict[str, Any]) -> None:
+            """A child's notification for every client: list changes, and updates of URIs this session watches."""
+            if self.outlet is None or self.ended:
+                return
+            params = params_of(msg)
+            method = msg.get("method")
+            if method in SHARED_NOTIFICATIONS or (method == "notifications/resources/updated" and params.get("uri") in self._uris):
+                self.outlet.unbound(raw, msg)
+
+        def has_pending(self) -> bool:
+            return bool(self._inflight)
+
+        def pending_routes(self) -> list[Any]:
+            return [p.route.route for p in self._inflight.values()]
+
+        def close(self, reason: str = "session closed") -> defer.Deferred[None]:
+            self._end(reason)
+            return defer.succeed(None)
+
+        def _end(self, reason: str) -> None:
+            if self.ended:
+                return
+            self.pool.listeners.discard(self._notification)
+            if self._uris:
+                self.pool.unsubscribe(list(self._uris))
+                self._uris.clear()
+            asked, self._asked = self._asked, {}
+            for child, child_id in asked.values():
+                child.upstream.send(jsonrpc.error_bytes(child_id, jsonrpc.CONNECTION_CLOSED, reason))
+            inflight, self._inflight = self._inflight, {}
+            for id, pending in inflight.items():
+                self.pool.cancel(pending, reason)
+                pending.route.route.answer(id, jsonrpc.error_bytes(id, jsonrpc.CONNECTION_CLOSED, reason))
+            super()._end(reason)
+
+    return PooledSession

@@ -1,0 +1,443 @@
+"""MCP 2026-07-28 ("modern", sessionless) requests at ``/mcp``, served by a server's pooled children.
+
+Which generation a POST belongs to is decided per request: an ``MCP-Protocol-Version``
+header naming a modern version, or (without ``Mcp-Session-Id``) a body whose
+``params._meta`` carries ``io.modelcontextprotocol/protocolVersion``, makes it modern;
+everything else is the handshake-era Streamable HTTP of mcpgw.transports.streamable,
+unchanged.
+
+2026-07-28 basic/transports/streamable-http, as applied here:
+
+- one JSON-RPC request or notification per POST (a batch or a response: 400/-32600);
+  a notification: 202, not relayed (the spec defines none over HTTP; cancellation is
+  closing the stream);
+- ``MCP-Protocol-Version`` must equal the body's ``_meta`` protocol version, ``Mcp-Method``
+  the method, ``Mcp-Name`` the tool / prompt name or resource URI (Base64 sentinel
+  decoded); a routing header sent twice or an undecodable ``Mcp-Param-*`` value: 400/-32020;
+- a version the gateway does not serve for this server: 400/-32022 with
+  ``data.supported`` (a server without a pool serves only handshake versions, so an
+  auto-mode client falls back to ``initialize``);
+- an unknown method: 404/-32601 (methods the revision removed at once, others when the
+  child says so and nothing was streamed yet);
+- the answer is JSON, or an SSE stream scoped to the request when progress (or a log
+  line of the call) comes first or the call outlives a keepalive tick; closing that
+  stream cancels the call (``notifications/cancelled`` to the child);
+- ``server/discover`` is answered from the pool's cached ``initialize`` result;
+- a child's sampling / elicitation / roots request during ``tools/call``,
+  ``prompts/get`` or ``resources/read`` becomes an ``InputRequiredResult``; the
+  client's retry with ``inputResponses`` and the ``requestState`` resumes the parked call;
+- ``subscriptions/listen`` opens a notification stream: list-changed notifications
+  from the children, and ``resources/updated`` for the URIs it names (the gateway
+  sends ``resources/subscribe`` to every child for them);
+- ``Mcp-Param-*`` headers are checked for valid encoding and otherwise left alone:
+  their values are in the body the child receives.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.server import NOT_DONE_YET, Request
+
+from mcpgw import jsonrpc, logs
+from mcpgw.config import ServerConfig
+from mcpgw.pool import ChildPool, Pending, PoolFull, params_of
+from mcpgw.transports.common import (
+    SUPPORTED_VERSIONS,
+    GatewayContext,
+    HttpError,
+    error_reply,
+)
+from mcpgw.transports.sse import SseResponse, frame
+
+MODERN_VERSIONS = ("2026-07-28",)
+HEADER_MISMATCH = -32020
+META_VERSION = "io.modelcontextprotocol/protocolVersion"
+META_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+META_CLIENT_INFO = "io.modelcontextprotocol/clientInfo"
+META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+META_SUBSCRIPTION = "io.modelcontextprotocol/subscriptionId"
+META_LOG_LEVEL = "io.modelcontextprotocol/logLevel"
+MISSING_CAPABILITY = -32021
+#: A child's request to its client -> the client capability a 2026-07-28 caller must have declared.
+NEEDS_CAPABILITY = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation", "roots/list": "roots"}
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+ENVELOPE = (META_VERSION, META_CAPABILITIES, META_CLIENT_INFO)
+#: Methods whose ``Mcp-Name`` header mirrors a body parameter.
+NAME_BEARING = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+#: Handshake-era methods that 2026-07-28 removed: 404/-32601 at once.
+REMOVED = frozenset({"initialize", "ping", "resources/subscribe", "resources/unsubscribe", "logging/setLevel"})
+#: Results that carry caching directives in 2026-07-28 (CacheableResult).
+CACHEABLE = frozenset({"tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read"})
+#: Calls that may answer with an InputRequiredResult.
+INTERACTIVE = frozenset(NAME_BEARING)
+ROUTING_HEADERS = (b"mcp-protocol-version", b"mcp-method", b"mcp-name")
+_B64 = re.compile(r"=\?base64\?(.*)\?=", re.DOTALL)
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
+#: subscriptions/listen filter keys -> (capability, flag) the children must advertise.
+LIST_CHANGED = {
+    "toolsListChanged": ("tools", "notifications/tools/list_changed"),
+    "promptsListChanged": ("prompts", "notifications/prompts/list_changed"),
+    "resourcesListChanged": ("resources", "notifications/resources/list_changed"),
+}
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return None if value is None else value.decode("latin-1")
+
+
+def _meta(msg: dict[str, Any]) -> dict[str, Any] | None:
+    params = msg.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_modern(request: Request, messages: list[Any]) -> bool:
+    """Whether this POST is a 2026-07-28 request (the header and the body decide, per request).
+
+    A request with ``Mcp-Session-Id`` belongs to a handshake-era session, whatever else it says
+    (a wrong version header there is that session's 400/-32022, as before).
+    """
+    if request.getHeader(b"mcp-session-id") is not None:
+        return False
+    if _header(request, b"mcp-protocol-version") in MODERN_VERSIONS:
+        return True
+    if len(messages) != 1:
+        return False
+    meta = _meta(messages[0].msg)
+    return meta is not None and META_VERSION in meta
+
+
+def decode_header_value(value: str | None) -> str | None:
+    """A header value with the ``=?base64?...?=`` sentinel decoded; None if it is malformed."""
+    if value is None:
+        return None
+    m = _B64.fullmatch(value)
+    if m is None:
+        return value if _HEADER_VALUE.fullmatch(value) else None
+    try:
+        raw = base64.b64decode(m[1].encode("ascii"), validate=True)
+        if base64.b64encode(raw).decode("ascii") != m[1]:
+            return None
+        return raw.decode("utf-8")
+    except (binascii.Error, UnicodeError, ValueError):
+        return None
+
+
+def stamp(raw: bytes, server_info: Any, method: str | None = None) -> tuple[bytes, dict[str, Any]]:
+    """A child's handshake-era response as a 2026-07-28 one: ``resultType``, the caching
+    directives of cacheable results (immediately stale, private), the server's info in ``_meta``."""
+    msg = jsonrpc.loads(raw)
+    result = msg.get("result")
+    if isinstance(result, dict) and "resultType" not in result:
+        result["resultType"] = "complete"
+        if method in CACHEABLE:
+            result.setdefault("ttlMs", 0)
+            result.setdefault("cacheScope", "private")
+        meta = result.get("_meta")
+        if server_info is not None and (meta is None or isinstance(meta, dict)):
+            result["_meta"] = {**(meta or {}), META_SERVER_INFO: server_info}
+        raw = jsonrpc.dumps(msg)
+    return raw, msg
+
+
+class ModernExchange:
+    """The answer to one 2026-07-28 POST: JSON, or an SSE stream scoped to the request."""
+
+    def __init__(self, ctx: GatewayContext, pool: ChildPool, request: Request, meta: dict[str, Any] | None = None):
+        self._ctx = ctx
+        self.pool = pool
+        self.request = request
+        meta = meta or {}
+        caps = meta.get(META_CAPABILITIES)
+        #: What the client declared for this request: its capabilities, and the lowest log level it wants (None: no logs).
+        self.capabilities: dict[str, Any] = caps if isinstance(caps, dict) else {}
+        level = meta.get(META_LOG_LEVEL)
+        self.log_level = LOG_LEVELS.index(level) if level in LOG_LEVELS else None
+        self.pending: Pending | None = None
+        self.sse: SseResponse | None = None
+        self.done = False
+        self._ticks = 0
+        ctx.heartbeat.add(self)
+        request.notifyFinish().addBoth(self._gone)
+
+    # Route
+    def answer(self, id: Any, raw: bytes) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._ctx.heartbeat.discard(self)
+        method = self.pending.method if self.pending is not None else None
+        raw, msg = stamp(raw, (self.pool.init_result or {}).get("serverInfo"), method)
+        if self.sse is not None:
+            self.sse.write(frame(raw))
+            self.sse.finish()
+            return
+        if self.request.finished or self.request._disconnected:
+            return
+        error = msg.get("error")
+        unknown = isinstance(error, dict) and error.get("code") == jsonrpc.METHOD_NOT_FOUND
+        self.request.setResponseCode(404 if unknown else 200)
+        self.request.setHeader(b"content-type", b"application/json")
+        self.request.setHeader(b"content-length", b"%d" % len(raw))
+        self.request.write(raw)
+        self.request.finish()
+
+    def deliver(self, raw: bytes) -> None:
+        if self.done or self.request._disconnected:
+            return
+        if b'"notifications/message"' in raw:
+            # 2026-07-28: log lines only for a request that set _meta logLevel, at that level or above.
+            params = jsonrpc.loads(raw).get("params")
+            level = params.get("level") if isinstance(params, dict) else None
+            if self.log_level is None or level not in LOG_LEVELS or LOG_LEVELS.index(level) < self.log_level:
+                return
+        self._stream().write(frame(raw))
+
+    def forget(self, id: Any) -> None:
+        self.done = True
+        if self.sse is not None:
+            self.sse.finish()
+
+    def _missing_capability(self, id: Any, needed: str) -> None:
+        self.done = True
+        self._ctx.heartbeat.discard(self)
+        raw = jsonrpc.error_bytes(id, MISSING_CAPABILITY, f"Missing required client capability: {needed}",
+                                  {"requiredCapabilities": {needed: {}}})
+        if self.sse is not None:
+            self.sse.write(frame(raw))
+            self.sse.finish()
+        elif not (self.request.finished or self.request._disconnected):
+            self.request.setResponseCode(400)
+            self.request.setHeader(b"content-type", b"application/json")
+            self.request.setHeader(b"content-length", b"%d" % len(raw))
+            self.request.write(raw)
+            self.request.finish()
+        if self.pending is not None:
+            self.pool.cancel(self.pending, f"the client lacks the {needed} capability")
+
+    def keepalive(self) -> None:
+        """A heartbeat tick: a call that runs past one whole interval becomes a stream."""
+        self._ticks += 1
+        if self._ticks >= 2 and self.sse is None and not self.done:
+            self._stream()
+
+    def _stream(self) -> SseResponse:
+        if self.sse is None:
+            self._ctx.heartbeat.discard(self)
+            self.sse = SseResponse(self.request, self._ctx.heartbeat)
+        return self.sse
+
+    def _gone(self, _: Any) -> None:
+        """The client closed the response: that cancels the request (2026-07-28 Cancellation)."""
+        self._ctx.heartbeat.discard(self)
+        if not self.done:
+            self.done = True
+            if self.pending is not None:
+                self.pool.cancel(self.pending)
+
+    def on_input(self, pending: Pending, server_request: dict[str, Any]) -> bool:
+        """The child asks for sampling / elicitation / roots during this call: an InputRequiredResult."""
+        if pending.method not in INTERACTIVE or self.done:
+            return False
+        needed = NEEDS_CAPABILITY[server_request["method"]]
+        if needed not in self.capabilities:
+            # The caller did not declare what the child asks for: -32021 to the caller, a refusal to the child.
+            self._missing_capability(pending.id, needed)
+            return False
+        key = self.pool.park(pending, server_request)
+        asked: dict[str, Any] = {"method": server_request["method"]}
+        if "params" in server_request:
+            asked["params"] = server_request["params"]
+        result = {"resultType": "input_required", "inputRequests": {"input": asked}, "requestState": key}
+        self.answer(pending.id, jsonrpc.dumps({"jsonrpc": "2.0", "id": pending.id, "result": result}))
+        return True
+
+
+class ModernEndpoint:
+    """The 2026-07-28 side of one server's ``/mcp``."""
+
+    log = Logger(observer=logs.observer)
+
+    def __init__(self, ctx: GatewayContext, server: ServerConfig):
+        self._ctx = ctx
+        self._server = server
+
+    def pool(self) -> ChildPool | None:
+        pools = getattr(self._ctx, "pools", None)
+        return pools.get(self._server) if pools is not None else None
+
+    def supported(self) -> list[str]:
+        return [*SUPPORTED_VERSIONS, *MODERN_VERSIONS] if self.pool() is not None else list(SUPPORTED_VERSIONS)
+
+    def post(self, request: Request, messages: list[Any], batch: bool) -> Any:
+        header = _header(request, b"mcp-protocol-version")
+        if batch:
+            raise HttpError(400, jsonrpc.INVALID_REQUEST, "JSON-RPC batches are not part of protocol version 2026-07-28")
+        m = messages[0]
+        id = m.msg.get("id") if m.kind == jsonrpc.REQUEST else None
+        pool = self.pool()
+        if pool is None:
+            return self._unsupported(request, header or (_meta(m.msg) or {}).get(META_VERSION), id)
+        if m.kind == jsonrpc.RESPONSE:
+            raise HttpError(400, jsonrpc.INVALID_REQUEST, "a 2026-07-28 client sends no JSON-RPC responses")
+        if m.kind == jsonrpc.NOTIFICATION:
+            request.setResponseCode(202)
+            return b""
+        self._check(request, m.msg, header)
+        method = m.msg["method"]
+        if method in REMOVED:
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"application/json")
+            return jsonrpc.error_bytes(id, jsonrpc.METHOD_NOT_FOUND, f"Method not found: {method} (removed in 2026-07-28)")
+        if method == "server/discover":
+            return self._discover(request, pool, id)
+        if method == "subscriptions/listen":
+            return self._listen(request, pool, m.msg)
+        exchange = ModernExchange(self._ctx, pool, request, _meta(m.msg))
+        params = m.msg.get("params") or {}
+        state = params.get("requestState") if isinstance(params, dict) else None
+        if isinstance(state, str) and "inputResponses" in params:
+            exchange.pending = pool.resume(state, m.msg, params["inputResponses"], exchange)
+            if exchange.pending is not None:
+                exchange.pending.on_input = exchange.on_input  # a further round asks through this exchange
+                return NOT_DONE_YET
+        try:
+            exchange.pending = pool.request(self._forwarded(m.msg), exchange, on_input=exchange.on_input)
+        except PoolFull as e:
+            exchange.done = True
+            self._ctx.heartbeat.discard(exchange)
+            request.setHeader(b"retry-after", b"%d" % e.retry_after)
+            return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}", id)
+        return NOT_DONE_YET
+
+    def _unsupported(self, request: Request, requested: Any, id: Any) -> bytes:
+        supported = self.supported()
+        return error_reply(request, 400, jsonrpc.UNSUPPORTED_PROTOCOL_VERSION,
+                           f"Bad Request: unsupported protocol version {requested!r} for server {self._server.name} "
+                           f"(supported: {', '.join(supported)})",
+                           id, data={"supported": supported, "requested": requested if isinstance(requested, str) else ""})
+
+    def _check(self, request: Request, msg: dict[str, Any], header: str | None) -> None:
+        """The 2026-07-28 request envelope and its mirror headers (Server Validation)."""
+        id = msg["id"]
+        for name in ROUTING_HEADERS:
+            if len(request.requestHeaders.getRawHeaders(name, [])) > 1:
+                raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: {name.decode()} was sent more than once", id)
+        meta = _meta(msg)
+        if meta is None or META_VERSION not in meta or META_CAPABILITIES not in meta:
+            raise HttpError(400, jsonrpc.INVALID_PARAMS,
+                            f"params._meta must carry {META_VERSION!r} and {META_CAPABILITIES!r}", id)
+        version = meta[META_VERSION]
+        if header is None or header != version:
+            raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: MCP-Protocol-Version {header!r} does not match "
+                                                  f"the body's protocol version {version!r}", id)
+        method = msg["method"]
+        if _header(request, b"mcp-method") != method:
+            raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: Mcp-Method does not match the body's method {method!r}", id)
+        key = NAME_BEARING.get(method)
+        if key is not None:
+            value = msg["params"].get(key)
+            if value is not None and decode_header_value(_header(request, b"mcp-name")) != value:
+                raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: Mcp-Name does not match the body's {key!r}", id)
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            if name.lower().startswith(b"mcp-param-"):
+                for value in values:
+                    if decode_header_value(value.decode("latin-1")) is None:
+                        raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: {name.decode('latin-1')} is not a valid value", id)
+        if version not in MODERN_VERSIONS:
+            supported = self.supported()
+            raise HttpError(400, jsonrpc.UNSUPPORTED_PROTOCOL_VERSION,
+                            f"Bad Request: unsupported protocol version {version!r} (supported: {', '.join(supported)})", id,
+                            data={"supported": supported, "requested": version if isinstance(version, str) else ""})
+
+    def _forwarded(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The request as a handshake-era child takes it: the per-request envelope left out of ``_meta``."""
+        params = dict(msg["params"])
+        meta = {k: v for k, v in params["_meta"].items() if k not in ENVELOPE}
+        if meta:
+            params["_meta"] = meta
+        else:
+            del params["_meta"]
+        return {**msg, "params": params}
+
+    def _discover(self, request: Request, pool: ChildPool, id: Any) -> Any:
+        def answer(init: dict[str, Any]) -> None:
+            result: dict[str, Any] = {
+                "supportedVersions": self.supported(),
+                "capabilities": init.get("capabilities") or {},
+                "resultType": "complete",
+                "ttlMs": 0,
+                "cacheScope": "private",
+            }
+            if isinstance(init.get("instructions"), str):
+                result["instructions"] = init["instructions"]
+            if init.get("serverInfo") is not None:
+                result["_meta"] = {META_SERVER_INFO: init["serverInfo"]}
+            _write_json(request, 200, jsonrpc.dumps({"jsonrpc": "2.0", "id": id, "result": result}))
+
+        def failed(f: Any) -> None:
+            if not (request.finished or request._disconnected):
+                request.setHeader(b"retry-after", b"1")
+                request.write(error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {f.getErrorMessage()}", id))
+                request.finish()
+
+        pool.ready().addCallbacks(answer, failed).addErrback(
+            lambda f: self.log.failure("server/discover for {server} failed", f, server=self._server.name))
+        return NOT_DONE_YET
+
+    def _listen(self, request: Request, pool: ChildPool, msg: dict[str, Any]) -> Any:
+        """subscriptions/listen: an SSE stream of the change notifications the client opted in to."""
+        id = msg["id"]
+        wanted = msg["params"].get("notifications")
+        if not isinstance(wanted, dict):
+            raise HttpError(400, jsonrpc.INVALID_PARAMS, "subscriptions/listen needs params.notifications", id)
+        caps = (pool.init_result or {}).get("capabilities") or {}
+        honored: dict[str, Any] = {}
+        methods: set[str] = set()
+        for key, (capability, method) in LIST_CHANGED.items():
+            cap = caps.get(capability)
+            if wanted.get(key) is True and isinstance(cap, dict) and cap.get("listChanged"):
+                honored[key] = True
+                methods.add(method)
+        uris: list[str] = []
+        resources = caps.get("resources")
+        if isinstance(wanted.get("resourceSubscriptions"), list) and isinstance(resources, dict) and resources.get("subscribe"):
+            uris = [u for u in wanted["resourceSubscriptions"] if isinstance(u, str)]
+            honored["resourceSubscriptions"] = uris
+        live = SseResponse(request, self._ctx.heartbeat)
+        tag = {META_SUBSCRIPTION: id}
+        live.write(frame(jsonrpc.dumps({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+                                        "params": {"notifications": honored, "_meta": tag}})))
+        watched = set(uris)
+
+        def listener(raw: bytes, note: dict[str, Any]) -> None:
+            method = note.get("method")
+            params = params_of(note)
+            if method in methods or (method == "notifications/resources/updated" and params.get("uri") in watched):
+                live.write(frame(jsonrpc.dumps({**note, "params": {**params, "_meta": {**(params.get("_meta") or {}), **tag}}})))
+
+        pool.listeners.add(listener)
+        pool.subscribe(uris)
+
+        def closed(_: Any) -> None:
+            pool.listeners.discard(listener)
+            pool.unsubscribe(uris)
+
+        live.on_close(closed)
+        return NOT_DONE_YET
+
+
+def _write_json(request: Request, status: int, body: bytes) -> None:
+    if request.finished or request._disconnected:
+        return
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()

@@ -1,0 +1,526 @@
+"""The remote side: an MCP server reached over HTTP (Streamable HTTP or the 2024-11-05 HTTP+SSE).
+
+A RemoteUpstream has the surface of a StdioUpstream (``spawn``, ``send(raw) -> bool``,
+``stop() -> Deferred``, ``pauseProducing``/``resumeProducing``, ``ended``, ``pid``), so a
+Session relays to it exactly as to a child: the gateway is the remote server's MCP client,
+one upstream session per client session, and the client's own ``initialize`` is what opens
+it (the conversation stays end to end; the gateway only keeps the upstream's
+``Mcp-Session-Id`` and the negotiated ``MCP-Protocol-Version``).
+
+Upstream 404 on a live upstream session (the remote server forgot it): the client session
+ends, so the client's next request gets 404 and it re-initializes (spec: session management).
+The gateway does not re-initialize behind the client's back: it would have to invent an
+``initialize`` the client never sent and hide state the client thinks it has (subscriptions,
+log level, negotiated version).
+
+Credentials: only the configured ``headers`` go upstream; nothing of the client's request
+(its ``Authorization``, cookies, session id) ever does, because only message bytes cross.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from treq.client import HTTPClient
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import PotentialDataLoss, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
+
+from mcpgw import jsonrpc, logs
+from mcpgw.config import ServerConfig
+from mcpgw.metrics import NULL_BOUND, BoundMetrics
+from mcpgw.upstream.stdio import UpstreamDelegate
+
+ACCEPT_POST = b"application/json, text/event-stream"
+_INITIALIZED = object()  # the gate while notifications/initialized is on its way
+#: Reconnections of the upstream GET stream in a row before the gateway stops trying.
+MAX_STREAM_RETRIES = 5
+
+
+_clients: dict[int, Any] = {}
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" log line per upstream connection
+
+
+def _client(reactor: Any) -> Any:
+    """One treq HTTPClient (and connection pool) per reactor."""
+    client = _clients.get(id(reactor))
+    if client is None:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool._factory = _QuietFactory
+        pool.maxPersistentPerHost = 16
+        client = _clients[id(reactor)] = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[arg-type]
+    return client
+
+
+class SseParser:
+    """Incremental ``text/event-stream`` parser: ``event(name, data, id)`` per dispatched event."""
+
+    def __init__(self, event: Callable[[str, str, str | None], None], max_bytes: int, overflow: Callable[[], None]):
+        self._event = event
+        self._max = max_bytes
+        self._overflow = overflow
+        self._buffer = b""
+        self._data: list[str] = []
+        self._name = ""
+        self._size = 0
+        self.last_id: str | None = None
+        self.retry: int | None = None
+        self.broken = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.broken:
+            return
+        self._buffer += chunk
+        while True:
+            cut = min((i for i in (self._buffer.find(b"\n"), self._buffer.find(b"\r")) if i >= 0), default=-1)
+            if cut < 0:
+                break
+            line = self._buffer[:cut]
+            end = cut + 1
+            if self._buffer[cut:cut + 2] == b"\r\n":
+                end += 1
+            elif self._buffer[cut:cut + 1] == b"\r" and end == len(self._buffer):
+                break  # a CR at the end of the chunk may be half a CRLF
+            self._buffer = self._buffer[end:]
+            self._line(line.decode("utf-8", "replace"))
+            if self.broken:
+                return
+        if len(self._buffer) + self._size > self._max:
+            self._break()
+
+    def _line(self, line: str) -> None:
+        if not line:
+            if self._data:
+                self._event(self._name or "message", "\n".join(self._data), self.last_id)
+            self._data, self._name, self._size = [], "", 0
+            return
+        if line.startswith(":"):
+            return
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "data":
+            self._data.append(value)
+            self._size += len(value) + 1
+            if self._size > self._max:
+                self._break()
+        elif field == "event":
+            self._name = value
+        elif field == "id" and "\0" not in value:
+            self.last_id = value
+        elif field == "retry" and value.isdigit():
+            self.retry = int(value)
+
+    def _break(self) -> None:
+        self.broken = True
+        self._buffer = b""
+        self._data = []
+        self._overflow()
+
+
+class _Body(Protocol):
+    """One response body being read (a POST's SSE answer, the GET stream), fed to ``feed``.
+
+    Its transport (twisted.web's TransportProxyProducer) pauses and resumes the connection;
+    ``close()`` drops it, so an upstream stream never outlives its session."""
+
+    def __init__(self, feed: Callable[[bytes], None]):
+        self._feed = feed
+        self.d: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._feed(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.d.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.d.callback(None)
+        else:
+            self.d.errback(reason)
+
+    def pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+        if not self.d.called:
+            self.d.callback(None)
+
+
+class RemoteUpstream:
+    """One upstream MCP session on a remote server, for one client session."""
+
+    log = Logger(observer=logs.observer)
+    metrics: BoundMetrics = NULL_BOUND
+
+    def __init__(self, server: ServerConfig, delegate: UpstreamDelegate, reactor: Any, http: Any = None):
+        self.server = server
+        self.delegate = delegate
+        self._reactor = reactor
+        self._http = http if http is not None else _client(reactor)
+        self.pid: int | None = None
+        self.ended = False
+        self.exit_reason = ""
+        self.session_id: str | None = None
+        self.protocol_version: str | None = None
+        self.started_at = reactor.seconds()
+        self._stopping = False
+        self._waiters: list[defer.Deferred[None]] = []
+        self._bodies: set[_Body] = set()
+        self._posts: set[defer.Deferred[Any]] = set()
+        self._paused = False
+        #: Messages held back until the upstream can take them (the initialize answer, the SSE endpoint).
+        self._held: list[tuple[bytes, dict[str, Any]]] = []
+        self._initializing: Any = None
+        self._initialized = False
+        self._stream_open = False
+        self._stream_retries = 0
+        self._endpoint: str | None = None  # legacy SSE: where messages are POSTed
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def spawn(self) -> None:
+        """Streamable HTTP: nothing until the client's initialize; SSE: open the event stream now."""
+        if self.server.transport == "sse":
+            self._open_stream(first=True)
+
+    def send(self, raw: bytes) -> bool:
+        """Relay one client message upstream; False once the upstream session is over."""
+        if self.ended or self._stopping:
+            return False
+        try:
+            msg = jsonrpc.loads(raw)
+        except (jsonrpc.DecodeError, UnicodeDecodeError, ValueError):
+            return False
+        if not isinstance(msg, dict):
+            msg = {}
+        if self.server.transport == "sse":
+            if self._endpoint is None:
+                self._held.append((raw, msg))
+            else:
+                self._post(raw, msg)
+            return True
+        if self._initializing is not None:
+            self._held.append((raw, msg))  # nothing may overtake initialize: it brings the session id
+            return True
+        self._gate(msg)
+        self._post(raw, msg)
+        return True
+
+    def _gate(self, msg: dict[str, Any]) -> None:
+        """initialize (it brings the session id) and notifications/initialized are not overtaken."""
+        if msg.get("method") == "initialize" and "id" in msg:
+            self._initializing = msg["id"]
+        elif msg.get("method") == "notifications/initialized" and self.server.transport == "streamable-http":
+            self._initializing = _INITIALIZED
+
+    def stop(self) -> defer.Deferred[None]:
+        """End the upstream session (DELETE for Streamable HTTP); fires when nothing is left open."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.ended:
+            d.callback(None)
+            return d
+        self._waiters.append(d)
+        if not self._stopping:
+            self._stopping = True
+            farewell: defer.Deferred[Any] = defer.succeed(None)
+            if self.server.transport == "streamable-http" and self.session_id is not None and self.server.url:
+                farewell = self._request("DELETE", self.server.url, timeout=min(self.server.connectTimeout, 5.0))
+                farewell.addCallback(lambda response: response.text() if response is not None else None)
+                farewell.addErrback(lambda f: None)
+            farewell.addBoth(lambda _: self._finish("closed by the gateway"))
+        return d
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        for body in self._bodies:
+            body.pause()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        for body in self._bodies:
+            body.resume()
+
+    def _finish(self, reason: str) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.exit_reason = reason
+        for body in list(self._bodies):
+            body.close()
+        for d in list(self._posts):
+            d.cancel()
+        self.log.info("remote {server} upstream session ended: {reason}", server=self.server.name,
+                      upstream_session=self.session_id, reason=reason, requested=self._stopping)
+        self.delegate.upstreamEnded(reason)
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _fail(self, reason: str) -> None:
+        """The upstream session cannot go on: the client session ends with it."""
+        if not self.ended and not self._stopping:
+            self.log.warn("remote {server}: {reason}", server=self.server.name, reason=reason)
+            self._finish(reason)
+
+    # -- HTTP ---------------------------------------------------------------
+
+    def _headers(self, accept: bytes) -> Headers:
+        h = Headers({b"accept": [accept], b"user-agent": [b"mcpgw"]})
+        for name, value in self.server.headers.items():
+            h.setRawHeaders(name.encode("ascii"), [value.encode("utf-8")])
+        if self.session_id is not None and self.server.transport == "streamable-http":
+            h.setRawHeaders(b"mcp-session-id", [self.session_id.encode("ascii", "replace")])
+        if self.protocol_version is not None and self.server.transport == "streamable-http":
+            h.setRawHeaders(b"mcp-protocol-version", [self.protocol_version.encode("ascii", "replace")])
+        return h
+
+    def _request(self, method: str, url: str, data: bytes | None = None, accept: bytes = ACCEPT_POST,
+                 timeout: float | None = None, extra: dict[bytes, bytes] | None = None) -> defer.Deferred[Any]:
+        headers = self._headers(accept)
+        if data is not None:
+            headers.setRawHeaders(b"content-type", [b"application/json"])
+        for k, v in (extra or {}).items():
+            headers.setRawHeaders(k, [v])
+        kw: dict[str, Any] = {"headers": headers, "unbuffered": True}
+        if data is not None:
+            kw["data"] = data
+        if timeout is not None:
+            kw["timeout"] = timeout
+        return self._http.request(method, url, **kw)
+
+    def _post(self, raw: bytes, msg: dict[str, Any]) -> None:
+        url = self._endpoint if self.server.transport == "sse" else self.server.url
+        assert url is not None
+        d = self._request("POST", url, raw, timeout=self.server.requestTimeout)
+        self._posts.add(d)
+        d.addBoth(self._posted, d)
+        d.addCallback(self._post_answer, msg)
+        d.addErrback(self._post_failed, msg)
+        d.addErrback(lambda f: self.log.failure("remote {server}: POST handling failed", f, server=self.server.name))
+
+    def _posted(self, result: Any, d: defer.Deferred[Any]) -> Any:
+        self._posts.discard(d)
+        return result
+
+    def _post_answer(self, response: Any, msg: dict[str, Any]) -> defer.Deferred[Any] | None:
+        if self.ended:
+            return None
+        code = response.code
+        if self.server.transport == "streamable-http":
+            sid = response.headers.getRawHeaders(b"mcp-session-id")
+            if sid and self.session_id is None:
+                self.session_id = sid[0].decode("ascii", "replace")
+        if code == 404 and self.session_id is not None and self.server.transport == "streamable-http":
+            self._drain(response)
+            self._fail("the remote server no longer knows the session (404); the client must re-initialize")
+            return None
+        if code == 202 or (200 <= code < 300 and "id" not in msg):
+            self._drain(response)
+            if msg.get("method") == "notifications/initialized":
+                self._initialized = True
+                self._open_stream(first=True)
+                self._ungate(msg)
+            return None
+        if not 200 <= code < 300:
+            return response.content().addCallback(self._refused, code, msg)
+        ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0].split(b";")[0].strip().lower()
+        if ctype == b"text/event-stream":
+            return self._read_stream(response, stream=False)
+        return response.content().addCallback(self._json_body, msg)
+
+    def _json_body(self, body: bytes, msg: dict[str, Any]) -> None:
+        if not body.strip():
+            return
+        if len(body) > self.server.maxMessageBytes:
+            self.delegate.upstreamProtocolError(f"message from the MCP server exceeds {self.server.maxMessageBytes} bytes")
+            return
+        try:
+            decoded = jsonrpc.loads(body)
+        except (jsonrpc.DecodeError, UnicodeDecodeError, ValueError):
+            self._answer_error(msg, "the remote MCP server answered with something that is not JSON")
+            return
+        for item in decoded if isinstance(decoded, list) else [decoded]:
+            if isinstance(item, dict):
+                self._incoming(jsonrpc.dumps(item) if isinstance(decoded, list) else body, item)
+
+    def _refused(self, body: bytes, code: int, msg: dict[str, Any]) -> None:
+        detail = ""
+        try:
+            err = jsonrpc.loads(body)
+            if isinstance(err, dict) and isinstance(err.get("error"), dict):
+                detail = f": {err['error'].get('message')}"
+        except (jsonrpc.DecodeError, UnicodeDecodeError, ValueError):
+            detail = ""  # any body: the status says enough
+        self.log.info("remote {server} answered {code} to {method}", server=self.server.name, code=code,
+                      method=msg.get("method"))
+        self._answer_error(msg, f"the remote MCP server answered HTTP {code}{detail}")
+        self._ungate(msg)
+
+    def _post_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
+        if self.ended:
+            return
+        reason = failure.getErrorMessage() or failure.type.__name__
+        self.log.warn("remote {server}: {method} not delivered: {reason}", server=self.server.name,
+                      method=msg.get("method"), reason=reason)
+        self._answer_error(msg, f"the remote MCP server is unreachable: {reason}")
+        self._ungate(msg)
+
+    def _ungate(self, msg: dict[str, Any]) -> None:
+        if msg.get("method") in ("initialize", "notifications/initialized") and self._initializing is not None:
+            self._initializing = None
+            self._release()
+
+    def _answer_error(self, msg: dict[str, Any], message: str) -> None:
+        """A request the upstream did not answer gets a JSON-RPC error; a lost notification is only logged."""
+        if "id" in msg and "method" in msg:
+            error = jsonrpc.error_bytes(msg["id"], jsonrpc.CONNECTION_CLOSED, message)
+            self.delegate.upstreamMessage(error, jsonrpc.loads(error))
+
+    def _drain(self, response: Any) -> None:
+        response.content().addErrback(lambda f: None)
+
+    # -- streams ------------------------------------------------------------
+
+    def _open_stream(self, first: bool = False, last_id: str | None = None) -> None:
+        """The GET stream: server-initiated messages (Streamable HTTP) or everything (legacy SSE)."""
+        if self.ended or self._stopping or self._stream_open:
+            return
+        self._stream_open = True
+        extra = {b"last-event-id": last_id.encode("utf-8", "replace")} if last_id else None
+        assert self.server.url is not None
+        d = self._request("GET", self.server.url, accept=b"text/event-stream", timeout=self.server.connectTimeout, extra=extra)
+        d.addCallback(self._stream_answer)
+        d.addErrback(self._stream_failed)
+        d.addErrback(lambda f: self.log.failure("remote {server}: GET stream handling failed", f, server=self.server.name))
+
+    def _stream_answer(self, response: Any) -> defer.Deferred[Any] | None:
+        if self.ended:
+            self._drain(response)
+            return None
+        ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0].split(b";")[0].strip().lower()
+        if response.code != 200 or ctype != b"text/event-stream":
+            self._stream_open = False
+            self._drain(response)
+            if self.server.transport == "sse":
+                self._fail(f"the remote SSE endpoint answered HTTP {response.code}")
+            elif response.code == 404 and self.session_id is not None:
+                self._fail("the remote server no longer knows the session (404); the client must re-initialize")
+            else:  # 405: this server offers no GET stream
+                self.log.debug("remote {server}: no GET stream (HTTP {code})", server=self.server.name, code=response.code)
+            return None
+        self._stream_retries = 0
+        return self._read_stream(response, stream=True)
+
+    def _stream_failed(self, failure: Failure) -> None:
+        self._stream_open = False
+        if self.ended or self._stopping:
+            return
+        reason = failure.getErrorMessage() or failure.type.__name__
+        if self.server.transport == "sse" and self._endpoint is None:
+            self._fail(f"the remote SSE endpoint is unreachable: {reason}")
+            for raw, msg in self._held:
+                self._answer_error(msg, f"the remote MCP server is unreachable: {reason}")
+            return
+        self._stream_lost(reason, None)
+
+    def _stream_lost(self, reason: str, last_id: str | None) -> None:
+        """The GET stream ended: legacy SSE ends the session (its stream is the session); else reconnect."""
+        if self.server.transport == "sse":
+            self._fail(f"the remote SSE stream ended ({reason})")
+            return
+        self._stream_retries += 1
+        if self._stream_retries > MAX_STREAM_RETRIES:
+            self.log.warn("remote {server}: GET stream lost for good ({reason})", server=self.server.name, reason=reason)
+            return
+        delay = min(30.0, 0.5 * 2 ** (self._stream_retries - 1))
+        self._reactor.callLater(delay, self._open_stream, False, last_id)
+
+    def _read_stream(self, response: Any, stream: bool) -> defer.Deferred[Any]:
+        parser = SseParser(self._event, self.server.maxMessageBytes,
+                           lambda: self.delegate.upstreamProtocolError(
+                               f"message from the MCP server exceeds {self.server.maxMessageBytes} bytes"))
+        body = _Body(parser.feed)
+        d = body.d
+        response.deliverBody(body)
+        self._bodies.add(body)
+        if self._paused:
+            body.pause()
+
+        def done(result: Any) -> None:
+            self._bodies.discard(body)
+            if stream:
+                self._stream_open = False
+                if not self.ended and not self._stopping:
+                    why = result.getErrorMessage() if isinstance(result, Failure) else "closed"
+                    self._stream_lost(why, parser.last_id)
+
+        d.addBoth(done)
+        return d
+
+    def _event(self, name: str, data: str, event_id: str | None) -> None:
+        if self.ended:
+            return
+        if name == "endpoint" and self.server.transport == "sse":
+            endpoint = urljoin(self.server.url or "", data.strip())
+            if urlsplit(endpoint).netloc != urlsplit(self.server.url).netloc:
+                self._fail("the remote SSE endpoint named another origin for its messages")
+                return
+            self._endpoint = endpoint
+            held, self._held = self._held, []
+            for raw, msg in held:
+                self._post(raw, msg)
+            return
+        if name != "message" or not data.strip():
+            return
+        raw = data.encode("utf-8")
+        try:
+            msg = jsonrpc.loads(raw)
+        except (jsonrpc.DecodeError, UnicodeDecodeError, ValueError):
+            self.log.warn("remote {server} sent an event that is not JSON; dropped", server=self.server.name)
+            return
+        for item in msg if isinstance(msg, list) else [msg]:
+            if isinstance(item, dict):
+                self._incoming(jsonrpc.dumps(item) if isinstance(msg, list) else raw, item)
+
+    # -- upstream -> client ---------------------------------------------------
+
+    def _incoming(self, raw: bytes, msg: dict[str, Any]) -> None:
+        if self.ended:
+            return
+        if self._initializing is not None and "method" not in msg and msg.get("id") == self._initializing:
+            result = msg.get("result")
+            if isinstance(result, dict) and isinstance(result.get("protocolVersion"), str):
+                self.protocol_version = result["protocolVersion"]
+            self._initializing = None
+            self.delegate.upstreamMessage(raw, msg)
+            self._release()
+            return
+        self.delegate.upstreamMessage(raw, msg)
+
+    def _release(self) -> None:
+        """Initialize is answered: what the client sent meanwhile goes upstream now, in order."""
+        held, self._held = self._held, []
+        for i, (raw, msg) in enumerate(held):
+            if self.ended:
+                return
+            self._gate(msg)
+            self._post(raw, msg)
+            if self._initializing is not None:
+                self._held = held[i + 1:] + self._held
+                return

@@ -1,0 +1,295 @@
+"""Issue 9: MCP 2026-07-28 clients at /mcp, served by pooled children (integration: a real gateway and children).
+
+One gateway: ``fx`` (the default) is the conformance fixture with ``"sessions": "pooled"``;
+``solo`` is the same fixture, one child per client session.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from mcp.client.client import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from tests import wire
+from tests.gateway_process import fixture_server, wait_until
+
+pytestmark = pytest.mark.integration
+MODERN = "2026-07-28"
+ENVELOPE = {"io.modelcontextprotocol/protocolVersion": MODERN,
+            "io.modelcontextprotocol/clientInfo": {"name": "modern-tests", "version": "1"},
+            "io.modelcontextprotocol/clientCapabilities": {}}
+NAME_OF = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+
+@pytest.fixture(scope="module")
+def gw(make_module_gateway):
+    return make_module_gateway({
+        "mcpServers": {"fx": fixture_server(sessions="pooled", poolSize=2, default=True), "solo": fixture_server()},
+        "sse": {"keepalive": 0.2},
+    })
+
+
+@pytest.fixture
+def client(gw):
+    with wire.http_client(gw.url) as c:
+        yield c
+
+
+def modern(id: Any, method: str, params: dict | None = None, meta: dict | None = None) -> tuple[dict, dict]:
+    """A 2026-07-28 request body and the headers that mirror it."""
+    params = dict(params or {})
+    params["_meta"] = {**ENVELOPE, **(meta or {})}
+    headers = {**wire.POST_HEADERS, "mcp-protocol-version": MODERN, "mcp-method": method}
+    if method in NAME_OF:
+        headers["mcp-name"] = params[NAME_OF[method]]
+    return {"jsonrpc": "2.0", "id": id, "method": method, "params": params}, headers
+
+
+def error_of(r: httpx.Response, status: int, code: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"]["code"] == code, body
+    return body
+
+
+# -- the official SDK 2.x client ----------------------------------------------------------------
+
+
+async def _sdk(url: str, mode: str) -> tuple[str, bool, bool, list[str], str]:
+    async with Client(streamable_http_client(url), mode=mode) as c:
+        tools = await c.list_tools()
+        result = await c.call_tool("echo", {"text": f"from {mode}"})
+        session = c.session
+        return (c.protocol_version, session.discover_result is not None, session.initialize_result is not None,
+                [t.name for t in tools.tools], result.content[0].text)
+
+
+@pytest.mark.parametrize("mode, version, discovered", [("auto", MODERN, True), ("legacy", wire.LATEST, False)])
+def test_sdk_auto_and_legacy_same_url(gw, mode, version, discovered):
+    """Must-show 1: the SDK 2.x client in auto mode adopts 2026-07-28 from server/discover (no
+    initialize), in legacy mode it shakes hands at 2025-11-25; same URL, same stdio server."""
+    negotiated, has_discover, has_initialize, names, text = anyio.run(_sdk, f"{gw.url}/mcp", mode)
+    assert negotiated == version
+    assert has_discover is discovered and has_initialize is not discovered
+    assert "echo" in names and text == f"from {mode}"
+
+
+def test_sdk_auto_falls_back_on_a_per_client_server(gw):
+    """A server without a pool answers 2026-07-28 with 400/-32022 listing handshake versions: auto falls back."""
+    negotiated, has_discover, has_initialize, names, _ = anyio.run(_sdk, f"{gw.url}/servers/solo/mcp", "auto")
+    assert negotiated == wire.LATEST and has_initialize and not has_discover
+    assert "echo" in names
+
+
+# -- the 2026-07-28 Streamable HTTP rules --------------------------------------------------------
+
+
+def test_discover_from_cached_initialize(client):
+    """server/discover: supported versions, the child's capabilities and serverInfo, no session minted."""
+    body, headers = modern("d", "server/discover")
+    r = client.post("/mcp", headers=headers, json=body)
+    assert r.status_code == 200 and "mcp-session-id" not in r.headers
+    result = r.json()["result"]
+    assert MODERN in result["supportedVersions"] and wire.LATEST in result["supportedVersions"]
+    assert result["capabilities"]["tools"] == {"listChanged": True}
+    assert result["_meta"]["io.modelcontextprotocol/serverInfo"]["name"]
+    assert result["resultType"] == "complete"
+
+
+def test_result_shape_and_id(client):
+    """A child's handshake-era result goes out with the client's id, resultType and caching directives."""
+    body, headers = modern("x-1", "tools/list")
+    r = client.post("/mcp", headers=headers, json=body)
+    msg = r.json()
+    assert msg["id"] == "x-1"
+    assert msg["result"]["resultType"] == "complete" and msg["result"]["ttlMs"] == 0
+    assert msg["result"]["cacheScope"] == "private"
+
+
+@pytest.mark.parametrize("change, what", [
+    ({"mcp-protocol-version": "2025-11-25"}, "version header differs from the body"),
+    ({"mcp-method": "tools/list"}, "Mcp-Method differs"),
+    ({"mcp-name": "big"}, "Mcp-Name differs"),
+    ({"mcp-name": None}, "Mcp-Name missing"),
+    ({"mcp-param-text": "=?base64?!!?="}, "Mcp-Param value not decodable"),
+])
+def test_header_mismatch_is_400_32020(client, change, what):
+    """2026-07-28 Server Validation: headers that disagree with the body (or are missing/malformed): 400/-32020."""
+    body, headers = modern(1, "tools/call", {"name": "echo", "arguments": {"text": "x"}})
+    for k, v in change.items():
+        if v is None:
+            headers.pop(k)
+        else:
+            headers[k] = v
+    if headers["mcp-protocol-version"] != MODERN:
+        headers["mcp-protocol-version"] = "2025-11-25"
+        r = client.post("/mcp", headers=headers, json=body)  # body says 2026-07-28, no session: modern by body
+    else:
+        r = client.post("/mcp", headers=headers, json=body)
+    assert error_of(r, 400, -32020)["id"] == 1, what
+
+
+def test_base64_name_and_param_accepted(client):
+    """Mcp-Name in the Base64 sentinel form is decoded before the comparison; Mcp-Param-* passes through."""
+    body, headers = modern(2, "tools/call", {"name": "echo", "arguments": {"text": "héllo"}})
+    headers["mcp-name"] = "=?base64?" + base64.b64encode(b"echo").decode() + "?="
+    headers["mcp-param-text"] = "=?base64?" + base64.b64encode("héllo".encode()).decode() + "?="
+    r = client.post("/mcp", headers=headers, json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["content"][0]["text"] == "héllo"
+
+
+def test_unsupported_version_lists_supported(client):
+    """An unknown MCP-Protocol-Version: 400/-32022 with data.supported."""
+    headers = {**wire.POST_HEADERS, "mcp-protocol-version": "2099-01-01"}
+    body = error_of(client.post("/mcp", headers=headers, json=wire.request(1, "server/discover", {})), 400, -32022)
+    assert MODERN in body["error"]["data"]["supported"]
+
+
+def test_per_client_server_refuses_modern_with_handshake_versions(client):
+    """A per-client server does not serve 2026-07-28: 400/-32022 whose supported list is handshake-only."""
+    body, headers = modern(1, "server/discover")
+    err = error_of(client.post("/servers/solo/mcp", headers=headers, json=body), 400, -32022)["error"]
+    assert MODERN not in err["data"]["supported"] and wire.LATEST in err["data"]["supported"]
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_get_and_delete_are_405(client, method):
+    """2026-07-28 has no GET stream and no session to delete: 405, Allow: POST."""
+    r = client.request(method, "/mcp", headers={"accept": "text/event-stream", "mcp-protocol-version": MODERN})
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("method", ["no/such/method", "ping", "initialize", "resources/subscribe"])
+def test_unknown_or_removed_method_is_404(client, method):
+    """An unknown method (the child's -32601) or one 2026-07-28 removed: 404/-32601."""
+    body, headers = modern(9, method, {"uri": "x"} if method == "resources/subscribe" else {})
+    assert error_of(client.post("/mcp", headers=headers, json=body), 404, -32601)["id"] == 9
+
+
+def test_batch_and_notification(client):
+    """A batch is 400/-32600; a notification is 202 and goes nowhere."""
+    body, headers = modern(1, "tools/list")
+    error_of(client.post("/mcp", headers=headers, json=[body]), 400, -32600)
+    headers["mcp-method"] = "notifications/cancelled"
+    r = client.post("/mcp", headers=headers, json={"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                                    "params": {"requestId": 1, "_meta": ENVELOPE}})
+    assert r.status_code == 202
+
+
+def test_progress_makes_an_sse_response(client):
+    """Progress before the result: the answer is an SSE stream scoped to the request, the client's token restored."""
+    body, headers = modern(3, "tools/call", {"name": "sleep", "arguments": {"seconds": 0.1}}, meta={"progressToken": "tok"})
+    with client.stream("POST", "/mcp", headers=headers, json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and line[5:].strip()]
+    assert events[0]["method"] == "notifications/progress" and events[0]["params"]["progressToken"] == "tok"
+    assert events[-1]["id"] == 3 and events[-1]["result"]["content"][0]["text"] == "slept 0.1"
+
+
+def test_closing_the_stream_cancels_in_the_child(gw, client):
+    """Closing the response cancels the call: the child gets notifications/cancelled (its stderr says so)."""
+    body, headers = modern("long", "tools/call", {"name": "sleep", "arguments": {"seconds": 30}}, meta={"progressToken": "p"})
+    with client.stream("POST", "/mcp", headers=headers, json=body) as r:
+        next(r.iter_lines())
+    assert wait_until(lambda: "cancelled: client closed the stream" in gw.log(), timeout=10)
+
+
+def test_sampling_becomes_input_required(client):
+    """A child's sampling/createMessage during tools/call: InputRequiredResult; the retry with
+    inputResponses and requestState resumes the same call in the child."""
+    sampling = {"io.modelcontextprotocol/clientCapabilities": {"sampling": {}}}
+    body, headers = modern(1, "tools/call", {"name": "test_sampling", "arguments": {"prompt": "hi"}}, meta=sampling)
+    result = client.post("/mcp", headers=headers, json=body).json()["result"]
+    assert result["resultType"] == "input_required"
+    [(key, asked)] = result["inputRequests"].items()
+    assert asked["method"] == "sampling/createMessage"
+    answer = {"role": "assistant", "content": {"type": "text", "text": "pong"}, "model": "m", "stopReason": "endTurn"}
+    retry, headers = modern(2, "tools/call", {"name": "test_sampling", "arguments": {"prompt": "hi"},
+                                              "inputResponses": {key: answer}, "requestState": result["requestState"]},
+                           meta=sampling)
+    final = client.post("/mcp", headers=headers, json=retry).json()
+    assert final["id"] == 2 and final["result"]["content"][0]["text"] == "LLM response: pong"
+
+
+def test_undeclared_capability_is_32021(client):
+    """The child asks for sampling but the caller declared no sampling capability: 400/-32021 naming it."""
+    body, headers = modern(1, "tools/call", {"name": "test_sampling", "arguments": {"prompt": "hi"}})
+    err = error_of(client.post("/mcp", headers=headers, json=body), 400, -32021)["error"]
+    assert err["data"]["requiredCapabilities"] == {"sampling": {}}
+
+
+@pytest.mark.parametrize("level, delivered", [(None, False), ("info", True), ("error", False)])
+def test_log_lines_only_with_log_level(client, level, delivered):
+    """A call's notifications/message reaches the caller only if it set _meta logLevel, at that level or above."""
+    meta = {"io.modelcontextprotocol/logLevel": level} if level else {}
+    body, headers = modern(1, "tools/call", {"name": "notify", "arguments": {"message": "hello"}}, meta=meta)
+    r = client.post("/mcp", headers=headers, json=body)
+    assert ('"notifications/message"' in r.text) is delivered
+    assert "notified" in r.text
+
+
+def test_listen_gets_list_changed_and_resource_updates(gw):
+    """subscriptions/listen: acknowledged, then tools/list_changed and resources/updated (via the children's
+    resources/subscribe) arrive on the listen stream with the subscription id in _meta."""
+    body, headers = modern("L", "subscriptions/listen", {"notifications": {
+        "toolsListChanged": True, "resourceSubscriptions": ["test://static-text"]}})
+    got: list[dict] = []
+    with httpx.Client(base_url=gw.url, timeout=10) as c, c.stream("POST", "/mcp", headers=headers, json=body) as r:
+        lines = r.iter_lines()
+
+        def next_event() -> dict:
+            for line in lines:
+                if line.startswith("data:") and line[5:].strip():
+                    return json.loads(line[5:])
+            raise AssertionError("stream ended")
+
+        ack = next_event()
+        assert ack["method"] == "notifications/subscriptions/acknowledged"
+        assert ack["params"]["notifications"] == {"toolsListChanged": True, "resourceSubscriptions": ["test://static-text"]}
+        with wire.http_client(gw.url) as other:
+            for _ in range(2):  # both children, whichever the call lands on
+                call, h = modern(5, "tools/call", {"name": "touch_resource", "arguments": {"uri": "test://static-text"}})
+                assert "updated" in other.post("/mcp", headers=h, json=call).text
+            call, h = modern(6, "tools/call", {"name": "notify", "arguments": {"message": "m"}})
+            other.post("/mcp", headers=h, json=call)
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            got.append(next_event())
+    methods = [e["method"] for e in got]
+    assert methods.count("notifications/resources/updated") == 2 and "notifications/tools/list_changed" in methods
+    assert all(e["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "L" for e in got)
+
+
+@pytest.mark.parametrize("version", ["2025-03-26", "2025-06-18", "2025-11-25", "1999-01-01"])
+def test_handshake_sessions_share_the_pool(gw, client, version):
+    """A handshake-era client of a pooled server: initialize answered from the cached result with the
+    version negotiated for this client, a session id as before, calls served by the pool: no new child."""
+    children = set(gw.child_pids())
+    r = client.post("/mcp", headers=wire.POST_HEADERS, json=wire.initialize(version=version))
+    assert r.status_code == 200 and r.headers["mcp-session-id"]
+    assert r.json()["result"]["protocolVersion"] == (version if version != "1999-01-01" else wire.LATEST)
+    assert r.json()["result"]["serverInfo"]["name"]
+    sid = r.headers["mcp-session-id"]
+    headers = {**wire.POST_HEADERS, "mcp-session-id": sid, "mcp-protocol-version": r.json()["result"]["protocolVersion"]}
+    assert client.post("/mcp", headers=headers, json=wire.notification("notifications/initialized")).status_code == 202
+    reply = client.post("/mcp", headers=headers, json=wire.request(1, "tools/call", {"name": "echo", "arguments": {"text": sid}}))
+    assert reply.json() == {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": sid}]}} or \
+        reply.json()["result"]["content"][0]["text"] == sid
+    assert client.delete("/mcp", headers=headers).status_code == 200
+    assert set(gw.child_pids()) == children
+
+
+def test_preflight_allows_mcp_param_headers(client):
+    """A browser's preflight for a 2026-07-28 call with Mcp-Param-* headers is allowed those headers."""
+    r = client.options("/mcp", headers={"origin": "http://127.0.0.1:9", "access-control-request-method": "POST",
+                                        "access-control-request-headers": "content-type, mcp-method, mcp-param-region"})
+    assert r.status_code == 204
+    assert "mcp-param-region" in r.headers["access-control-allow-headers"].lower()

@@ -1,0 +1,329 @@
+"""mcpgw.pool: pooled children driven by a fake process reactor and a Clock (no processes, no real time)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from twisted.trial import unittest
+
+from mcpgw import jsonrpc
+from mcpgw.config import ConfigError, ServerConfig, parse
+from mcpgw.pool import BACKOFF_FIRST, ChildPool, PoolFull, PoolManager
+from tests.fake_process import FakeProcessReactor
+
+
+def server(**kw: Any) -> ServerConfig:
+    base = {"name": "p", "command": sys.executable, "executable": sys.executable, "sessions": "pooled",
+            "poolSize": 2, "poolQueue": 3}
+    return ServerConfig(**{**base, **kw})
+
+
+class Route:
+    """Records what a pool hands back to one client request."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[Any, dict[str, Any]]] = []
+        self.delivered: list[dict[str, Any]] = []
+
+    def answer(self, id: Any, raw: bytes) -> None:
+        self.answers.append((id, json.loads(raw)))
+
+    def deliver(self, raw: bytes) -> None:
+        self.delivered.append(json.loads(raw))
+
+    def forget(self, id: Any) -> None:
+        pass
+
+
+def written(transport: Any) -> list[dict[str, Any]]:
+    return [json.loads(line) for chunk in transport.written for line in chunk.splitlines() if line.strip()]
+
+
+def reply(transport: Any, msg: dict[str, Any]) -> None:
+    transport.proto.outReceived(json.dumps(msg).encode() + b"\n")
+
+
+def init_result(version: str = "2025-11-25") -> dict[str, Any]:
+    return {"protocolVersion": version, "capabilities": {"tools": {}}, "serverInfo": {"name": "fake", "version": "1"}}
+
+
+class PoolTestCase(unittest.TestCase):
+    def make(self, **kw: Any) -> tuple[ChildPool, FakeProcessReactor]:
+        reactor = FakeProcessReactor()
+        pool = ChildPool(server(**kw), reactor)
+        pool.start()
+        self.addCleanup(self.shut, pool, reactor)
+        return pool, reactor
+
+    def shut(self, pool: ChildPool, reactor: FakeProcessReactor) -> None:
+        """Stop the pool and play every child's exit (the Deferred would otherwise wait for them)."""
+        d = pool.stop()
+        for t in reactor.spawned:
+            if t.pid is not None:
+                t.exit(0)
+        self.successResultOf(d)
+
+    def ready_all(self, pool: ChildPool, reactor: FakeProcessReactor) -> None:
+        for t in list(reactor.spawned):
+            init = written(t)[0]
+            if init["method"] == "initialize" and not any(c.upstream.transport is t and c.ready for c in pool.children):
+                reply(t, {"jsonrpc": "2.0", "id": init["id"], "result": init_result()})
+
+    def child_requests(self, t: Any) -> list[dict[str, Any]]:
+        return [m for m in written(t) if "id" in m and m.get("method") not in ("initialize",)]
+
+
+class StartupTests(PoolTestCase):
+    def test_gateway_initializes_each_child(self) -> None:
+        """Each child gets initialize (the gateway as its client) and, once answered, notifications/initialized."""
+        pool, reactor = self.make()
+        self.assertEqual(len(reactor.spawned), 2)
+        first = written(reactor.spawned[0])
+        self.assertEqual(first[0]["method"], "initialize")
+        self.assertEqual(first[0]["params"]["protocolVersion"], "2025-11-25")
+        d = pool.ready()
+        self.assertNoResult(d)
+        self.ready_all(pool, reactor)
+        self.assertEqual(written(reactor.spawned[0])[-1], {"jsonrpc": "2.0", "method": "notifications/initialized"})
+        self.assertEqual(self.successResultOf(d)["serverInfo"]["name"], "fake")
+        self.assertTrue(all(c.ready for c in pool.children))
+
+    def test_request_before_ready_waits(self) -> None:
+        """A request that arrives while the children initialize is sent once one is ready."""
+        pool, reactor = self.make()
+        route = Route()
+        pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, route)
+        self.assertEqual(self.child_requests(reactor.spawned[0]) + self.child_requests(reactor.spawned[1]), [])
+        self.ready_all(pool, reactor)
+        sent = self.child_requests(reactor.spawned[0]) + self.child_requests(reactor.spawned[1])
+        self.assertEqual([m["method"] for m in sent], ["tools/list"])
+
+
+class IdRewritingTests(PoolTestCase):
+    def test_colliding_ids_return_to_their_own_route(self) -> None:
+        """Two clients both using id 1 (and one using "1"): unique ids in the child, each answer to its sender."""
+        pool, reactor = self.make(poolSize=1)
+        self.ready_all(pool, reactor)
+        routes = [Route(), Route(), Route()]
+        ids = [1, 1, "1"]
+        for route, id in zip(routes, ids):
+            pool.request({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "echo"}}, route)
+        sent = self.child_requests(reactor.spawned[0])
+        self.assertEqual(len({m["id"] for m in sent}), 3)
+        for n, m in reversed(list(enumerate(sent))):
+            reply(reactor.spawned[0], {"jsonrpc": "2.0", "id": m["id"], "result": {"n": n}})
+        for n, (route, id) in enumerate(zip(routes, ids)):
+            self.assertEqual(route.answers, [(id, {"jsonrpc": "2.0", "id": id, "result": {"n": n}})])
+            self.assertIs(type(route.answers[0][1]["id"]), type(id))
+
+    def test_progress_token_rewritten_and_restored(self) -> None:
+        """A progress token is made unique too; the child's progress reaches its request's route with the client's token."""
+        pool, reactor = self.make(poolSize=1)
+        self.ready_all(pool, reactor)
+        a, b = Route(), Route()
+        for route in (a, b):
+            pool.request({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"_meta": {"progressToken": "t"}}}, route)
+        sent = self.child_requests(reactor.spawned[0])
+        tokens = [m["params"]["_meta"]["progressToken"] for m in sent]
+        self.assertNotEqual(tokens[0], tokens[1])
+        reply(reactor.spawned[0], {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": tokens[1], "progress": 1}})
+        self.assertEqual(a.delivered, [])
+        self.assertEqual(b.delivered[0]["params"], {"progressToken": "t", "progress": 1})
+
+
+class DispatchTests(PoolTestCase):
+    def test_least_loaded_child(self) -> None:
+        """Requests alternate onto the child with the fewest in flight."""
+        pool, reactor = self.make()
+        self.ready_all(pool, reactor)
+        for i in range(4):
+            pool.request({"jsonrpc": "2.0", "id": i, "method": "tools/list"}, Route())
+        self.assertEqual([c.load for c in pool.children], [2, 2])
+
+    def test_full_pool_refuses(self) -> None:
+        """poolQueue requests in flight on every child: PoolFull (the transport answers 503 + Retry-After)."""
+        pool, reactor = self.make()
+        self.ready_all(pool, reactor)
+        for i in range(6):
+            pool.request({"jsonrpc": "2.0", "id": i, "method": "tools/list"}, Route())
+        with self.assertRaises(PoolFull):
+            pool.request({"jsonrpc": "2.0", "id": 99, "method": "tools/list"}, Route())
+
+    def test_cancel_sends_notifications_cancelled(self) -> None:
+        """A caller that goes away: the child gets notifications/cancelled for the gateway id; a late answer is dropped."""
+        pool, reactor = self.make(poolSize=1)
+        self.ready_all(pool, reactor)
+        route = Route()
+        pending = pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, route)
+        pool.cancel(pending)
+        last = written(reactor.spawned[0])[-1]
+        self.assertEqual(last["method"], "notifications/cancelled")
+        self.assertEqual(last["params"]["requestId"], pending.gid)
+        reply(reactor.spawned[0], {"jsonrpc": "2.0", "id": pending.gid, "result": {}})
+        self.assertEqual(route.answers, [])
+        self.assertEqual(pool.in_flight(), 0)
+
+    def test_timeout(self) -> None:
+        """limits.requestTimeout: the client gets -32001 and the child a cancellation."""
+        reactor = FakeProcessReactor()
+        pool = ChildPool(server(poolSize=1), reactor, request_timeout=5)
+        pool.start()
+        self.addCleanup(self.shut, pool, reactor)
+        self.ready_all(pool, reactor)
+        route = Route()
+        pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, route)
+        reactor.advance(5)
+        self.assertEqual(route.answers[0][1]["error"]["code"], jsonrpc.REQUEST_TIMEOUT)
+        self.assertEqual(written(reactor.spawned[0])[-1]["method"], "notifications/cancelled")
+
+
+class ChildDeathTests(PoolTestCase):
+    def test_inflight_fail_at_once_others_untouched_and_refill(self) -> None:
+        """A child exits: its requests get a JSON-RPC error at once, the other child's requests are
+        answered normally, and a replacement is spawned after the backoff."""
+        pool, reactor = self.make()
+        self.ready_all(pool, reactor)
+        routes = [Route() for _ in range(4)]
+        for i, route in enumerate(routes):
+            pool.request({"jsonrpc": "2.0", "id": i, "method": "tools/call"}, route)
+        dead, alive = reactor.spawned
+        dead_ids = {m["id"] for m in self.child_requests(dead)}
+        dead.exit(1)
+        failed = [r for r in routes if r.answers]
+        self.assertEqual(len(failed), 2)
+        for r in failed:
+            self.assertEqual(r.answers[0][1]["error"]["code"], jsonrpc.CONNECTION_CLOSED)
+        for m in self.child_requests(alive):
+            self.assertNotIn(m["id"], dead_ids)
+            reply(alive, {"jsonrpc": "2.0", "id": m["id"], "result": {"ok": True}})
+        self.assertTrue(all(r.answers for r in routes))
+        self.assertEqual(sum(1 for r in routes if "result" in r.answers[0][1]), 2)
+        self.assertEqual(len(reactor.spawned), 2)
+        reactor.advance(BACKOFF_FIRST)
+        self.assertEqual(len(reactor.spawned), 3)
+        self.ready_all(pool, reactor)
+        self.assertEqual(sum(1 for c in pool.children if c.ready), 2)
+
+    def test_backoff_doubles(self) -> None:
+        """A child that dies again before initializing waits twice as long to be replaced."""
+        _pool, reactor = self.make(poolSize=1)
+        reactor.spawned[0].exit(1)
+        reactor.advance(BACKOFF_FIRST)
+        self.assertEqual(len(reactor.spawned), 2)
+        reactor.spawned[1].exit(1)
+        reactor.advance(BACKOFF_FIRST)
+        self.assertEqual(len(reactor.spawned), 2)
+        reactor.advance(BACKOFF_FIRST)
+        self.assertEqual(len(reactor.spawned), 3)
+
+
+class ServerRequestTests(PoolTestCase):
+    def test_child_request_without_bridge_is_refused_at_once(self) -> None:
+        """sampling/createMessage from a child whose caller cannot be asked: a JSON-RPC error to the child, no hang."""
+        pool, reactor = self.make(poolSize=1)
+        self.ready_all(pool, reactor)
+        pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, Route())
+        reply(reactor.spawned[0], {"jsonrpc": "2.0", "id": 5, "method": "sampling/createMessage", "params": {}})
+        last = written(reactor.spawned[0])[-1]
+        self.assertEqual(last["id"], 5)
+        self.assertEqual(last["error"]["code"], jsonrpc.METHOD_NOT_FOUND)
+
+    def test_ping_and_idle_roots_answered(self) -> None:
+        """The gateway answers its children's ping, and roots/list outside any call with no roots."""
+        pool, reactor = self.make(poolSize=1)
+        self.ready_all(pool, reactor)
+        reply(reactor.spawned[0], {"jsonrpc": "2.0", "id": "p", "method": "ping"})
+        reply(reactor.spawned[0], {"jsonrpc": "2.0", "id": "r", "method": "roots/list"})
+        self.assertEqual(written(reactor.spawned[0])[-2:], [{"jsonrpc": "2.0", "id": "p", "result": {}},
+                                                            {"jsonrpc": "2.0", "id": "r", "result": {"roots": []}}])
+
+
+class ManagerTests(unittest.TestCase):
+    def test_only_pooled_servers_get_a_pool_and_stop_waits_for_children(self) -> None:
+        """PoolManager starts a pool per pooled server; stopService fires when every child has exited."""
+        config = parse({"mcpServers": {
+            "a": {"command": sys.executable, "sessions": "pooled", "poolSize": 2},
+            "b": {"command": sys.executable},
+        }}, environ={})
+        reactor = FakeProcessReactor()
+        manager = PoolManager(config, reactor)
+        manager.startService()
+        self.assertEqual(list(manager.pools), ["a"])
+        self.assertEqual(len(reactor.spawned), 2)
+        d = manager.stopService()
+        self.assertNoResult(d)
+        for t in reactor.spawned:
+            self.assertEqual(t.stdinClosed, 1)
+            t.exit(0)
+        self.successResultOf(d)
+
+
+class ConfigTests(unittest.TestCase):
+    def parse_server(self, **kw: Any) -> ServerConfig:
+        return parse({"mcpServers": {"s": {"command": sys.executable, **kw}}}, environ={}).servers["s"]
+
+    def test_defaults(self) -> None:
+        """per-client by default; a pooled server gets 4 children of 256 requests each unless told."""
+        self.assertEqual(self.parse_server().sessions, "per-client")
+        pooled = self.parse_server(sessions="pooled")
+        self.assertEqual((pooled.poolSize, pooled.poolQueue), (4, 256))
+
+    def test_strict(self) -> None:
+        """Bad modes, sizes, and pool options on a per-client server are errors naming the key."""
+        for kw, key in [({"sessions": "shared"}, "mcpServers.s.sessions"),
+                        ({"sessions": "pooled", "poolSize": 0}, "mcpServers.s.poolSize"),
+                        ({"sessions": "pooled", "poolSize": True}, "mcpServers.s.poolSize"),
+                        ({"sessions": "pooled", "poolSize": 1000}, "mcpServers.s.poolSize"),
+                        ({"sessions": "pooled", "poolQueue": "8"}, "mcpServers.s.poolQueue"),
+                        ({"poolSize": 2}, "mcpServers.s.poolSize")]:
+            with self.assertRaises(ConfigError) as e:
+                self.parse_server(**kw)
+            self.assertEqual(e.exception.key, key, kw)
+
+
+class InputBridgeTests(PoolTestCase):
+    def test_park_and_resume(self) -> None:
+        """A child's sampling request during the only call it runs goes to the call's on_input hook; the
+        parked call, resumed with the client's input, answers the child's request and reaches the new route
+        under the retry's id."""
+        pool, reactor = self.make(poolSize=1)
+        self.ready_all(pool, reactor)
+        first, second = Route(), Route()
+        keys: list[str] = []
+
+        def on_input(pending: Any, request: dict[str, Any]) -> bool:
+            keys.append(pool.park(pending, request))
+            return True
+
+        pending = pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, first, on_input=on_input)
+        child = reactor.spawned[0]
+        reply(child, {"jsonrpc": "2.0", "id": 77, "method": "sampling/createMessage", "params": {}})
+        self.assertEqual(len(keys), 1)
+        resumed = pool.resume(keys[0], {"id": 2}, {"input": {"role": "assistant"}}, second)
+        self.assertIs(resumed, pending)
+        self.assertEqual(written(child)[-1], {"jsonrpc": "2.0", "id": 77, "result": {"role": "assistant"}})
+        reply(child, {"jsonrpc": "2.0", "id": pending.gid, "result": {"done": True}})
+        self.assertEqual(first.answers, [])
+        self.assertEqual(second.answers, [(2, {"jsonrpc": "2.0", "id": 2, "result": {"done": True}})])
+        self.assertIsNone(pool.resume(keys[0], {"id": 3}, {}, Route()))
+
+    def test_abandoned_parked_call_is_cancelled(self) -> None:
+        """No retry within INPUT_WAIT: the child's request gets an error and the call is cancelled."""
+        from mcpgw.pool import INPUT_WAIT
+
+        reactor = FakeProcessReactor()
+        pool = ChildPool(server(poolSize=1), reactor)
+        pool.start()
+        self.addCleanup(self.shut, pool, reactor)
+        self.ready_all(pool, reactor)
+        pending = pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, Route(),
+                               on_input=lambda p, r: bool(pool.park(p, r)))
+        reply(reactor.spawned[0], {"jsonrpc": "2.0", "id": 5, "method": "elicitation/create", "params": {}})
+        reactor.advance(INPUT_WAIT)
+        sent = written(reactor.spawned[0])
+        self.assertEqual(sent[-2]["id"], 5)
+        self.assertIn("error", sent[-2])
+        self.assertEqual(sent[-1]["params"]["requestId"], pending.gid)
+        self.assertEqual(pool.in_flight(), 0)
