@@ -82,9 +82,14 @@ def check_secrets(config: GatewayConfig, listen: str | None, insecure_dev: bool)
                                    "listen on loopback only, or pass --insecure-dev")
 
 
+#: Pending connections the kernel queues for accept(); Twisted's default of 50 drops
+#: connections when a thousand clients connect at once.
+LISTEN_BACKLOG = 1024
+
+
 def endpoint_for(config: GatewayConfig) -> str:
     host = config.host.replace(":", "\\:")
-    return f"tcp:{config.port}:interface={host}"
+    return f"tcp:{config.port}:interface={host}:backlog={LISTEN_BACKLOG}"
 
 
 def metrics_endpoint_for(config: GatewayConfig) -> str:

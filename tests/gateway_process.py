@@ -36,7 +36,7 @@ class Gateway:
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
             # /metrics on a free port too (never the default 9091, which gateways here would share).
-            [*TWISTD, "mcpgw", "--config", self.config_path, "--listen", "tcp:0:interface=127.0.0.1",
+            [*TWISTD, "mcpgw", "--config", self.config_path, "--listen", "tcp:0:interface=127.0.0.1:backlog=1024",
              "--metrics-listen", "tcp:0:interface=127.0.0.1"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=self._dir.name,
         )
