@@ -78,6 +78,9 @@ async def measure_target(t: Target, p: dict[str, Any], args: argparse.Namespace,
                 log(f"  {t.name} {tr}: cannot start a session: {e!r:.300}")
                 rows.append(Row(t.name, tr, "sequential", ok=False, errors=1, note=f"no session: {e!r:.200}"))
                 continue
+        if getattr(t, "setup_only", False):  # a variant measured for session setup only (mcpgw-warm)
+            await guarded(f"{tr} setup", lambda: workloads.setup(make, t.name, tr, pid, p["setup"], args.setup_gap), tr, "setup")
+            continue
         await guarded(f"{tr} sequential", lambda: workloads.sequential(make, t.name, tr, pid, p["seq"], p["warmup"], progress),
                       tr, "sequential", 1)
         for s in p["sessions"]:
@@ -89,10 +92,10 @@ async def measure_target(t: Target, p: dict[str, Any], args: argparse.Namespace,
                           tr, "throughput", s)
         if progress:
             continue
-        await guarded(f"{tr} setup", lambda: workloads.setup(make, t.name, tr, pid, p["setup"]), tr, "setup")
+        await guarded(f"{tr} setup", lambda: workloads.setup(make, t.name, tr, pid, p["setup"], args.setup_gap), tr, "setup")
         await guarded(f"{tr} large", lambda: workloads.large(make, t.name, tr, pid, args.large_bytes, p["large"]), tr, "large")
 
-    if t.name != "direct" and p["idle"] and not args.no_idle and (not args.transports or "sse" in args.transports):
+    if t.name != "direct" and not getattr(t, "setup_only", False) and p["idle"] and not args.no_idle and (not args.transports or "sse" in args.transports):
         # Each idle stream costs the gateway ``fds_per_idle_stream`` descriptors
         # (mcpgw: the socket and its child's three pipes) and the bench one socket.
         budget = (args.nofile - 1000) // max(1, t.fds_per_idle_stream)
@@ -185,6 +188,8 @@ async def amain(args: argparse.Namespace) -> int:
     log(f"bench: profile {args.profile}, work dir {workdir}, RLIMIT_NOFILE {nofile}")
     peer_problems: dict[str, str] = {}
     targets: list[Target] = [Direct(workdir), Mcpgw(workdir, log_level=args.log_level)]
+    if args.warm_pool:
+        targets.append(Mcpgw(workdir, log_level=args.log_level, name="mcpgw-warm", warm_pool=args.warm_pool))
     if args.peers:
         peer_problems = install_peers(log)
         if "supergateway" not in peer_problems:
@@ -242,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--quick", dest="profile", action="store_const", const="quick", help="smaller counts (about a minute)")
     group.add_argument("--smoke", dest="profile", action="store_const", const="smoke", help="tiny counts: checks the bench runs")
     ap.set_defaults(profile="full")
-    ap.add_argument("--only", nargs="+", metavar="GATEWAY", help="direct, mcpgw, supergateway, mcp-proxy")
+    ap.add_argument("--only", nargs="+", metavar="GATEWAY", help="direct, mcpgw, mcpgw-warm, supergateway, mcp-proxy")
+    ap.add_argument("--warm-pool", type=int, default=0, metavar="N",
+                    help="also measure session setup of mcpgw with warmPool N (row mcpgw-warm); 0: not")
+    ap.add_argument("--setup-gap", type=float, default=0.0, metavar="S",
+                    help="seconds between sessions in the session-setup workload (default 0: back to back)")
     ap.add_argument("--transports", nargs="+", metavar="T", help="pipe, streamable, streamable-sse, sse, ws")
     ap.add_argument("--idle", metavar="N,N", help="idle stream counts (default 1000,10000 in the full profile)")
     ap.add_argument("--no-idle", action="store_true", help="skip the idle-stream workload")

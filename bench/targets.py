@@ -219,9 +219,15 @@ class Mcpgw(Target):
     transports = ("streamable", "streamable-sse", "sse", "ws")
     fds_per_idle_stream = 4  # the client socket and the child's stdin, stdout and stderr pipes
 
-    def __init__(self, workdir: str, log_level: str = "info", name: str = "mcpgw", pythonpath: str | None = None):
+    def __init__(self, workdir: str, log_level: str = "info", name: str = "mcpgw", pythonpath: str | None = None,
+                 warm_pool: int = 0):
         super().__init__(workdir)
         self.name = name
+        #: The echo server's ``warmPool`` (pre-spawned children); 0: off.
+        self.warm_pool = warm_pool
+        if warm_pool:
+            self.transports = ("streamable",)
+            self.setup_only = True
         self.log_level = log_level
         #: Another copy of the mcpgw package to run (a before/after comparison).
         self.pythonpath = pythonpath
@@ -248,7 +254,10 @@ class Mcpgw(Target):
 
     def start(self) -> None:
         cmd = echo_command()
-        self.main, self.port = self._twistd(self.name, {"echo": {"command": cmd[0], "args": cmd[1:], "default": True}})
+        echo: dict[str, Any] = {"command": cmd[0], "args": cmd[1:], "default": True}
+        if self.warm_pool:
+            echo["warmPool"] = self.warm_pool
+        self.main, self.port = self._twistd(self.name, {"echo": echo})
 
     def client(self, transport: str) -> Any:
         if transport in ("streamable", "streamable-sse"):

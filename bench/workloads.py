@@ -174,13 +174,20 @@ async def throughput(make: Callable[[], Any], gw: str, transport: str, pid: int 
     return row
 
 
-async def setup(make: Callable[[], Any], gw: str, transport: str, pid: int | None, n: int) -> Row:
-    """Open a session (for mcpgw and the floor: spawn its child) up to the initialize reply, close it; ``n`` times."""
+async def setup(make: Callable[[], Any], gw: str, transport: str, pid: int | None, n: int, gap: float = 0.0) -> Row:
+    """Open a session (for mcpgw and the floor: spawn its child) up to the initialize reply, close it; ``n`` times.
+
+    ``gap``: seconds between one session's close and the next one's start (untimed), the time
+    a warm pool (``warmPool``) has to start a replacement; 0: back to back."""
     row = Row(gw, transport, "setup", sessions=n, calls=n, unit="ms")
+    if gap:
+        row.note = f"{gap * 1000:g} ms between sessions"
     samples = []
     perf = time.perf_counter_ns
     with CpuWindow(pid) as cpu:
-        for _ in range(n):
+        for i in range(n):
+            if gap and i:
+                await asyncio.sleep(gap)
             c = make()
             t0 = perf()
             try:

@@ -75,6 +75,8 @@ class ServerConfig:
     #: Children of a pooled server, and the most requests in flight on each (more: 503 + Retry-After).
     poolSize: int = 4
     poolQueue: int = 256
+    #: Pre-spawned children of a per-client stdio server that new sessions take (mcpgw.upstream.warm); 0: off.
+    warmPool: int = 0
     #: The aggregated server (top-level ``aggregate``): its member servers.
     aggregate: "AggregateConfig | None" = None
 
@@ -477,7 +479,12 @@ def _pooling(raw: dict[str, Any], key: str) -> dict[str, Any]:
     if size > 256:
         raise ConfigError(f"{key}.poolSize", f"must be at most 256, not {size}")
     queue = _positive(raw.get("poolQueue", 256), f"{key}.poolQueue")
-    return {"sessions": mode, "poolSize": size, "poolQueue": queue}
+    warm = _expect(raw.get("warmPool", 0), int, f"{key}.warmPool", "a whole number from 0 to 64")
+    if not 0 <= warm <= 64:
+        raise ConfigError(f"{key}.warmPool", f"must be a whole number from 0 to 64, not {json.dumps(warm)}")
+    if warm and mode != "per-client":
+        raise ConfigError(f"{key}.warmPool", 'only applies to a server with "sessions": "per-client"')
+    return {"sessions": mode, "poolSize": size, "poolQueue": queue, "warmPool": warm}
 
 
 def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
@@ -485,7 +492,7 @@ def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(key, "server names may use letters, digits, '_', '.' and '-' only")
     allowed = {"command", "args", "env", "cwd", "default", "maxMessageBytes", "stopGrace", "disabled", "maxSessions", "inheritEnv",
-               "tools", "sessions", "poolSize", "poolQueue"}
+               "tools", "sessions", "poolSize", "poolQueue", "warmPool"}
     if isinstance(raw, dict) and "url" in raw:
         return _remote_server(name, raw, environ)
     _object(raw, key, allowed)

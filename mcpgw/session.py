@@ -26,6 +26,7 @@ from mcpgw.store import SessionRecord
 from mcpgw.store.memory import MemorySessionStore
 from mcpgw.upstream.stdio import ServerActivity, StdioUpstream
 from mcpgw.upstream import make_upstream
+from mcpgw.upstream.warm import WarmChildren, warmable
 
 
 class Route(Protocol):
@@ -103,7 +104,7 @@ class Session:
     request_timeout: float | None = None
 
     def __init__(self, id: str, server: ServerConfig, transport: str, reactor: Any, on_end: Callable[["Session"], None],
-                 metrics: BoundMetrics = NULL_BOUND):
+                 metrics: BoundMetrics = NULL_BOUND, upstream: Any = None):
         self.id = id
         self.metrics = metrics
         self.server = server
@@ -123,11 +124,16 @@ class Session:
         self._initialize_id: Any = None
         self._pauses = 0
         self._deadlines: dict[Any, Any] = {}
-        self.upstream = make_upstream(server, self, reactor)  # stdio, remote or aggregate (mcpgw.upstream)
+        #: The child was already running (a warm child, mcpgw.upstream.warm): start() does not spawn.
+        self.prespawned = upstream is not None
+        self.upstream = make_upstream(server, self, reactor, base=upstream)  # stdio, remote or aggregate (mcpgw.upstream)
         self.upstream.metrics = metrics
 
     def start(self) -> None:
-        self.upstream.spawn()
+        if self.prespawned:
+            self.metrics.child_started()  # counted from now on by this session's gauges
+        else:
+            self.upstream.spawn()
 
     # -- client -> child --------------------------------------------------
 
@@ -332,6 +338,8 @@ class SessionManager(Service):
         self.activity: dict[str, ServerActivity] = {}
         #: Why no new session can start now (mcpgw.cluster: Redis is down), or None.
         self.unavailable: Callable[[], str | None] | None = None
+        #: Per server with ``warmPool``: its pre-spawned children (mcpgw.upstream.warm), filled at startService.
+        self.warm: dict[str, WarmChildren] = {}
 
     def room_for(self, server: ServerConfig) -> SessionRefused | None:
         """Why a new session of ``server`` cannot start now (a cap is reached, Redis is down), or None."""
@@ -352,8 +360,11 @@ class SessionManager(Service):
         refused = self.room_for(server)
         if refused is not None:
             raise refused
+        warm = self.warm.get(server.name) if factory is None else None
+        taken = warm.take() if warm is not None and warm.server == server else None
+        extra = {} if taken is None else {"upstream": taken}
         session = (factory or Session)(self.ids.new(), server, transport, self._reactor, self._ended,
-                          metrics=self.metrics.bound(transport, server.name))
+                          metrics=self.metrics.bound(transport, server.name), **extra)
         session.metrics.session_started()
         session.owner = owner
         session.max_pending = self.config.limits.maxPendingRequests
@@ -435,6 +446,10 @@ class SessionManager(Service):
         self._reaper.clock = self._reactor
         interval = min(60.0, self.config.session.maxAge / 1000.0, (self.config.session.maxLifetime or 60_000) / 1000.0)
         self._reaper.start(interval, now=False).addErrback(lambda f: self.log.failure("reaper stopped", f))
+        for server in self.config.servers.values():
+            if warmable(server) and server.name not in self.warm:
+                warm = self.warm[server.name] = WarmChildren(server, self._reactor, self.activity_of(server.name))
+                warm.start()
 
     def stopService(self) -> defer.Deferred[None]:
         """Close every session; fires when every child has exited."""
@@ -444,4 +459,5 @@ class SessionManager(Service):
             self._reaper.stop()
         waits = [s.close("gateway shutting down") for s in list(self.sessions.values())]
         waits.extend(self._ending)
+        waits.extend(warm.stop() for warm in self.warm.values())
         return defer.DeferredList(waits).addCallback(lambda _: None)

@@ -41,13 +41,22 @@ class IUpstream(Interface):
         """Read from upstream again."""
 
 
-def make_upstream(server: ServerConfig, delegate: Any, reactor: Any) -> Any:
-    """A stdio child, a remote server or an aggregate, behind its tool filter if it has one."""
+def make_upstream(server: ServerConfig, delegate: Any, reactor: Any, base: Any = None) -> Any:
+    """A stdio child, a remote server or an aggregate, behind its tool filter if it has one.
+
+    ``base``: an upstream that already exists (a warm child, mcpgw.upstream.warm): it is
+    re-pointed at ``delegate`` (or at the tool filter) instead of a new one being made.
+    """
     if server.tools is not None:
         filtered = FilteredUpstream(server.tools, delegate)
-        filtered.inner = _base(server, filtered, reactor)
+        filtered.inner = _base(server, filtered, reactor) if base is None else _adopt(base, filtered)
         return filtered
-    return _base(server, delegate, reactor)
+    return _base(server, delegate, reactor) if base is None else _adopt(base, delegate)
+
+
+def _adopt(base: Any, delegate: Any) -> Any:
+    base.delegate = delegate
+    return base
 
 
 def _base(server: ServerConfig, delegate: Any, reactor: Any) -> Any:
