@@ -13,7 +13,7 @@ from mcpgw import jsonrpc
 from mcpgw.config import ConfigError, GatewayConfig, ServerConfig, SessionConfig, ToolFilter, parse_server
 from mcpgw.session import SessionManager
 from mcpgw.upstream import FilteredUpstream, stdio
-from mcpgw.upstream.warm import BACKOFF_FIRST, WarmChildren
+from mcpgw.upstream.warm import BACKOFF_FIRST, REFILL_DELAY, WarmChildren
 from tests.fake_process import FakeProcessReactor
 from tests.gateway_process import fixture_server, wait_until
 from tests.mcp_raw import StreamableSession, result_text, tool_call
@@ -39,7 +39,7 @@ class WarmChildrenTests(SynchronousTestCase):
         self.assertEqual(child.pid, 4242)
         self.assertFalse(child.ended)
         self.assertEqual(len(self.reactor.spawned), 2)
-        self.reactor.advance(0)  # the replacement: on the next reactor turn
+        self.reactor.advance(REFILL_DELAY)  # the replacement: just after the session's setup
         self.assertEqual(len(self.reactor.spawned), 3)
         self.assertEqual([c.pid for c in self.warm.ready], [4243, 4244])
 
@@ -103,7 +103,7 @@ class ManagerTests(SynchronousTestCase):
         self.assertIs(session.upstream.delegate, session)
         self.assertEqual(session.upstream.pid, 4242)
         self.assertIs(session.upstream.activity, manager.activity_of("time"))
-        self.reactor.advance(0)
+        self.reactor.advance(REFILL_DELAY)
         self.assertEqual(len(self.reactor.spawned), 3)  # the replacement
         # The session works through the taken child.
         seen: list[bytes] = []
@@ -140,7 +140,7 @@ class ManagerTests(SynchronousTestCase):
     def test_stop_service_stops_warm_children(self) -> None:
         manager = self.manager(SERVER)
         manager.create(SERVER, "streamable")
-        self.reactor.advance(0)
+        self.reactor.advance(REFILL_DELAY)
         d = manager.stopService()
         self.assertEqual([t.stdinClosed for t in self.reactor.spawned], [1, 1, 1])
         self.reactor.spawned[0].exit(0)

@@ -1,7 +1,7 @@
 """``warmPool``: pre-spawned children of a per-client stdio server.
 
 A new session takes a child that is already running (no fork/exec, no interpreter
-start-up on its path) and a replacement is spawned at once. A warm child says
+start-up on its path) and a replacement is spawned REFILL_DELAY later. A warm child says
 nothing before ``initialize`` (its stderr is logged by the StdioUpstream anyway), so
 its placeholder delegate buffers nothing; one that exits while waiting is dropped
 and replaced after a doubling backoff on the injected reactor, so a broken command
@@ -21,6 +21,10 @@ from mcpgw.upstream.stdio import ServerActivity, StdioUpstream
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+#: Seconds from a take to its replacement's spawn. Not 0: a fork/exec on the reactor and an
+#: interpreter starting beside the taken child while it answers ``initialize`` cost that session
+#: ~5 ms of its setup on 2 cores (docs/performance.md); takes within this window share one refill.
+REFILL_DELAY = 0.05
 
 
 def warmable(server: ServerConfig) -> bool:
@@ -76,8 +80,7 @@ class WarmChildren:
         if child is not None:
             self._backoff = BACKOFF_FIRST  # it lived until used: the command works
             if self._timer is None:
-                # The replacement on the next reactor turn: the session's initialize reaches its child before the fork.
-                self._timer = self._reactor.callLater(0, self._refill)
+                self._timer = self._reactor.callLater(REFILL_DELAY, self._refill)
         return child
 
     def stop(self) -> defer.Deferred[None]:
