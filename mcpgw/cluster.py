@@ -18,8 +18,9 @@ client's request for it (nginx balances without stickiness):
   (``<instance * 10^8 + n>_<seq>``), so ``Last-Event-ID`` can be resumed on any
   instance: it replays from Redis, then asks the holder for what came after
   (``RemoteLive``), exactly once.
-- An owner that is gone (its heartbeat key expired): 404, and the record is
-  deleted, so the client initializes a new session. Redis down: sessions owned
+- An owner that is gone (killed: no connection to Redis left, see
+  ``InstanceRegistry.alive``; or its heartbeat key expired): 404, and the record
+  is deleted, so the client initializes a new session. Redis down: sessions owned
   here go on; everything that needs another instance answers 503.
 
 Messages between instances are ``<JSON header>\\n<payload>`` on the channel
@@ -46,6 +47,7 @@ from mcpgw.store.redis import (
     RedisConnection,
     RedisSessionStore,
     Script,
+    client_name,
     new_instance_id,
     parse_url,
 )
@@ -442,6 +444,7 @@ class Cluster(MultiService):
         self.keys = Keys(config.redis.keyPrefix)
         self.redis = RedisConnection(parse_url(config.redis.url, config.redis.password), reactor,
                                      timeout=config.redis.timeout, metrics=metrics)
+        self.redis.client_name = client_name(self.keys, self.instance)
         self.max_age = config.session.maxAge / 1000.0
         touch = min(30.0, max(config.redis.heartbeat, self.max_age / 4))
         self.store = RedisSessionStore(self.redis, self.keys, self.instance, config.session.maxAge, reactor,
@@ -714,8 +717,9 @@ class Cluster(MultiService):
     def _forwarded(self, receivers: int, session: RemoteSession, rid: int | None) -> Any:
         if receivers:
             return None
-        # Nobody listens on the owner's channel: gone for good (no heartbeat), or for a moment.
-        d = self.registry.alive(session.instance)
+        # Nobody listens on the owner's channel: killed (no heartbeat, or no connection to Redis
+        # left), or its pub/sub connection is coming back.
+        d = self.registry.alive(session.instance, connected=True)
         d.addCallbacks(self._owner_checked, self._forward_failed, callbackArgs=(session, rid), errbackArgs=(session, rid))
         return d
 
@@ -839,11 +843,20 @@ class Cluster(MultiService):
             elif status == "gone":
                 self.forget_remote(session, "Session not found", status=404)
                 e = HttpError(404, jsonrpc.SESSION_NOT_FOUND, "Session not found")
-            else:  # unreachable
+            else:  # unreachable: killed (404), or its pub/sub connection is coming back (503)
+                self.registry.alive(session.instance, connected=True).addBoth(unreachable)
+                return
+            self._reply(request, e)
+
+        def unreachable(alive: Any) -> None:
+            if alive is False:
+                self.owner_gone(session)
+                e = HttpError(404, jsonrpc.SESSION_NOT_FOUND, "Session not found")
+            else:
                 e = HttpError(503, jsonrpc.CONNECTION_CLOSED, "Service Unavailable: the gateway instance that owns "
                               "this session is not reachable now; try again", headers={b"retry-after": b"1"})
-                self._registry_check(session)
-            self._reply(request, e)
+            if not (request.finished or request._disconnected):
+                self._reply(request, e)
 
         def failed(f: Any) -> None:
             if not (request.finished or request._disconnected):
@@ -851,10 +864,6 @@ class Cluster(MultiService):
                                                f"Service Unavailable: {f.getErrorMessage()}", headers={b"retry-after": b"2"}))
 
         d.addCallbacks(answered, failed).addErrback(lambda f: self.log.failure("cluster: GET stream", f))
-
-    def _registry_check(self, session: RemoteSession) -> None:
-        self.registry.alive(session.instance).addCallback(
-            lambda alive: None if alive else self.owner_gone(session)).addErrback(lambda f: None)
 
     @staticmethod
     def _reply(request: Request, e: HttpError) -> None:

@@ -4,7 +4,7 @@ Each gateway exports its own metrics on its metrics port; this exporter reads
 what the instances share in Redis (the key schema of ``mcpgw.store.redis``) at
 each scrape, so one scrape sees the whole cluster:
 
-- ``PREFIX instance:ID`` (heartbeat, ``{"pid", "host", "started"}``, ``PX`` TTL): live
+- ``PREFIX instance:ID`` (heartbeat, ``{"pid", "host", "started", "redis"}``, ``PX`` TTL): live
   instances, each one's heartbeat age (its TTL minus what is left of it) and uptime;
 - ``PREFIX session:ID`` (hash ``server transport instance ...``): sessions per server and
   transport, per owning instance, and those whose owner is no longer alive.

@@ -337,8 +337,9 @@ def test_get_stream_ends_when_owner_dies(cluster):
 
 
 def test_owner_killed_gives_404_and_record_cleaned(cluster, redis):
-    """SIGKILL the owner: requests through B get 503 (owner not reachable) at most until its
-    heartbeat expires, then 404; the record is deleted; a new initialize through B works."""
+    """SIGKILL the owner: the very next request through B is 404 (its heartbeat key is still
+    there, but it holds no connection to Redis any more); the record is deleted; a new initialize
+    through B works."""
     a, b = cluster(2)
     sid: list[str] = []
 
@@ -350,27 +351,48 @@ def test_owner_killed_gives_404_and_record_cleaned(cluster, redis):
         sid.append(s.session_id)
 
     run(setup)
+    instance = json.loads(httpx.get(a.url + "/health").text)["instance"]
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait(10)
+    assert redis.command("EXISTS", f"mcpgw:instance:{instance}").startswith(b":1")  # not expired yet
 
     async def after(client: httpx.AsyncClient) -> None:
         s = StreamableSession(client, mcp(b))
         s.session_id = sid[0]
-        statuses = []
-        for _ in range(100):
-            r = await s.post_raw(echo_call(2, "y"))
-            statuses.append(r.status_code)
-            if r.status_code == 404:
-                break
-            assert r.status_code == 503 and "not reachable" in r.text and r.headers["retry-after"], r.text
-            await anyio.sleep(0.05)
-        assert statuses[-1] == 404, statuses
+        r = await s.post_raw(echo_call(2, "y"))
+        assert r.status_code == 404 and r.json()["error"]["code"] == -32001, r.text
         s.session_id = ""
         await s.initialize()
         assert (await s.post(echo_call(3, "new")))[0]["id"] == 3
 
     run(after)
     assert b"0" in redis.command("EXISTS", f"mcpgw:session:{sid[0]}")
+
+
+def test_owner_without_pubsub_is_not_taken_for_dead(cluster, redis):
+    """Only the owner's pub/sub connection is lost (CLIENT KILL): it still holds its command
+    connection, so a request through B meanwhile is 503 + Retry-After or served, never 404."""
+    a, b = cluster(2)
+
+    async def main(client: httpx.AsyncClient) -> None:
+        s = StreamableSession(client, mcp(a))
+        await s.initialize()
+        s.url = mcp(b)
+        instance = json.loads((await client.get(a.url + "/health")).text)["instance"]
+        listing = redis.command("CLIENT", "LIST").decode()
+        [pubsub] = [line.split(" ")[0].split("=")[1] for line in listing.splitlines()
+                    if f"name=mcpgw:instance:{instance} " in line and "sub=1" in line]
+        redis.command("CLIENT", "KILL", "ID", pubsub)
+        for i in range(20):
+            r = await s.post_raw(echo_call(i, "y"))
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 503:
+                assert r.headers["retry-after"], r.headers
+        with anyio.fail_after(10):
+            while (await s.post_raw(echo_call(99, "z"))).status_code != 200:
+                await anyio.sleep(0.05)
+
+    run(main)
 
 
 def test_owner_stopped_cleanly_gives_404_at_once(cluster, redis):

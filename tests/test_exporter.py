@@ -170,7 +170,7 @@ async def test_reader_counts_what_the_store_writes(redis):
             store = RedisSessionStore(conn, keys, instance, 60_000, clock)
             stores[instance] = store
             registry = InstanceRegistry(conn, store, clock, interval=1.0)
-            await conn.execute("SET", keys.instance(instance), registry._info, "PX", int(registry.ttl * 1000))
+            await conn.execute("SET", keys.instance(instance), registry.heartbeat(), "PX", int(registry.ttl * 1000))
         await stores["111111111"].add(SessionRecord("s1", "fx", "streamable", clock.seconds()))
         await stores["111111111"].add(SessionRecord("s2", "fx", "streamable", clock.seconds()))
         await stores["222222222"].add(SessionRecord("s3", "fx", "sse", clock.seconds()))

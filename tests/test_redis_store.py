@@ -9,6 +9,7 @@ on a ``task.Clock``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from typing import Any
@@ -448,12 +449,50 @@ class TestRegistry:
             registry.startService()
             ttl = await conn.execute("PTTL", "mcpgw:instance:123456789")
             assert 1000 < ttl <= 1500
+            heartbeat = json.loads(await conn.execute("GET", "mcpgw:instance:123456789"))
+            assert heartbeat["redis"] == conn.run_id and heartbeat["pid"] == os.getpid()
             other = InstanceRegistry(conn, RedisSessionStore(conn, Keys(), "999999999", 1, clock), clock)
             assert await other.alive("123456789") is True
             assert await other.alive("555555555") is False
             await registry.stopService()
             assert await other.alive("123456789") is False
         finally:
+            await conn.stopService()
+
+    @pytest_twisted.ensureDeferred
+    async def test_killed_instance_is_dead_before_its_heartbeat_expires(self, redis):
+        """alive(connected=True): an instance whose heartbeat key is still there but which holds no
+        connection to Redis (its process was killed) is dead; one whose pub/sub connection alone
+        is gone is alive. A heartbeat from an earlier run of Redis: the heartbeat alone decides."""
+        conn = await connect(redis.url)
+        conn.client_name = "mcpgw:instance:123456789"
+        clock = task.Clock()
+        owner = RedisConnection(parse_url(redis.url), reactor)
+        owner.client_name = "mcpgw:instance:123456789"
+        owner.startService()
+        await changed(owner, True)
+        try:
+            registry = InstanceRegistry(conn, RedisSessionStore(conn, Keys(), "999999999", 1, clock), clock, interval=0.5)
+            # Heartbeats written before Redis restarted (another run_id): only the heartbeat is trusted.
+            for instance in ("123456789", "555555555"):
+                await conn.execute("SET", f"mcpgw:instance:{instance}", '{"redis": "an-earlier-run"}', "PX", 60_000)
+            assert await registry.alive("555555555", connected=True) is True
+            assert conn.run_id
+            for instance in ("123456789", "555555555"):
+                await conn.execute("SET", f"mcpgw:instance:{instance}", f'{{"redis": "{conn.run_id}"}}', "PX", 60_000)
+            assert await registry.alive("555555555", connected=True) is False  # killed: no connection
+            assert await registry.alive("555555555") is True  # the heartbeat alone still says alive
+            assert await registry.alive("123456789", connected=True) is True
+            # The owner loses its pub/sub connection only: still alive.
+            await owner.pubsub.stop()
+            assert await registry.alive("123456789", connected=True) is True
+            await owner.stopService()
+            assert await registry.alive("123456789", connected=True) is False
+            # A Redis that refuses CLIENT LIST: the heartbeat decides.
+            conn.client_list_refused = True
+            assert await registry.alive("555555555", connected=True) is True
+        finally:
+            await owner.stopService()
             await conn.stopService()
 
     @pytest_twisted.ensureDeferred

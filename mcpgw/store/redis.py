@@ -149,6 +149,11 @@ class Keys:
         return f"{self.prefix}rate:{key}"
 
 
+def client_name(keys: Keys, instance: str) -> str:
+    """The ``CLIENT SETNAME`` of ``instance``'s connections (Redis allows no spaces in it)."""
+    return "".join("_" if c.isspace() else c for c in keys.instance(instance))
+
+
 def new_instance_id() -> str:
     """A random 9-digit instance id (digits only: it is the high part of SSE stream numbers)."""
     return str(secrets.randbelow(900_000_000) + 100_000_000)
@@ -305,6 +310,7 @@ class _Link:
                 await owner._timed(protocol.execute_command("AUTH", *auth), owner.timeout)
             if address.db:
                 await owner._timed(protocol.execute_command("SELECT", address.db), owner.timeout)
+            await owner._name(protocol)
             await self._prepare(protocol)
         except BaseException as e:
             if protocol.transport is not None:
@@ -333,6 +339,13 @@ class RedisConnection(Service):
         self._channels: dict[bytes, Callable[[bytes], None]] = {}
         self._listeners: list[Callable[[bool], None]] = []
         self.available = False
+        #: ``CLIENT SETNAME`` of both connections (None: unnamed), so that other instances can tell
+        #: from ``CLIENT LIST`` whether this process still holds a connection to Redis.
+        self.client_name: str | None = None
+        #: Redis refused CLIENT SETNAME or CLIENT LIST (a managed Redis may rename them away).
+        self.client_list_refused = False
+        #: The ``run_id`` of the Redis process the command connection is on (new at every Redis start).
+        self.run_id: str | None = None
         self.commands = _Link(self, "command", _Commands, self._prepare_commands)
         self.pubsub = _Link(self, "pub/sub", _Subscriber, self._prepare_subscriber)
 
@@ -399,8 +412,43 @@ class RedisConnection(Service):
     def _timed(self, d: defer.Deferred[Any], seconds: float) -> defer.Deferred[Any]:
         return d.addTimeout(seconds, self._reactor)
 
+    async def _name(self, protocol: Any) -> None:
+        if self.client_name is None or self.client_list_refused:
+            return
+        try:
+            await self._timed(protocol.execute_command("CLIENT", "SETNAME", self.client_name), self.timeout)
+        except txredisapi.ResponseError as e:
+            self.client_list_refused = True
+            self.log.warn("redis: CLIENT SETNAME refused ({error}); a killed instance is noticed only when its "  # noqa: G010 (twisted.logger)
+                          "heartbeat expires", error=str(e))
+
+    def connected_names(self) -> defer.Deferred[set[bytes] | None]:
+        """The client names of every connection Redis holds now (None: Redis refuses CLIENT LIST)."""
+        if self.client_list_refused:
+            return defer.succeed(None)
+
+        def names(listing: Any) -> set[bytes]:
+            text = listing if isinstance(listing, bytes) else str(listing).encode()
+            return {field[5:] for line in text.splitlines() for field in line.split(b" ") if field.startswith(b"name=")}
+
+        def refused(f: Any) -> None:
+            f.trap(txredisapi.ResponseError)
+            self.client_list_refused = True
+            self.log.warn("redis: CLIENT LIST refused ({error}); a killed instance is noticed only when its "  # noqa: G010 (twisted.logger)
+                          "heartbeat expires", error=f.getErrorMessage())
+            return None
+
+        return self.execute("CLIENT", "LIST").addCallbacks(names, refused)
+
     async def _prepare_commands(self, protocol: Any) -> None:
         await self._timed(protocol.execute_command("PING"), self.timeout)
+        try:
+            info = _text(await self._timed(protocol.execute_command("INFO", "server"), self.timeout))
+        except txredisapi.ResponseError:
+            self.run_id = None
+        else:
+            self.run_id = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                                if line.startswith("run_id:")), None)
         for script in list(Script.made):
             await self._timed(protocol.execute_command("SCRIPT", "LOAD", script.source), self.timeout)
 
@@ -725,7 +773,7 @@ class InstanceRegistry(Service):
         #: The rewrite of every owned record after the last reconnect.
         self.restoring: defer.Deferred[None] = defer.succeed(None)
         self.started = reactor.seconds()
-        self._info = jsonrpc.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": self.started})
+        self._info = {"pid": os.getpid(), "host": socket.gethostname(), "started": self.started}
         self._failures = 0
 
     def startService(self) -> None:
@@ -754,7 +802,7 @@ class InstanceRegistry(Service):
     def beat(self, force_touch: bool = False) -> None:
         if not self._redis.commands.up:
             return
-        self._redis.execute("SET", self.keys.instance(self.instance), self._info, "PX", int(self.ttl * 1000)) \
+        self._redis.execute("SET", self.keys.instance(self.instance), self.heartbeat(), "PX", int(self.ttl * 1000)) \
             .addCallbacks(self._ok, self._failed, errbackArgs=("heartbeat",))
         if self._redis.pubsub.up:
             self._redis.ping_pubsub().addErrback(self._failed, "pub/sub ping")
@@ -762,6 +810,10 @@ class InstanceRegistry(Service):
         if force_touch or now - self._last_touch >= self.touch_interval:
             self._last_touch = now
             self.touch()
+
+    def heartbeat(self) -> bytes:
+        """The heartbeat key's value; ``redis``: the Redis run it is written to (see ``alive``)."""
+        return jsonrpc.dumps({**self._info, "redis": self._redis.run_id})
 
     def touch(self) -> defer.Deferred[None]:
         """Refresh the records of the sessions used since the last touch."""
@@ -779,11 +831,35 @@ class InstanceRegistry(Service):
             return defer.succeed(None)
         return self.store.touch(seen).addErrback(self._failed, "refreshing session records")
 
-    def alive(self, instance: str) -> defer.Deferred[bool]:
-        """Whether ``instance`` has written its heartbeat within its TTL."""
+    def alive(self, instance: str, connected: bool = False) -> defer.Deferred[bool]:
+        """Whether ``instance`` has written its heartbeat within its TTL; with ``connected``, also
+        whether its process still holds a connection to Redis.
+
+        ``connected`` is for the moment a publish to ``instance`` reached nobody: a killed process
+        loses its connections at once (the kernel closes them), while its heartbeat key lasts up to
+        its TTL. A live instance that only lost its pub/sub connection still has its command
+        connection (named with ``CLIENT SETNAME``), so it is not taken for dead. A heartbeat written
+        to an earlier run of Redis (a persistent Redis restarted, the instance not reconnected yet),
+        or a Redis that refuses CLIENT LIST: the heartbeat alone decides.
+        """
         if instance == self.instance:
             return defer.succeed(True)
-        return self._redis.execute("EXISTS", self.keys.instance(instance)).addCallback(lambda n: bool(n))
+        if not connected:
+            return self._redis.execute("EXISTS", self.keys.instance(instance)).addCallback(lambda n: bool(n))
+        return self._redis.execute("GET", self.keys.instance(instance)).addCallback(self._connected, instance)
+
+    def _connected(self, heartbeat: Any, instance: str) -> Any:
+        if heartbeat is None:
+            return False
+        try:
+            written_to = jsonrpc.loads(heartbeat).get("redis")
+        except (ValueError, AttributeError):
+            written_to = None
+        if written_to is None or written_to != self._redis.run_id:
+            return True
+        name = client_name(self.keys, instance).encode()
+        return self._redis.connected_names().addCallbacks(lambda names: names is None or name in names,
+                                                         lambda f: True)
 
     def _ok(self, _: Any) -> None:
         self._failures = 0
