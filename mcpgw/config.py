@@ -75,6 +75,8 @@ class ServerConfig:
     #: Children of a pooled server, and the most requests in flight on each (more: 503 + Retry-After).
     poolSize: int = 4
     poolQueue: int = 256
+    #: Seconds a pooled call that answered a 2026-07-28 client with an InputRequiredResult waits for its retry.
+    poolInputWait: float = 60.0
     #: Pre-spawned children of a per-client stdio server that new sessions take (mcpgw.upstream.warm); 0: off.
     warmPool: int = 0
     #: The aggregated server (top-level ``aggregate``): its member servers.
@@ -472,19 +474,20 @@ def _pooling(raw: dict[str, Any], key: str) -> dict[str, Any]:
     mode = _expect(raw.get("sessions", "per-client"), str, f"{key}.sessions", '"per-client" or "pooled"')
     if mode not in SESSION_MODES:
         raise ConfigError(f"{key}.sessions", f'must be "per-client" or "pooled", not {json.dumps(mode)}')
-    for option in ("poolSize", "poolQueue"):
+    for option in ("poolSize", "poolQueue", "poolInputWait"):
         if option in raw and mode != "pooled":
             raise ConfigError(f"{key}.{option}", 'only applies to a server with "sessions": "pooled"')
     size = _positive(raw.get("poolSize", 4), f"{key}.poolSize")
     if size > 256:
         raise ConfigError(f"{key}.poolSize", f"must be at most 256, not {size}")
     queue = _positive(raw.get("poolQueue", 256), f"{key}.poolQueue")
+    wait = float(_positive(raw.get("poolInputWait", 60.0), f"{key}.poolInputWait", (int, float)))
     warm = _expect(raw.get("warmPool", 0), int, f"{key}.warmPool", "a whole number from 0 to 64")
     if not 0 <= warm <= 64:
         raise ConfigError(f"{key}.warmPool", f"must be a whole number from 0 to 64, not {json.dumps(warm)}")
     if warm and mode != "per-client":
         raise ConfigError(f"{key}.warmPool", 'only applies to a server with "sessions": "per-client"')
-    return {"sessions": mode, "poolSize": size, "poolQueue": queue, "warmPool": warm}
+    return {"sessions": mode, "poolSize": size, "poolQueue": queue, "poolInputWait": wait, "warmPool": warm}
 
 
 def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
@@ -492,7 +495,7 @@ def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(key, "server names may use letters, digits, '_', '.' and '-' only")
     allowed = {"command", "args", "env", "cwd", "default", "maxMessageBytes", "stopGrace", "disabled", "maxSessions", "inheritEnv",
-               "tools", "sessions", "poolSize", "poolQueue", "warmPool"}
+               "tools", "sessions", "poolSize", "poolQueue", "poolInputWait", "warmPool"}
     if isinstance(raw, dict) and "url" in raw:
         return _remote_server(name, raw, environ)
     _object(raw, key, allowed)

@@ -10,7 +10,10 @@ label values were resolved once:
 - WebSocket open/close: active connections;
 - ``StdioUpstream`` spawn/stop/exit: child process gauges, restarts;
 - ``Metrics.wrap`` around each MCP endpoint: HTTP error replies by kind;
-- ``Metrics.redis_op`` and ``Metrics.rate_limited``: hooks for the Redis store and the rate limiter.
+- ``Metrics.redis_op`` and ``Metrics.rate_limited``: hooks for the Redis store and the rate limiter;
+- the 2026-07-28 endpoint (mcpgw.transports.modern, transport ``modern``): its requests, bytes out, and
+  ``modern_outcome`` (InputRequiredResults, resumed retries, unknown requestStates, header mismatches,
+  missing capabilities) as plain numbers.
 
 The per-message figures (requests, bytes, SSE events, the latency histogram)
 are plain numbers on those objects, turned into families by ``_HotCollector``
@@ -59,9 +62,19 @@ MCP_METHODS = frozenset({
     "tasks/list",
     "tasks/result",
     "tasks/cancel",
+    # 2026-07-28
+    "server/discover",
+    "subscriptions/listen",
 })
 OTHER = "other"
-TRANSPORTS = ("streamable", "sse", "ws")
+TRANSPORTS = ("streamable", "sse", "ws", "modern")
+#: What became of 2026-07-28 requests (``mcp_gateway_modern_outcomes{server,outcome}``):
+#:   input_required      an InputRequiredResult was sent (a pooled child asked sampling / elicitation / roots)
+#:   resumed             a retry's requestState found its parked call
+#:   state_unknown       a retry's requestState matched nothing parked (expired, used, or forged): a fresh call
+#:   header_mismatch     400/-32020 (routing or Mcp-Param-* headers disagree with the body)
+#:   missing_capability  400/-32021 (the child asked for what the caller did not declare)
+MODERN_OUTCOMES = ("input_required", "resumed", "state_unknown", "header_mismatch", "missing_capability")
 
 #: Error kinds (``mcp_gateway_errors_total{kind}``).
 #:   upstream_error     the MCP server answered a request with a JSON-RPC error
@@ -119,6 +132,8 @@ class BoundMetrics:
         self.received_bytes = 0
         self.sent_bytes = 0
         self.events = 0
+        #: 2026-07-28 outcomes (MODERN_OUTCOMES) -> count; only the modern transport's instruments have any.
+        self.modern: dict[str, int] = {}
         self._errors: dict[str, Any] = {}
         m = metrics
         self._sessions = m.sessions_total.labels(transport, server)
@@ -171,6 +186,11 @@ class BoundMetrics:
     def sse_events(self, count: int = 1) -> None:
         self.events += count
 
+    def modern_outcome(self, outcome: str) -> None:
+        """One of MODERN_OUTCOMES happened to a 2026-07-28 request."""
+        modern = self.modern
+        modern[outcome] = modern.get(outcome, 0) + 1
+
     # -- child processes -----------------------------------------------------
 
     def child_started(self) -> None:
@@ -222,6 +242,9 @@ class _NullBound(BoundMetrics):
         pass
 
     def sse_events(self, count: int = 1) -> None:
+        pass
+
+    def modern_outcome(self, outcome: str) -> None:
         pass
 
     def child_started(self) -> None:
@@ -374,6 +397,10 @@ class _HotCollector:
         events = CounterMetricFamily("mcp_gateway_sse_events",
                                      "SSE events written to clients (keepalive comments not counted).",
                                      labels=["transport", "server"])
+        modern = CounterMetricFamily("mcp_gateway_modern_outcomes",
+                                     "What became of 2026-07-28 requests: InputRequiredResults, resumed retries, "
+                                     "unknown requestStates, header mismatches, missing capabilities.",
+                                     labels=["server", "outcome"])
         for b in bound:
             labels = [b.transport, b.server]
             for method, count in sorted(b.requests.items()):
@@ -381,6 +408,8 @@ class _HotCollector:
             received.add_metric(labels, b.received_bytes)
             sent.add_metric(labels, b.sent_bytes)
             events.add_metric(labels, b.events)
+            for outcome, count in sorted(b.modern.items()):
+                modern.add_metric([b.server, outcome], count)
         durations = HistogramMetricFamily("mcp_gateway_request_duration_seconds",
                                           "Time from a client request to its response.", labels=["method"])
         for method, h in self._metrics.durations.items():
@@ -388,7 +417,7 @@ class _HotCollector:
             if total:
                 cumulative = list(accumulate(h.counts))
                 durations.add_metric([method], list(zip(_LE, cumulative)), h.sum)
-        yield from (requests, received, sent, events, durations)
+        yield from (requests, received, sent, events, durations, modern)
 
 
 class NoMetrics(Metrics):

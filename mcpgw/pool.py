@@ -15,9 +15,15 @@ then ``notifications/initialized``). Client requests are spread over them:
   children's requests are untouched;
 - a child's own request to its client (sampling, elicitation, roots) during a
   call becomes an ``InputRequiredResult`` for a 2026-07-28 caller when the call
-  is the child's only one in flight (mcpgw.transports.modern), else it is
-  answered with a JSON-RPC error at once: nothing waits for a client that
-  cannot be asked.
+  is the child's only one in flight that is not already waiting for its
+  client's input (mcpgw.transports.modern); the requests such a call makes
+  within ``INPUT_GATHER`` go out together, each under its own key; the call
+  waits ``poolInputWait`` seconds for the client's retry, then the child's
+  requests get JSON-RPC errors and the call ``notifications/cancelled``.
+  Any other child request is answered with a JSON-RPC error at once: nothing
+  waits for a client that cannot be asked;
+- the ``x-mcp-header`` annotations of the tools (SEP-2243) are fetched with one
+  ``tools/list`` when first needed, kept until a child says the list changed.
 
 The pool keeps no per-client state beyond the requests in flight.
 """
@@ -25,6 +31,7 @@ The pool keeps no per-client state beyond the requests in flight.
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -52,8 +59,21 @@ INPUT_METHODS = frozenset({"sampling/createMessage", "elicitation/create", "root
 #: A child's notifications that every pooled session hears (log lines and the like stay with one call, or nowhere).
 SHARED_NOTIFICATIONS = frozenset({"notifications/tools/list_changed", "notifications/prompts/list_changed",
                                   "notifications/resources/list_changed"})
-#: How long a parked call waits for the client's retry with inputResponses (seconds).
-INPUT_WAIT = 300.0
+#: How long a parked call waits for the client's retry with inputResponses (seconds): the default of
+#: ``mcpServers.NAME.poolInputWait``.
+INPUT_WAIT = 60.0
+#: How long further requests of a call that asked its client something are gathered into the same
+#: InputRequiredResult (seconds): a child that asks several things at once sends them back to back.
+INPUT_GATHER = 0.05
+#: A child's own name for the inputRequests key of its request: ``params._meta["mcpgw/inputKey"]`` (taken out).
+INPUT_KEY_META = "mcpgw/inputKey"
+#: The inputRequests key of a child's request that names none.
+INPUT_KEYS = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
+_INPUT_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: An ``x-mcp-header`` value (RFC 9110 token).
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: Types an ``x-mcp-header`` annotation may be on.
+HEADER_TYPES = frozenset({"string", "integer", "boolean"})
 
 
 def params_of(msg: dict[str, Any]) -> dict[str, Any]:
@@ -86,17 +106,81 @@ class Pending:
     on_input: Callable[[Pending, dict[str, Any]], bool] | None = None
     #: The rewritten request as sent to the child.
     raw: bytes = b""
+    #: The child's requests to the client during this call not answered yet: inputRequests key -> the child's id.
+    asked: dict[str, Any] = attrs.Factory(dict)
+    #: The same: key -> {method, params} as the client sees it.
+    inputs: dict[str, Any] = attrs.Factory(dict)
+    #: The requestState of an InputRequiredResult the call waits on (None: not waiting).
+    state: str | None = None
+    #: The gathering timer (INPUT_GATHER), then the waiting one (poolInputWait).
+    input_timer: Any = None
 
 
-@attrs.define(eq=False)
-class Parked:
-    """A call waiting for the client's inputResponses (2026-07-28 InputRequiredResult)."""
+def header_annotations(schema: Any) -> list[tuple[tuple[str, ...], str, str]]:
+    """A tool inputSchema's ``x-mcp-header`` annotations: (property path, lower-case header name, type).
 
-    pending: Pending
-    child: PooledChild
-    server_request_id: Any
-    key: str
-    timer: Any = None
+    Only properties reached through ``properties`` keys count (SEP-2243 "statically reachable"); an
+    annotation of an invalid name or type is left out, and a tool whose names collide has none.
+    """
+    found: list[tuple[tuple[str, ...], str, str]] = []
+
+    def walk(props: Any, path: tuple[str, ...]) -> None:
+        if not isinstance(props, dict):
+            return
+        for name, sub in props.items():
+            if not isinstance(sub, dict):
+                continue
+            header = sub.get("x-mcp-header")
+            if isinstance(header, str) and _TOKEN.fullmatch(header) and sub.get("type") in HEADER_TYPES:
+                found.append(((*path, name), header.lower(), sub["type"]))
+            walk(sub.get("properties"), (*path, name))
+
+    if isinstance(schema, dict):
+        walk(schema.get("properties"), ())
+    if len({h for _, h, _ in found}) != len(found):
+        return []
+    return found
+
+
+class _ToolsFetch:
+    """The route of the gateway's own ``tools/list`` (every page) for the x-mcp-header cache."""
+
+    def __init__(self, pool: ChildPool, generation: int):
+        self.pool = pool
+        self.generation = generation
+        self.tools: dict[str, list[tuple[tuple[str, ...], str, str]]] = {}
+        self.pages = 0
+
+    def next(self, cursor: Any = None) -> None:
+        self.pages += 1
+        params = {"cursor": cursor} if cursor is not None else {}
+        self.pool.request({"jsonrpc": "2.0", "id": f"{self.pool._prefix}tools-{self.pages}", "method": "tools/list",
+                           "params": params}, self)
+
+    def answer(self, id: Any, raw: bytes) -> None:
+        result = jsonrpc.loads(raw).get("result")
+        if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
+            self.pool._tools_fetched(self, None)
+            return
+        for tool in result["tools"]:
+            if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+                found = header_annotations(tool.get("inputSchema"))
+                if found:
+                    self.tools[tool["name"]] = found
+        cursor = result.get("nextCursor")
+        if isinstance(cursor, str) and cursor and self.pages < 100:
+            try:
+                self.next(cursor)
+            except PoolFull:
+                self.pool._tools_fetched(self, None)
+            return
+        self.pool._tools_fetched(self, self.tools)
+
+    def deliver(self, raw: bytes) -> None:
+        pass
+
+    def forget(self, id: Any) -> None:
+        self.pool._tools_fetched(self, None)
 
 
 class PooledChild:
@@ -178,7 +262,13 @@ class ChildPool:
         self._prefix = f"g{secrets.token_hex(3)}-"
         self._pending: dict[str, Pending] = {}
         self._waiting: list[Pending] = []
-        self._parked: dict[str, Parked] = {}
+        #: requestState -> a call waiting for the client's retry with its inputResponses.
+        self._parked: dict[str, Pending] = {}
+        self.input_wait = float(getattr(server, "poolInputWait", INPUT_WAIT))
+        #: Tool name -> its x-mcp-header annotations (tools without any left out); None: not fetched yet.
+        self.tool_headers: dict[str, list[tuple[tuple[str, ...], str, str]]] | None = None
+        self._tools_waiters: list[defer.Deferred[dict[str, Any]]] = []
+        self._tools_generation = 0
         self._ready_waiters: list[defer.Deferred[dict[str, Any]]] = []
         self._backoff = BACKOFF_FIRST
         self._restarts: list[Any] = []
@@ -247,10 +337,6 @@ class ChildPool:
             self.children.remove(child)
         for pending in list(child.inflight.values()):
             self._fail(pending, reason)
-        for key, parked in list(self._parked.items()):
-            if parked.child is child:
-                self._unpark(key)
-                self._fail(parked.pending, reason)
         if self.running:
             self.log.warn("pool {server} child {number}: {reason}; replacing it in {delay}s", server=self.server.name,
                           number=child.number, reason=reason, delay=self._backoff)
@@ -322,11 +408,8 @@ class ChildPool:
 
     def cancel(self, pending: Pending, reason: str = "client closed the stream") -> None:
         """The caller went away: forget the request and tell its child (``notifications/cancelled``)."""
-        if self._take(pending.gid) is None:
+        if self._take(pending.gid, f"cancelled: {reason}") is None:
             return
-        for key, parked in list(self._parked.items()):
-            if parked.pending is pending:
-                self._unpark(key)
         if pending in self._waiting:
             self._waiting.remove(pending)
         elif pending.child is not None:
@@ -336,7 +419,7 @@ class ChildPool:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def _take(self, gid: str) -> Pending | None:
+    def _take(self, gid: str, why: str = "the call is over") -> Pending | None:
         pending = self._pending.pop(gid, None)
         if pending is None:
             return None
@@ -344,7 +427,34 @@ class ChildPool:
             pending.child.inflight.pop(gid, None)
         if pending.deadline is not None and pending.deadline.active():
             pending.deadline.cancel()
+        self._drop_inputs(pending, why)
         return pending
+
+    def _drop_inputs(self, pending: Pending, why: str) -> None:
+        """The call is over: its timers stop, and every request it still waits on gets an error in the child."""
+        if pending.input_timer is not None and pending.input_timer.active():
+            pending.input_timer.cancel()
+        pending.input_timer = None
+        if pending.state is not None:
+            self._parked.pop(pending.state, None)
+            pending.state = None
+        asked, pending.asked, pending.inputs = pending.asked, {}, {}
+        child = pending.child
+        if child is not None and not child.dead:
+            for child_id in asked.values():
+                child.upstream.send(jsonrpc.error_bytes(child_id, jsonrpc.REQUEST_CANCELLED, f"no input from the client: {why}"))
+
+    @staticmethod
+    def asker(child: PooledChild) -> Pending | None:
+        """The call a child's request to its client (or log line) belongs to: the child's only call that is
+        not waiting for its client's retry; None when there is none, or several (who asked is unknowable)."""
+        found = None
+        for pending in child.inflight.values():
+            if pending.state is None:
+                if found is not None:
+                    return None
+                found = pending
+        return found
 
     def _fail(self, pending: Pending, message: str, code: int = jsonrpc.CONNECTION_CLOSED) -> None:
         if self._take(pending.gid) is not None:
@@ -383,11 +493,15 @@ class ChildPool:
                 msg["params"] = {**params, "progressToken": pending.token}
                 pending.route.deliver(jsonrpc.dumps(msg))
             return
-        if method == "notifications/message" and len(child.inflight) == 1:
-            # A log line while the child runs exactly one call: it belongs to that call.
-            (pending,) = child.inflight.values()
-            pending.route.deliver(jsonrpc.dumps(msg))
-            return
+        if method == "notifications/message":
+            # A log line while the child runs exactly one call (not counting calls parked for input): that call's.
+            owner = self.asker(child)
+            if owner is not None:
+                owner.route.deliver(jsonrpc.dumps(msg))
+                return
+        if method == "notifications/tools/list_changed":
+            self.tool_headers = None
+            self._tools_generation += 1
         if self.listeners:
             raw = jsonrpc.dumps(msg)
             for listener in list(self.listeners):
@@ -400,7 +514,8 @@ class ChildPool:
             child.upstream.send(jsonrpc.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": {}}))
             return
         owners = list(child.inflight.values())
-        if method in INPUT_METHODS and len(owners) == 1 and owners[0].on_input is not None and owners[0].on_input(owners[0], msg):
+        owner = self.asker(child)
+        if method in INPUT_METHODS and owner is not None and owner.on_input is not None and owner.on_input(owner, msg):
             return
         if method == "roots/list" and not owners:
             child.upstream.send(jsonrpc.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": {"roots": []}}))
@@ -440,45 +555,110 @@ class ChildPool:
 
     # -- InputRequiredResult (2026-07-28) -------------------------------------
 
-    def park(self, pending: Pending, server_request: dict[str, Any]) -> str:
-        """Hold ``pending`` (its route is answered by the caller) until the client retries; the state token."""
-        child = pending.child
-        assert child is not None
-        key = secrets.token_urlsafe(18)
-        parked = Parked(pending=pending, child=child, server_request_id=server_request["id"], key=key)
-        parked.timer = self._reactor.callLater(INPUT_WAIT, self._abandon, key)
-        self._parked[key] = parked
+    def ask(self, pending: Pending, server_request: dict[str, Any],
+            flush: Callable[[dict[str, Any], str], None]) -> str:
+        """The child asks the caller of ``pending`` something: gather it (and whatever else the call asks
+        within INPUT_GATHER), then park the call and ``flush(inputRequests, requestState)``; its key."""
+        params = params_of(server_request)
+        meta = params.get("_meta")
+        hint = meta.get(INPUT_KEY_META) if isinstance(meta, dict) else None
+        base = hint if isinstance(hint, str) and _INPUT_KEY.fullmatch(hint) else INPUT_KEYS.get(server_request["method"], "input")
+        key, n = base, 2
+        while key in pending.asked:
+            key, n = f"{base}_{n}", n + 1
+        if isinstance(meta, dict) and INPUT_KEY_META in meta:
+            meta = {k: v for k, v in meta.items() if k != INPUT_KEY_META}
+            params = {**params, "_meta": meta} if meta else {k: v for k, v in params.items() if k != "_meta"}
+        asked: dict[str, Any] = {"method": server_request["method"]}
+        if params or "params" in server_request:
+            asked["params"] = params
+        pending.asked[key] = server_request["id"]
+        pending.inputs[key] = asked
+        if pending.input_timer is None:
+            pending.input_timer = self._reactor.callLater(INPUT_GATHER, self._park, pending, flush)
         return key
 
+    def _park(self, pending: Pending, flush: Callable[[dict[str, Any], str], None]) -> None:
+        pending.input_timer = None
+        if pending.gid not in self._pending or not pending.asked:
+            return
+        state = secrets.token_urlsafe(18)
+        pending.state = state
+        self._parked[state] = pending
+        pending.input_timer = self._reactor.callLater(self.input_wait, self._abandon, state)
+        flush(dict(pending.inputs), state)
+
+    def park(self, pending: Pending, server_request: dict[str, Any]) -> str:
+        """Park ``pending`` at once on this one request of its child (its route is answered by the caller);
+        the requestState. (What ``ask`` does after its gathering time, for callers that answer themselves.)"""
+        self.ask(pending, server_request, lambda inputs, state: None)
+        if pending.input_timer is not None and pending.input_timer.active():
+            pending.input_timer.cancel()
+        self._park(pending, lambda inputs, state: None)
+        assert pending.state is not None
+        return pending.state
+
     def resume(self, key: str, client_msg: dict[str, Any], responses: Any, route: Any) -> Pending | None:
-        """The client retried a parked call with its inputResponses: answer the child's request, re-route
-        the call's eventual response to ``route`` under the retry's id; None if ``key`` is unknown."""
-        parked = self._unpark(key)
-        if parked is None:
+        """The client retried a parked call with its inputResponses: answer the child's requests (an error for
+        each key the client left out), re-route the call's eventual response to ``route`` under the retry's
+        id; None if ``key`` is unknown (never issued, already used, or expired)."""
+        pending = self._parked.pop(key, None)
+        if pending is None:
             return None
-        pending = parked.pending
+        if pending.input_timer is not None and pending.input_timer.active():
+            pending.input_timer.cancel()
+        pending.input_timer = None
+        pending.state = None
         pending.route = route
         pending.id = client_msg["id"]
-        answer = responses.get("input") if isinstance(responses, dict) else None
-        if isinstance(answer, dict):
-            reply = {"jsonrpc": "2.0", "id": parked.server_request_id, "result": answer}
-        else:
-            reply = jsonrpc.error(parked.server_request_id, jsonrpc.INVALID_PARAMS, "the client gave no input")
-        parked.child.upstream.send(jsonrpc.dumps(reply))
+        asked, pending.asked, pending.inputs = pending.asked, {}, {}
+        child = pending.child
+        assert child is not None
+        for name, child_id in asked.items():
+            answer = responses.get(name) if isinstance(responses, dict) else None
+            if isinstance(answer, dict):
+                reply = jsonrpc.dumps({"jsonrpc": "2.0", "id": child_id, "result": answer})
+            else:
+                reply = jsonrpc.error_bytes(child_id, jsonrpc.INVALID_PARAMS, f"the client gave no input for {name!r}")
+            child.upstream.send(reply)
         return pending
 
-    def _unpark(self, key: str) -> Parked | None:
-        parked = self._parked.pop(key, None)
-        if parked is not None and parked.timer is not None and parked.timer.active():
-            parked.timer.cancel()
-        return parked
+    def parked(self) -> int:
+        """Calls waiting for their client's retry with inputResponses."""
+        return len(self._parked)
 
-    def _abandon(self, key: str) -> None:
-        parked = self._parked.pop(key, None)
-        if parked is not None:
-            parked.child.upstream.send(jsonrpc.error_bytes(parked.server_request_id, jsonrpc.REQUEST_CANCELLED,
-                                                           "the client did not retry with its input"))
-            self.cancel(parked.pending, "the client did not retry with its input")
+    def _abandon(self, state: str) -> None:
+        pending = self._parked.get(state)
+        if pending is not None:
+            pending.input_timer = None
+            self.log.info("pool {server}: {method} {gid} abandoned: no retry with its input within {wait}s",
+                          server=self.server.name, method=pending.method, gid=pending.gid, wait=self.input_wait)
+            self.cancel(pending, f"the client did not retry with its input within {self.input_wait:g} s")
+
+    # -- x-mcp-header annotations (SEP-2243) -------------------------------------
+
+    def headers_of_tools(self) -> defer.Deferred[dict[str, Any]]:
+        """The tools' x-mcp-header annotations: cached, else fetched once (one tools/list, every page)."""
+        if self.tool_headers is not None:
+            return defer.succeed(self.tool_headers)
+        d: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self._tools_waiters.append(d)
+        if len(self._tools_waiters) == 1:
+            try:
+                _ToolsFetch(self, self._tools_generation).next()
+            except PoolFull as e:
+                self._tools_fetched(None, None, e)
+        return d
+
+    def _tools_fetched(self, fetch: _ToolsFetch | None, tools: dict[str, Any] | None, error: Exception | None = None) -> None:
+        waiters, self._tools_waiters = self._tools_waiters, []
+        if tools is not None and fetch is not None and fetch.generation == self._tools_generation:
+            self.tool_headers = tools
+        for d in waiters:
+            if tools is not None:
+                d.callback(tools)
+            else:
+                d.errback(error or PoolFull(f"server {self.server.name}: tools/list failed"))
 
 
 class PoolManager(Service):

@@ -293,3 +293,121 @@ def test_preflight_allows_mcp_param_headers(client):
                                         "access-control-request-headers": "content-type, mcp-method, mcp-param-region"})
     assert r.status_code == 204
     assert "mcp-param-region" in r.headers["access-control-allow-headers"].lower()
+
+
+# -- issue 9: parked calls per request, several inputs per round, x-mcp-header validation ----------
+
+
+ELICIT = {"io.modelcontextprotocol/clientCapabilities": {"elicitation": {}, "sampling": {}, "roots": {}}}
+
+
+@pytest.fixture(scope="module")
+def one_child(make_module_gateway):
+    """A pooled server with one child (every call meets every other) and a short poolInputWait."""
+    return make_module_gateway({"mcpServers": {"fx": fixture_server(sessions="pooled", poolSize=1, poolInputWait=1.5,
+                                                                    default=True)}})
+
+
+def _ask_name(c: httpx.Client, id: Any) -> dict:
+    body, headers = modern(id, "tools/call", {"name": "test_input_required_result_elicitation", "arguments": {}},
+                           meta=ELICIT)
+    r = c.post("/mcp", headers=headers, json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["result"]
+
+
+def test_abandoned_input_required_does_not_block_another_client(one_child):
+    """Client A gets an InputRequiredResult and never retries; client B's elicitation on the same (only) child
+    is still bridged and completes; after poolInputWait A's call is cancelled in the child."""
+    with wire.http_client(one_child.url) as a, wire.http_client(one_child.url) as b:
+        abandoned = _ask_name(a, "a-1")
+        assert abandoned["resultType"] == "input_required" and list(abandoned["inputRequests"]) == ["user_name"]
+        asked = _ask_name(b, "b-1")
+        assert asked["resultType"] == "input_required", asked
+        assert asked["requestState"] != abandoned["requestState"]
+        retry, headers = modern("b-2", "tools/call", {
+            "name": "test_input_required_result_elicitation", "arguments": {},
+            "inputResponses": {"user_name": {"action": "accept", "content": {"name": "Bob"}}},
+            "requestState": asked["requestState"]}, meta=ELICIT)
+        final = b.post("/mcp", headers=headers, json=retry).json()
+        assert final["id"] == "b-2" and final["result"]["content"][0]["text"] == "Hello, Bob!", final
+    assert wait_until(lambda: "abandoned: no retry with its input within 1.5s" in one_child.log(), timeout=10)
+    # The late retry of the abandoned call finds nothing parked: it goes to the child as a fresh call.
+    with wire.http_client(one_child.url) as a:
+        late, headers = modern("a-2", "tools/call", {
+            "name": "test_input_required_result_elicitation", "arguments": {},
+            "inputResponses": {"user_name": {"action": "accept", "content": {"name": "Al"}}},
+            "requestState": abandoned["requestState"]}, meta=ELICIT)
+        assert a.post("/mcp", headers=headers, json=late).json()["result"]["resultType"] == "input_required"
+
+
+def test_requests_at_once_come_in_one_input_required_result(one_child):
+    """A child asking elicitation, sampling and roots/list at once: one InputRequiredResult with three keys
+    (the child's own names), one retry answers all three."""
+    with wire.http_client(one_child.url) as c:
+        body, headers = modern(1, "tools/call", {"name": "test_input_required_result_multiple_inputs", "arguments": {}},
+                               meta=ELICIT)
+        result = c.post("/mcp", headers=headers, json=body).json()["result"]
+        assert result["resultType"] == "input_required"
+        asked = result["inputRequests"]
+        assert {k: v["method"] for k, v in asked.items()} == {
+            "user_name": "elicitation/create", "greeting": "sampling/createMessage", "client_roots": "roots/list"}
+        assert "_meta" not in asked["user_name"]["params"]
+        answers = {"user_name": {"action": "accept", "content": {"name": "Ann"}},
+                   "greeting": {"role": "assistant", "content": {"type": "text", "text": "hi"}, "model": "m"},
+                   "client_roots": {"roots": [{"uri": "file:///x"}]}}
+        body, headers = modern(2, "tools/call", {"name": "test_input_required_result_multiple_inputs", "arguments": {},
+                                                 "inputResponses": answers, "requestState": result["requestState"]},
+                               meta=ELICIT)
+        final = c.post("/mcp", headers=headers, json=body).json()
+        assert final["result"]["content"][0]["text"] == "name=Ann greeting=hi roots=1", final
+
+
+@pytest.mark.parametrize("param, arguments, status", [
+    ("us-west1", {"region": "us-west1"}, 200),
+    ("=?base64?" + base64.b64encode(b"us-west1").decode() + "?=", {"region": "us-west1"}, 200),
+    (None, {"query": "q"}, 200),                      # no value, no header
+    (None, {"region": "us-west1"}, 400),              # value in the body, header omitted
+    ("eu-west1", {"region": "us-west1"}, 400),        # header disagrees with the body
+    ("us-west1", {"query": "q"}, 400),                # header without a value in the body
+])
+def test_mcp_param_headers_checked_against_x_mcp_header(client, param, arguments, status):
+    """SEP-2243: test_custom_headers annotates ``region`` with x-mcp-header Region; Mcp-Param-Region must
+    mirror it (after Base64-sentinel decoding) when, and only when, the argument has a value: else 400/-32020."""
+    body, headers = modern(5, "tools/call", {"name": "test_custom_headers", "arguments": arguments})
+    if param is not None:
+        headers["Mcp-Param-Region"] = param
+    r = client.post("/mcp", headers=headers, json=body)
+    if status == 400:
+        assert error_of(r, 400, -32020)["id"] == 5
+    else:
+        assert r.status_code == 200 and "test_custom_headers called with" in r.text, r.text
+
+
+def _sample(text: str, name: str, labels: dict[str, str]) -> float:
+    """The value of one sample of a Prometheus text exposition (0 if absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_modern_requests_counted(one_child):
+    """The metrics registry counts 2026-07-28 requests (transport "modern") and what became of them."""
+    before = httpx.get(one_child.metrics_url, timeout=10).text
+    with wire.http_client(one_child.url) as c:
+        asked = _ask_name(c, "m-1")
+        body, headers = modern("m-2", "tools/call", {
+            "name": "test_input_required_result_elicitation", "arguments": {},
+            "inputResponses": {"user_name": {"action": "accept", "content": {"name": "M"}}},
+            "requestState": asked["requestState"]}, meta=ELICIT)
+        assert c.post("/mcp", headers=headers, json=body).status_code == 200
+        body, headers = modern("m-3", "tools/call", {"name": "test_custom_headers", "arguments": {"region": "x"}})
+        error_of(c.post("/mcp", headers=headers, json=body), 400, -32020)
+    after = httpx.get(one_child.metrics_url, timeout=10).text
+    requests = {"transport": "modern", "server": "fx", "method": "tools/call"}
+    assert _sample(after, "mcp_gateway_requests_total", requests) - _sample(before, "mcp_gateway_requests_total", requests) == 3
+    for outcome in ("input_required", "resumed", "header_mismatch"):
+        labels = {"server": "fx", "outcome": outcome}
+        grew = _sample(after, "mcp_gateway_modern_outcomes_total", labels) - _sample(before, "mcp_gateway_modern_outcomes_total", labels)
+        assert grew == 1, (outcome, after)

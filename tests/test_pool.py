@@ -268,7 +268,8 @@ class ConfigTests(unittest.TestCase):
         """per-client by default; a pooled server gets 4 children of 256 requests each unless told."""
         self.assertEqual(self.parse_server().sessions, "per-client")
         pooled = self.parse_server(sessions="pooled")
-        self.assertEqual((pooled.poolSize, pooled.poolQueue), (4, 256))
+        self.assertEqual((pooled.poolSize, pooled.poolQueue, pooled.poolInputWait), (4, 256, 60.0))
+        self.assertEqual(self.parse_server(sessions="pooled", poolInputWait=2.5).poolInputWait, 2.5)
 
     def test_strict(self) -> None:
         """Bad modes, sizes, and pool options on a per-client server are errors naming the key."""
@@ -277,6 +278,8 @@ class ConfigTests(unittest.TestCase):
                         ({"sessions": "pooled", "poolSize": True}, "mcpServers.s.poolSize"),
                         ({"sessions": "pooled", "poolSize": 1000}, "mcpServers.s.poolSize"),
                         ({"sessions": "pooled", "poolQueue": "8"}, "mcpServers.s.poolQueue"),
+                        ({"sessions": "pooled", "poolInputWait": 0}, "mcpServers.s.poolInputWait"),
+                        ({"poolInputWait": 10}, "mcpServers.s.poolInputWait"),
                         ({"poolSize": 2}, "mcpServers.s.poolSize")]:
             with self.assertRaises(ConfigError) as e:
                 self.parse_server(**kw)
@@ -301,7 +304,7 @@ class InputBridgeTests(PoolTestCase):
         child = reactor.spawned[0]
         reply(child, {"jsonrpc": "2.0", "id": 77, "method": "sampling/createMessage", "params": {}})
         self.assertEqual(len(keys), 1)
-        resumed = pool.resume(keys[0], {"id": 2}, {"input": {"role": "assistant"}}, second)
+        resumed = pool.resume(keys[0], {"id": 2}, {"sampling": {"role": "assistant"}}, second)
         self.assertIs(resumed, pending)
         self.assertEqual(written(child)[-1], {"jsonrpc": "2.0", "id": 77, "result": {"role": "assistant"}})
         reply(child, {"jsonrpc": "2.0", "id": pending.gid, "result": {"done": True}})
@@ -310,7 +313,8 @@ class InputBridgeTests(PoolTestCase):
         self.assertIsNone(pool.resume(keys[0], {"id": 3}, {}, Route()))
 
     def test_abandoned_parked_call_is_cancelled(self) -> None:
-        """No retry within INPUT_WAIT: the child's request gets an error and the call is cancelled."""
+        """No retry within INPUT_WAIT (the default poolInputWait): the child's request gets an error and the
+        call is cancelled."""
         from mcpgw.pool import INPUT_WAIT
 
         reactor = FakeProcessReactor()
@@ -327,3 +331,128 @@ class InputBridgeTests(PoolTestCase):
         self.assertIn("error", sent[-2])
         self.assertEqual(sent[-1]["params"]["requestId"], pending.gid)
         self.assertEqual(pool.in_flight(), 0)
+        self.assertEqual(pool.parked(), 0)
+
+    def ask_all(self, pool: ChildPool, flushed: list[Any]) -> Any:
+        """An on_input hook that gathers like mcpgw.transports.modern does."""
+        return lambda p, r: bool(pool.ask(p, r, lambda inputs, state: flushed.append((p, inputs, state))))
+
+    def test_requests_back_to_back_gathered_under_their_keys(self) -> None:
+        """Three requests of one call within INPUT_GATHER: one InputRequiredResult, keys from the child's
+        _meta hint (taken out of what the client sees) or from the method (made unique); the retry answers
+        each under its own id, a key the client left out gets an error."""
+        from mcpgw.pool import INPUT_GATHER
+
+        pool, reactor = self.make(poolSize=1)
+        self.ready_all(pool, reactor)
+        flushed: list[Any] = []
+        pending = pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, Route(), on_input=self.ask_all(pool, flushed))
+        child = reactor.spawned[0]
+        reply(child, {"jsonrpc": "2.0", "id": 7, "method": "elicitation/create",
+                      "params": {"message": "name?", "_meta": {"mcpgw/inputKey": "user_name"}}})
+        reply(child, {"jsonrpc": "2.0", "id": 8, "method": "roots/list"})
+        reply(child, {"jsonrpc": "2.0", "id": 9, "method": "roots/list", "params": {}})
+        self.assertEqual(flushed, [])
+        reactor.advance(INPUT_GATHER)
+        [(p, inputs, state)] = flushed
+        self.assertIs(p, pending)
+        self.assertEqual(inputs, {"user_name": {"method": "elicitation/create", "params": {"message": "name?"}},
+                                  "roots": {"method": "roots/list"}, "roots_2": {"method": "roots/list", "params": {}}})
+        self.assertIs(pool.resume(state, {"id": 2}, {"user_name": {"action": "accept"}, "roots": {"roots": []}}, Route()), pending)
+        answers = {m["id"]: m for m in written(child)[-3:]}
+        self.assertEqual(answers[7]["result"], {"action": "accept"})
+        self.assertEqual(answers[8]["result"], {"roots": []})
+        self.assertEqual(answers[9]["error"]["code"], jsonrpc.INVALID_PARAMS)
+
+    def test_parked_call_does_not_block_other_calls_on_its_child(self) -> None:
+        """A call parked on an InputRequiredResult nobody retries does not make a later call's request on the
+        same child unattributable: that call gets its own InputRequiredResult."""
+        pool, reactor = self.make(poolSize=1)
+        self.ready_all(pool, reactor)
+        flushed: list[Any] = []
+        first = pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, Route(), on_input=self.ask_all(pool, flushed))
+        child = reactor.spawned[0]
+        reply(child, {"jsonrpc": "2.0", "id": 7, "method": "elicitation/create", "params": {}})
+        reactor.advance(1)
+        second = pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, Route(), on_input=self.ask_all(pool, flushed))
+        reply(child, {"jsonrpc": "2.0", "id": 8, "method": "elicitation/create", "params": {}})
+        reactor.advance(1)
+        self.assertEqual([p for p, _, _ in flushed], [first, second])
+        self.assertNotIn(8, [m["id"] for m in written(child) if "error" in m])
+        self.assertEqual(pool.parked(), 2)
+
+    def test_configured_input_wait_then_errors_and_cancel(self) -> None:
+        """poolInputWait: after it, every request the parked call asked gets an error, then the call is cancelled."""
+        pool, reactor = self.make(poolSize=1, poolInputWait=5.0)
+        self.ready_all(pool, reactor)
+        flushed: list[Any] = []
+        route = Route()
+        pending = pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, route, on_input=self.ask_all(pool, flushed))
+        child = reactor.spawned[0]
+        reply(child, {"jsonrpc": "2.0", "id": 7, "method": "elicitation/create", "params": {}})
+        reply(child, {"jsonrpc": "2.0", "id": 8, "method": "sampling/createMessage", "params": {}})
+        reactor.advance(1)  # the gathering time: the InputRequiredResult goes out, the wait starts
+        self.assertEqual(len(flushed), 1)
+        reactor.advance(4.9)
+        self.assertEqual(pool.parked(), 1)
+        reactor.advance(0.2)
+        sent = written(child)
+        self.assertEqual([(m["id"], m["error"]["code"]) for m in sent[-3:-1]], [(7, jsonrpc.REQUEST_CANCELLED), (8, jsonrpc.REQUEST_CANCELLED)])
+        self.assertEqual(sent[-1]["method"], "notifications/cancelled")
+        self.assertEqual(sent[-1]["params"]["requestId"], pending.gid)
+        self.assertEqual((pool.parked(), pool.in_flight()), (0, 0))
+        self.assertIsNone(pool.resume(flushed[0][2], {"id": 2}, {}, Route()))
+
+    def test_call_gone_while_gathering_answers_the_child(self) -> None:
+        """The caller goes away before the InputRequiredResult: the child's request is answered with an error."""
+        pool, reactor = self.make(poolSize=1)
+        self.ready_all(pool, reactor)
+        flushed: list[Any] = []
+        pending = pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, Route(), on_input=self.ask_all(pool, flushed))
+        child = reactor.spawned[0]
+        reply(child, {"jsonrpc": "2.0", "id": 7, "method": "elicitation/create", "params": {}})
+        pool.cancel(pending)
+        reactor.advance(1)
+        self.assertEqual(flushed, [])
+        sent = written(child)
+        self.assertEqual(sent[-2]["id"], 7)
+        self.assertEqual(sent[-1]["method"], "notifications/cancelled")
+
+
+class ToolHeaderTests(PoolTestCase):
+    def test_annotations_parsed(self) -> None:
+        """x-mcp-header: names lower-cased, reachable through properties only, primitive non-number types;
+        a tool whose header names collide has none."""
+        from mcpgw.pool import header_annotations
+
+        schema = {"type": "object", "properties": {
+            "region": {"type": "string", "x-mcp-header": "Region"},
+            "n": {"type": "integer", "x-mcp-header": "N"},
+            "f": {"type": "number", "x-mcp-header": "F"},
+            "bad": {"type": "string", "x-mcp-header": "a b"},
+            "outer": {"type": "object", "properties": {"flag": {"type": "boolean", "x-mcp-header": "Flag"}}},
+            "list": {"type": "array", "items": {"type": "string", "x-mcp-header": "Item"}}}}
+        self.assertEqual(header_annotations(schema), [(("region",), "region", "string"), (("n",), "n", "integer"),
+                                                      (("outer", "flag"), "flag", "boolean")])
+        self.assertEqual(header_annotations({"properties": {"a": {"type": "string", "x-mcp-header": "X"},
+                                                            "b": {"type": "string", "x-mcp-header": "x"}}}), [])
+
+    def test_fetched_once_every_page_and_dropped_on_list_changed(self) -> None:
+        """headers_of_tools: one tools/list (following nextCursor) however many callers wait; cached until a child
+        sends notifications/tools/list_changed."""
+        pool, reactor = self.make(poolSize=1)
+        self.ready_all(pool, reactor)
+        child = reactor.spawned[0]
+        got: list[Any] = []
+        pool.headers_of_tools().addCallback(got.append)
+        pool.headers_of_tools().addCallback(got.append)
+        [first] = [m for m in self.child_requests(child) if m["method"] == "tools/list"]
+        tool = {"name": "t", "inputSchema": {"type": "object", "properties": {"r": {"type": "string", "x-mcp-header": "R"}}}}
+        reply(child, {"jsonrpc": "2.0", "id": first["id"], "result": {"tools": [], "nextCursor": "c2"}})
+        second = [m for m in self.child_requests(child) if m["method"] == "tools/list"][-1]
+        self.assertEqual(second["params"], {"cursor": "c2"})
+        reply(child, {"jsonrpc": "2.0", "id": second["id"], "result": {"tools": [tool]}})
+        self.assertEqual(got, [{"t": [(("r",), "r", "string")]}] * 2)
+        self.assertIs(self.successResultOf(pool.headers_of_tools()), pool.tool_headers)
+        reply(child, {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        self.assertIsNone(pool.tool_headers)

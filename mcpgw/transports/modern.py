@@ -24,13 +24,19 @@ unchanged.
   stream cancels the call (``notifications/cancelled`` to the child);
 - ``server/discover`` is answered from the pool's cached ``initialize`` result;
 - a child's sampling / elicitation / roots request during ``tools/call``,
-  ``prompts/get`` or ``resources/read`` becomes an ``InputRequiredResult``; the
-  client's retry with ``inputResponses`` and the ``requestState`` resumes the parked call;
+  ``prompts/get`` or ``resources/read`` becomes an ``InputRequiredResult`` (the
+  requests the call makes back to back together, each under its own key: the
+  child's ``_meta["mcpgw/inputKey"]``, else ``elicitation`` / ``sampling`` /
+  ``roots``); the client's retry with ``inputResponses`` and the ``requestState``
+  resumes the parked call (mcpgw.pool: ask, resume);
 - ``subscriptions/listen`` opens a notification stream: list-changed notifications
   from the children, and ``resources/updated`` for the URIs it names (the gateway
   sends ``resources/subscribe`` to every child for them);
-- ``Mcp-Param-*`` headers are checked for valid encoding and otherwise left alone:
-  their values are in the body the child receives.
+- ``Mcp-Param-*`` headers are checked for valid encoding; on ``tools/call`` every
+  argument the tool's ``inputSchema`` annotates with ``x-mcp-header`` (the pool
+  fetches the annotations once with ``tools/list``) must come with its header, the
+  decoded value equal to the argument (integers compared as numbers), and no such
+  header without its argument: else 400/-32020. The child gets the body.
 """
 
 from __future__ import annotations
@@ -45,12 +51,14 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpgw import jsonrpc, logs
 from mcpgw.config import ServerConfig
+from mcpgw.metrics import NULL_BOUND, BoundMetrics
 from mcpgw.pool import ChildPool, Pending, PoolFull, params_of
 from mcpgw.transports.common import (
     SUPPORTED_VERSIONS,
     GatewayContext,
     HttpError,
     error_reply,
+    http_error_reply,
 )
 from mcpgw.transports.sse import SseResponse, frame
 
@@ -149,10 +157,12 @@ def stamp(raw: bytes, server_info: Any, method: str | None = None) -> tuple[byte
 class ModernExchange:
     """The answer to one 2026-07-28 POST: JSON, or an SSE stream scoped to the request."""
 
-    def __init__(self, ctx: GatewayContext, pool: ChildPool, request: Request, meta: dict[str, Any] | None = None):
+    def __init__(self, ctx: GatewayContext, pool: ChildPool, request: Request, meta: dict[str, Any] | None = None,
+                 metrics: BoundMetrics = NULL_BOUND):
         self._ctx = ctx
         self.pool = pool
         self.request = request
+        self.metrics = metrics
         meta = meta or {}
         caps = meta.get(META_CAPABILITIES)
         #: What the client declared for this request: its capabilities, and the lowest log level it wants (None: no logs).
@@ -174,6 +184,7 @@ class ModernExchange:
         self._ctx.heartbeat.discard(self)
         method = self.pending.method if self.pending is not None else None
         raw, msg = stamp(raw, (self.pool.init_result or {}).get("serverInfo"), method)
+        self.metrics.sent(len(raw))
         if self.sse is not None:
             self.sse.write(frame(raw))
             self.sse.finish()
@@ -206,6 +217,7 @@ class ModernExchange:
 
     def _missing_capability(self, id: Any, needed: str) -> None:
         self.done = True
+        self.metrics.modern_outcome("missing_capability")
         self._ctx.heartbeat.discard(self)
         raw = jsonrpc.error_bytes(id, MISSING_CAPABILITY, f"Missing required client capability: {needed}",
                                   {"requiredCapabilities": {needed: {}}})
@@ -250,13 +262,14 @@ class ModernExchange:
             # The caller did not declare what the child asks for: -32021 to the caller, a refusal to the child.
             self._missing_capability(pending.id, needed)
             return False
-        key = self.pool.park(pending, server_request)
-        asked: dict[str, Any] = {"method": server_request["method"]}
-        if "params" in server_request:
-            asked["params"] = server_request["params"]
-        result = {"resultType": "input_required", "inputRequests": {"input": asked}, "requestState": key}
-        self.answer(pending.id, jsonrpc.dumps({"jsonrpc": "2.0", "id": pending.id, "result": result}))
+        # The call's further requests within INPUT_GATHER join this one; then the InputRequiredResult goes out.
+        self.pool.ask(pending, server_request, lambda inputs, state: self._input_required(pending, inputs, state))
         return True
+
+    def _input_required(self, pending: Pending, inputs: dict[str, Any], state: str) -> None:
+        self.metrics.modern_outcome("input_required")
+        result = {"resultType": "input_required", "inputRequests": inputs, "requestState": state}
+        self.answer(pending.id, jsonrpc.dumps({"jsonrpc": "2.0", "id": pending.id, "result": result}))
 
 
 class ModernEndpoint:
@@ -267,6 +280,7 @@ class ModernEndpoint:
     def __init__(self, ctx: GatewayContext, server: ServerConfig):
         self._ctx = ctx
         self._server = server
+        self.metrics = ctx.metrics.bound("modern", server.name)
 
     def pool(self) -> ChildPool | None:
         pools = getattr(self._ctx, "pools", None)
@@ -289,8 +303,18 @@ class ModernEndpoint:
         if m.kind == jsonrpc.NOTIFICATION:
             request.setResponseCode(202)
             return b""
-        self._check(request, m.msg, header)
-        method = m.msg["method"]
+        self.metrics.request(m.msg["method"], int(request.getHeader(b"content-length") or 0))
+        try:
+            return self._request(request, pool, m.msg, header)
+        except HttpError as e:
+            if e.code == HEADER_MISMATCH:
+                self.metrics.modern_outcome("header_mismatch")
+            raise
+
+    def _request(self, request: Request, pool: ChildPool, msg: dict[str, Any], header: str | None) -> Any:
+        id = msg["id"]
+        self._check(request, msg, header)
+        method = msg["method"]
         if method in REMOVED:
             request.setResponseCode(404)
             request.setHeader(b"content-type", b"application/json")
@@ -298,17 +322,52 @@ class ModernEndpoint:
         if method == "server/discover":
             return self._discover(request, pool, id)
         if method == "subscriptions/listen":
-            return self._listen(request, pool, m.msg)
-        exchange = ModernExchange(self._ctx, pool, request, _meta(m.msg))
-        params = m.msg.get("params") or {}
+            return self._listen(request, pool, msg)
+        if method == "tools/call":
+            if pool.tool_headers is None:
+                # The tools' x-mcp-header annotations are not known yet: one tools/list, then this call.
+                pool.headers_of_tools().addCallbacks(
+                    lambda tools: self._later(request, pool, msg),
+                    lambda f: self._later(request, pool, msg, f"cannot read the tools' x-mcp-header annotations: "
+                                                                   f"{f.getErrorMessage()}"),
+                ).addErrback(lambda f: self.log.failure("tools/call on {server} failed", f, server=self._server.name))
+                return NOT_DONE_YET
+            check_params(request, msg, pool.tool_headers)
+        return self._call(request, pool, msg)
+
+    def _later(self, request: Request, pool: ChildPool, msg: dict[str, Any], failed: str | None = None) -> None:
+        """A tools/call that waited for the x-mcp-header annotations."""
+        if request.finished or request._disconnected:
+            return
+        try:
+            if failed is not None:
+                raise HttpError(503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {failed}", msg["id"],
+                                headers={b"retry-after": b"1"})
+            check_params(request, msg, pool.tool_headers or {})
+            body = self._call(request, pool, msg)
+        except HttpError as e:
+            if e.code == HEADER_MISMATCH:
+                self.metrics.modern_outcome("header_mismatch")
+            body = http_error_reply(request, e)
+        if body is not NOT_DONE_YET and not request.finished:
+            request.write(body)
+            request.finish()
+
+    def _call(self, request: Request, pool: ChildPool, msg: dict[str, Any]) -> Any:
+        """Any other request: to a child (or, a retry with requestState, to the call parked for it)."""
+        id = msg["id"]
+        exchange = ModernExchange(self._ctx, pool, request, _meta(msg), self.metrics)
+        params = msg.get("params") or {}
         state = params.get("requestState") if isinstance(params, dict) else None
         if isinstance(state, str) and "inputResponses" in params:
-            exchange.pending = pool.resume(state, m.msg, params["inputResponses"], exchange)
+            exchange.pending = pool.resume(state, msg, params["inputResponses"], exchange)
             if exchange.pending is not None:
+                self.metrics.modern_outcome("resumed")
                 exchange.pending.on_input = exchange.on_input  # a further round asks through this exchange
                 return NOT_DONE_YET
+            self.metrics.modern_outcome("state_unknown")
         try:
-            exchange.pending = pool.request(self._forwarded(m.msg), exchange, on_input=exchange.on_input)
+            exchange.pending = pool.request(self._forwarded(msg), exchange, on_input=exchange.on_input)
         except PoolFull as e:
             exchange.done = True
             self._ctx.heartbeat.discard(exchange)
@@ -431,6 +490,49 @@ class ModernEndpoint:
 
         live.on_close(closed)
         return NOT_DONE_YET
+
+
+def _same(sent: str, value: Any) -> bool:
+    """Whether a decoded Mcp-Param-* value mirrors the argument (2026-07-28 Value Encoding; numbers numerically)."""
+    if isinstance(value, bool):
+        return sent == ("true" if value else "false")
+    if isinstance(value, (int, float)):
+        try:
+            return float(sent) == value
+        except ValueError:
+            return False
+    return isinstance(value, str) and sent == value
+
+
+def check_params(request: Request, msg: dict[str, Any], tools: dict[str, Any]) -> None:
+    """SEP-2243 Server Behavior for Custom Headers: each argument the tool annotates with ``x-mcp-header``
+    comes with its ``Mcp-Param-{name}`` header, equal after decoding; an absent or null argument with no
+    header. Anything else: 400/-32020."""
+    params = msg["params"]
+    annotations = tools.get(params.get("name")) if isinstance(params.get("name"), str) else None
+    if not annotations:
+        return
+    id = msg["id"]
+    args = params.get("arguments")
+    for path, header, _ in annotations:
+        value: Any = args
+        for step in path:
+            value = value.get(step) if isinstance(value, dict) else None
+        name = f"Mcp-Param-{header}"
+        raw = request.requestHeaders.getRawHeaders(name.lower().encode("latin-1"))
+        if raw is not None and len(raw) > 1:
+            raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: {name} was sent more than once", id)
+        where = ".".join(path)
+        if value is None:
+            if raw is not None:
+                raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: {name} was sent but arguments.{where} is absent", id)
+            continue
+        if raw is None:
+            raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: {name} is missing but arguments.{where} has a value", id)
+        sent = decode_header_value(raw[0].decode("latin-1"))
+        if sent is None or not _same(sent, value):
+            raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: {name} header value {raw[0].decode('latin-1')!r} "
+                                                  f"does not match body value {value!r} (arguments.{where})", id)
 
 
 def _write_json(request: Request, status: int, body: bytes) -> None:
