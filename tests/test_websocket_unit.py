@@ -376,10 +376,17 @@ class BackpressureTests(WebSocketTestCase):
     def test_session_is_the_sockets_producer(self) -> None:
         """A full socket buffer pauses reading the child's stdout; draining resumes it."""
         _, transport, child = self.open()
-        [session] = self.sessions.sessions.values()
-        self.assertIs(transport.producer, session)
         self.assertTrue(transport.streaming)
         transport.producer.pauseProducing()
+        self.assertTrue(child.paused)
+        transport.producer.resumeProducing()
+        self.assertFalse(child.paused)
+
+    def test_repeated_pauses_are_one(self) -> None:
+        """Twisted pauses on every write while its buffer is full and resumes once when it drains."""
+        _, transport, child = self.open()
+        for _ in range(3):
+            transport.producer.pauseProducing()
         self.assertTrue(child.paused)
         transport.producer.resumeProducing()
         self.assertFalse(child.paused)
@@ -392,7 +399,9 @@ class BackpressureTests(WebSocketTestCase):
         transport.registerProducer(channel, True)
         proto.makeConnection(transport)
         proto.dataReceived(handshake(["mcp"]))
-        self.assertIs(transport.producer, self.sessions.sessions[next(iter(self.sessions.sessions))])
+        self.assertIsNot(transport.producer, channel)
+        transport.producer.pauseProducing()
+        self.assertTrue(self.reactor.spawned[-1].paused)
 
     def test_a_closed_socket_unregisters_and_resumes(self) -> None:
         proto, transport, child = self.open()
