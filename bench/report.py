@@ -139,7 +139,12 @@ def summary_table(res: Results) -> list[str]:
     row("gateway RSS per idle open stream", lambda g: "-" if g == "direct" else cell_idle(res, g))
     for tr in ("streamable", "sse", "ws"):
         row(f"{_mib(res)} request round trip, {TRANSPORT_NAMES[tr]} (p50)", lambda g, tr=tr: floor_or(g, tr, "large", cell_ms))
-    row("session setup p50 (initialize reply; Streamable HTTP)", lambda g: floor_or(g, "streamable", "setup", cell_ms))
+    def setup_cell(g: str) -> str:
+        cell = floor_or(g, "streamable", "setup", cell_ms)
+        spaced = res.find(g, "streamable", "setup-spaced")
+        return f"{cell} back to back; {cell_ms(spaced)} {spaced['note']}" if spaced else cell
+
+    row("session setup p50 (initialize reply; Streamable HTTP)", setup_cell)
     row("session setup p50, legacy SSE / WebSocket",
         lambda g: "" if g == "direct" else f"{cell_ms(res.find(g, 'sse', 'setup'))} / {cell_ms(res.find(g, 'ws', 'setup'))}")
     row(f"gateway / client CPU per call, Streamable HTTP, {S} sessions",
@@ -216,12 +221,21 @@ def targets_table(res: Results) -> list[str]:
                 add(f"{_mib(res)} intact, {TRANSPORT_NAMES[tr]}", _fail(r), False)
     spawn = res.find("direct", "pipe", "setup")
     r = res.find("mcpgw", "streamable", "setup")
-    if r and spawn and r["ok"] and spawn["ok"]:
+    if r and r["ok"] and r.get("paired_delta_ms") is not None:  # judged on sessions paired with a bare spawn
+        add(f"session setup within 3 ms of the bare spawn ({_n(r['paired_floor_ms'], 1)} ms, spawned just before each session)",
+            f"{_n(r['value'], 1)} ms (median difference {r['paired_delta_ms']:+.1f} ms)", r["paired_delta_ms"] <= 3)
+    elif r and spawn and r["ok"] and spawn["ok"]:
         add(f"session setup within 3 ms of the bare spawn ({_n(spawn['value'], 1)} ms)",
             f"{_n(r['value'], 1)} ms (+{r['value'] - spawn['value']:.1f} ms)", r["value"] - spawn["value"] <= 3)
     warm = res.find("mcpgw-warm", "streamable", "setup")
-    add("session setup < 2 ms with a warm pool", cell_ms(warm) if warm else "not measured (run the bench with `--warm-pool N`)",
-        (warm["ok"] and warm["value"] < 2) if warm else False)
+    spaced = res.find("mcpgw-warm", "streamable", "setup-spaced")
+    if spaced:  # the pool has children when each session comes; back to back it refills no faster than a spawn
+        add("session setup < 2 ms with a warm pool",
+            f"{cell_ms(spaced)} ({spaced['note']}); back to back (sustained) {cell_ms(warm)}",
+            spaced["ok"] and spaced["value"] < 2)
+    else:
+        add("session setup < 2 ms with a warm pool", cell_ms(warm) if warm else "not measured (run the bench with `--warm-pool N`)",
+            (warm["ok"] and warm["value"] < 2) if warm else False)
     bad = [f"{r['transport']} {r['workload']}" for r in res.rows if r["gateway"] == "mcpgw" and r["isolation"]]
     add("isolation zero on every mcpgw row", "0" if not bad else f"non-zero on {', '.join(bad)}", not bad)
     return lines

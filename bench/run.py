@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import report, workloads
+from bench.clients import DirectClient
 from bench.targets import Direct, McpProxy, Mcpgw, Supergateway, Target, install_peers, mkworkdir, raise_nofile
 from bench.workloads import Row
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1024 * 1024
+#: Seconds between sessions in the warm pool's second setup row (longer than a child's start here).
+WARM_GAP = 0.2
 
 PROFILES = {
     # name: (sequential n, warmup, sessions list, calls per session, setup n, large n, idle counts)
@@ -79,7 +82,13 @@ async def measure_target(t: Target, p: dict[str, Any], args: argparse.Namespace,
                 rows.append(Row(t.name, tr, "sequential", ok=False, errors=1, note=f"no session: {e!r:.200}"))
                 continue
         if getattr(t, "setup_only", False):  # a variant measured for session setup only (mcpgw-warm)
+            # Back to back: the sustained rate, where the pool refills no faster than a child starts;
+            # spaced: what a session gets while the pool has children (sessions no faster than spawns).
             await guarded(f"{tr} setup", lambda: workloads.setup(make, t.name, tr, pid, p["setup"], args.setup_gap), tr, "setup")
+            if not args.setup_gap:
+                await guarded(f"{tr} setup, {WARM_GAP * 1000:g} ms apart",
+                              lambda: workloads.setup(make, t.name, tr, pid, p["setup"], WARM_GAP, workload="setup-spaced"),
+                              tr, "setup-spaced")
             continue
         await guarded(f"{tr} sequential", lambda: workloads.sequential(make, t.name, tr, pid, p["seq"], p["warmup"], progress),
                       tr, "sequential", 1)
@@ -92,7 +101,9 @@ async def measure_target(t: Target, p: dict[str, Any], args: argparse.Namespace,
                           tr, "throughput", s)
         if progress:
             continue
-        await guarded(f"{tr} setup", lambda: workloads.setup(make, t.name, tr, pid, p["setup"], args.setup_gap), tr, "setup")
+        # Each session after a bare spawn of the fixture at the same moment (the floor, paired).
+        await guarded(f"{tr} setup", lambda: workloads.setup(make, t.name, tr, pid, p["setup"], args.setup_gap,
+                                                             paired=None if tr == "pipe" else DirectClient), tr, "setup")
         await guarded(f"{tr} large", lambda: workloads.large(make, t.name, tr, pid, args.large_bytes, p["large"]), tr, "large")
 
     if t.name != "direct" and not getattr(t, "setup_only", False) and p["idle"] and not args.no_idle and (not args.transports or "sse" in args.transports):

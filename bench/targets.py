@@ -72,6 +72,18 @@ def proc_cpu(pid: int) -> float:
         return float("nan")
 
 
+def proc_children(pid: int) -> int | None:
+    """How many child processes ``pid`` has (all its threads'), from /proc; None if it cannot tell."""
+    try:
+        count = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                count += len(f.read().split())
+        return count
+    except OSError:
+        return None
+
+
 def proc_rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -217,7 +229,9 @@ def _mcpgw_config(port: int, servers: dict[str, Any], log_level: str = "info") -
 class Mcpgw(Target):
     name = "mcpgw"
     transports = ("streamable", "streamable-sse", "sse", "ws")
-    fds_per_idle_stream = 4  # the client socket and the child's stdin, stdout and stderr pipes
+    # The client socket: a legacy SSE session's child is started by its first message, and an
+    # idle stream sends none (before that: 4, with the child's stdin, stdout and stderr pipes).
+    fds_per_idle_stream = 1
 
     def __init__(self, workdir: str, log_level: str = "info", name: str = "mcpgw", pythonpath: str | None = None,
                  warm_pool: int = 0):
@@ -272,8 +286,9 @@ class Mcpgw(Target):
         return self.main.pid if self.main else None
 
     def idle_stream(self) -> tuple[Callable[[], LegacySseClient], int]:
-        # Each legacy SSE stream is a session with its own child; ``cat`` stands in
-        # for the MCP server (a Python child per stream would be ~10,000 interpreters).
+        # Each legacy SSE stream is a session whose child is started by its first message, which
+        # an idle stream never sends; ``cat`` stands in for the MCP server all the same (a gateway
+        # that spawned per stream would otherwise start ~10,000 interpreters).
         cat = shutil.which("cat") or "/bin/cat"
         proc, port = self._twistd(f"{self.name}-idle", {"idle": {"command": cat, "default": True}})
         return (lambda: LegacySseClient(HOST, port, "/sse")), proc.pid

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from bench.targets import proc_cpu, proc_rss_kib
+from bench.targets import proc_children, proc_cpu, proc_rss_kib
 
 _tag_counter = 0
 
@@ -64,6 +64,10 @@ class Row:
     mode: str = ""
     ok: bool = True
     note: str = ""
+    #: setup rows measured in pairs (``setup(paired=...)``): the bare spawn's p50 in the same pairs and
+    #: the median of (this session - the bare spawn just before it), ms.
+    paired_floor_ms: float | None = None
+    paired_delta_ms: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,21 +178,71 @@ async def throughput(make: Callable[[], Any], gw: str, transport: str, pid: int 
     return row
 
 
-async def setup(make: Callable[[], Any], gw: str, transport: str, pid: int | None, n: int, gap: float = 0.0) -> Row:
+async def settle(pid: int | None, children: int | None, timeout: float = 2.0) -> None:
+    """Wait (untimed) until gateway ``pid`` has no more children than ``children``: the child of
+    a session just closed has exited, as the floor's own child has when its close() returns."""
+    if pid is None or children is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = proc_children(pid)
+        if now is None or now <= children:
+            return
+        await asyncio.sleep(0.001)
+
+
+async def quiesce(pid: int | None, steady: float = 0.1, timeout: float = 5.0) -> None:
+    """Wait (untimed) until gateway ``pid``'s number of children has not changed for ``steady``
+    seconds: the children of the workload before (50 sessions just closed) have exited."""
+    if pid is None or proc_children(pid) is None:
+        return
+    deadline = time.monotonic() + timeout
+    last, since = proc_children(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+        now = proc_children(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= steady:
+            return
+
+
+async def setup(make: Callable[[], Any], gw: str, transport: str, pid: int | None, n: int, gap: float = 0.0,
+                workload: str = "setup", paired: Callable[[], Any] | None = None) -> Row:
     """Open a session (for mcpgw and the floor: spawn its child) up to the initialize reply, close it; ``n`` times.
 
     ``gap``: seconds between one session's close and the next one's start (untimed), the time
-    a warm pool (``warmPool``) has to start a replacement; 0: back to back."""
-    row = Row(gw, transport, "setup", sessions=n, calls=n, unit="ms")
-    if gap:
-        row.note = f"{gap * 1000:g} ms between sessions"
+    a warm pool (``warmPool``) has to start a replacement; 0: back to back. Either way the next
+    session starts once the gateway's child of the last one has exited (``settle``, untimed), as
+    the floor's does: a child still exiting (an interpreter tearing down on the shared cores)
+    was measured in the next session's setup before.
+
+    ``paired``: a client of the floor (``DirectClient``); a bare spawn is timed just before each
+    session, so that the gateway's overhead is judged against a spawn made at the same moment on
+    the shared cores (``paired_delta_ms``), not against the floor's own row a minute earlier."""
+    row = Row(gw, transport, workload, sessions=n, calls=n, unit="ms")
+    row.note = f"{gap * 1000:g} ms between sessions" if gap else "back to back"
     samples = []
+    floors: list[int] = []
+    pair_cpu = 0.0
     perf = time.perf_counter_ns
+    await quiesce(pid)
     with CpuWindow(pid) as cpu:
         for i in range(n):
             if gap and i:
                 await asyncio.sleep(gap)
+            if paired is not None:
+                c0 = client_cpu()
+                f = paired()
+                t0 = perf()
+                try:
+                    await f.connect()
+                    floors.append(perf() - t0)
+                finally:
+                    await f.close()
+                pair_cpu += client_cpu() - c0
             c = make()
+            children = proc_children(pid) if pid else None
             t0 = perf()
             try:
                 await c.connect()
@@ -197,9 +251,16 @@ async def setup(make: Callable[[], Any], gw: str, transport: str, pid: int | Non
                     row.isolation += c.foreign
             finally:
                 await c.close()
+            await settle(pid, children)
     row.lat_us = percentiles(samples)
     row.value = row.lat_us["p50"] / 1000.0
+    cpu.client -= pair_cpu  # the bare spawns are the bench's own work, not this row's
     row.client_cpu_us, row.gw_cpu_us = cpu.per(n)
+    if floors and len(floors) == len(samples):
+        deltas = sorted(s - f for s, f in zip(samples, floors))
+        row.paired_floor_ms = percentiles(floors)["p50"] / 1000.0
+        row.paired_delta_ms = deltas[len(deltas) // 2] / 1e6
+        row.note += f"; each after a bare spawn: its p50 {row.paired_floor_ms:.1f} ms, median difference {row.paired_delta_ms:+.1f} ms"
     return row
 
 

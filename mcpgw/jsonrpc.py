@@ -6,6 +6,7 @@ few params to route them, so nothing here models individual MCP methods.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 try:  # orjson is ~5 us faster per small message and much faster per MiB
@@ -113,3 +114,161 @@ def progress_token(msg: dict[str, Any]) -> Any:
         if isinstance(meta, dict):
             return meta.get("progressToken")
     return None
+
+
+# -- routing a large message without decoding its payload -------------------------------------
+
+#: A child's line at least this long is routed on ``route_view`` (its top-level members, the
+#: large values left as bytes) instead of a full decode.
+LARGE_MESSAGE = 64 * 1024
+#: A member value at least this long is left ``Undecoded`` by ``route_view``.
+SMALL_VALUE = 4096
+#: Quotes inside strings and string delimiters ``route_view`` steps over before it hands the line
+#: to a full decode instead (a payload of JSON-in-a-string is all escaped quotes).
+SCAN_STEPS = 512
+
+_WS = frozenset(b" \t\r\n")
+_SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null")
+
+
+class Undecoded:
+    """A member value ``route_view`` left as the bytes it was sent as; ``value()`` decodes it."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: memoryview):
+        self.raw = raw
+
+    def value(self) -> Any:
+        return loads(self.raw)
+
+    def __repr__(self) -> str:
+        return f"<Undecoded {len(self.raw)} bytes>"
+
+
+def decoded(value: Any) -> Any:
+    """A member of a ``route_view`` message as ``loads`` would have given it."""
+    return value.value() if isinstance(value, Undecoded) else value
+
+
+class _FullDecode(Exception):
+    """The scan would cost more than it saves (or the line is not an object): decode it all."""
+
+
+def route_view(line: bytes) -> Any:
+    """The message in ``line`` for routing: a dict of its top-level members in which values of
+    SMALL_VALUE bytes or more are ``Undecoded`` (a 1 MiB argument or result is stepped over with
+    a few ``bytes.find`` calls, not turned into a 1 MiB ``str`` only to be dropped).
+
+    Raises ValueError for a line that is not a JSON object or not UTF-8: the members, their names and
+    separators, every small value (fully decoded) and the nesting and string ends of the large
+    ones are checked; what is inside a large value is not (it is relayed as sent). A line the
+    scan cannot take cheaply (not an object, a payload dense with escaped quotes) gets ``loads``.
+    """
+    if not line.isascii():
+        line.decode("utf-8")  # what is relayed must be UTF-8 (a WebSocket text frame, an SSE event): UnicodeDecodeError is a ValueError
+    try:
+        return _scan(line)
+    except _FullDecode:
+        return loads(line)
+
+
+def _skip_ws(b: bytes, i: int) -> int:
+    n = len(b)
+    while i < n and b[i] in _WS:
+        i += 1
+    return i
+
+
+def _string_end(b: bytes, i: int, budget: int) -> tuple[int, int]:
+    """``b[i]`` opens a string: the index after its closing quote, and the budget left."""
+    j = i + 1
+    while True:
+        q = b.find(b'"', j)
+        if q < 0:
+            raise ValueError("unterminated string")
+        k = q - 1
+        while b[k] == 0x5C:  # the backslashes before it (the opening quote stops the walk)
+            k -= 1
+            budget -= 1
+        if (q - 1 - k) & 1 == 0:
+            return q + 1, budget
+        budget -= 1
+        if budget <= 0:
+            raise _FullDecode
+        j = q + 1
+
+
+def _value_end(b: bytes, i: int, budget: int) -> tuple[int, int]:
+    """The index after the value that starts at ``b[i]``, and the budget left."""
+    c = b[i]
+    if c == 0x22:
+        return _string_end(b, i, budget)
+    if c != 0x7B and c != 0x5B:
+        m = _SCALAR.match(b, i)
+        if m is None:
+            raise ValueError(f"unexpected byte at {i}")
+        return m.end(), budget
+    depth = 0
+    j = i
+    n = len(b)
+    while True:
+        q = b.find(b'"', j)
+        stop = q if q >= 0 else n
+        if stop - j > 64:  # a long stretch outside strings (numbers): count, do not walk
+            opens = b.count(b"{", j, stop) + b.count(b"[", j, stop)
+            closes = b.count(b"}", j, stop) + b.count(b"]", j, stop)
+            if depth + opens - closes <= 0:
+                raise _FullDecode
+            depth += opens - closes
+        else:
+            for k in range(j, stop):
+                ch = b[k]
+                if ch == 0x7B or ch == 0x5B:
+                    depth += 1
+                elif ch == 0x7D or ch == 0x5D:
+                    depth -= 1
+                    if depth == 0:
+                        return k + 1, budget
+        if q < 0:
+            raise ValueError("unterminated value")
+        j, budget = _string_end(b, q, budget - 1)
+        if budget <= 0:
+            raise _FullDecode
+
+
+def _scan(b: bytes) -> dict[str, Any]:
+    n = len(b)
+    i = _skip_ws(b, 0)
+    if i >= n or b[i] != 0x7B:
+        raise _FullDecode
+    budget = SCAN_STEPS
+    out: dict[str, Any] = {}
+    i = _skip_ws(b, i + 1)
+    if i < n and b[i] == 0x7D:
+        i += 1
+    else:
+        while True:
+            if i >= n or b[i] != 0x22:
+                raise ValueError(f"expected a member name at {i}")
+            end, budget = _string_end(b, i, budget)
+            key = loads(b[i:end])
+            i = _skip_ws(b, end)
+            if i >= n or b[i] != 0x3A:
+                raise ValueError(f"expected ':' at {i}")
+            i = _skip_ws(b, i + 1)
+            if i >= n:
+                raise ValueError("truncated object")
+            end, budget = _value_end(b, i, budget)
+            out[key] = loads(b[i:end]) if end - i < SMALL_VALUE else Undecoded(memoryview(b)[i:end])
+            i = _skip_ws(b, end)
+            if i < n and b[i] == 0x2C:
+                i = _skip_ws(b, i + 1)
+                continue
+            if i < n and b[i] == 0x7D:
+                i += 1
+                break
+            raise ValueError(f"expected ',' or '}}' at {i}")
+    if _skip_ws(b, i) != n:
+        raise ValueError("data after the object")
+    return out

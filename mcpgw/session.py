@@ -24,7 +24,7 @@ from mcpgw.config import GatewayConfig, ServerConfig
 from mcpgw.metrics import NULL_BOUND, BoundMetrics, Metrics, NoMetrics
 from mcpgw.store import SessionRecord
 from mcpgw.store.memory import MemorySessionStore
-from mcpgw.upstream.stdio import ServerActivity, StdioUpstream
+from mcpgw.upstream.stdio import ServerActivity, StdioUpstream, tune_allocator
 from mcpgw.upstream import make_upstream
 from mcpgw.upstream.warm import WarmChildren, warmable
 
@@ -93,12 +93,17 @@ class Session:
     """One client session and its child process."""
 
     log = Logger(observer=logs.observer)
+    #: A large message from the child reaches upstreamMessage as ``jsonrpc.route_view`` gives it.
+    routes_on_view = True
     #: The identity that created the session (mcpgw.auth); only it may use the session.
     owner: str | None = None
     #: limits.maxPendingRequests and limits.requestTimeout (set by the SessionManager).
     max_pending: int | None = None
     #: Called once the child's initialize result names the protocol version (the store records it).
     on_version: Callable[["Session"], None] | None = None
+    #: Called once the client has said ``notifications/initialized`` (the handshake is over: a warm
+    #: pool refills then, off the session's setup path).
+    on_initialized: Callable[[], None] | None = None
     #: Fires once the store has the session's record (other instances can find it), or failed to.
     recorded: defer.Deferred[None] | None = None
     request_timeout: float | None = None
@@ -135,6 +140,30 @@ class Session:
         else:
             self.upstream.spawn()
 
+    #: A lazily started session (legacy SSE: SessionManager.create(lazy=True)): starts its child
+    #: (a warm one, or a spawn) at the session's first message; None once started.
+    start_child: Callable[[], None] | None = None
+
+    def adopt(self, upstream: Any) -> None:
+        """Take a running child (a warm one) in place of the upstream not yet spawned; start() counts it."""
+        self.prespawned = True
+        self.upstream = make_upstream(self.server, self, self._reactor, base=upstream)
+        self.upstream.metrics = self.metrics
+
+    def _started(self) -> str | None:
+        """Start a lazily started session's child now; None, or why it could not be started."""
+        start, self.start_child = self.start_child, None
+        if start is None:
+            return None
+        try:
+            start()
+        except Exception as e:
+            self.metrics.error("spawn")
+            reason = f"MCP server {self.server.name} could not be started: {e}"
+            self.log.error("session {session}: {reason}", session=self.id, reason=reason, server=self.server.name)
+            return reason
+        return None
+
     # -- client -> child --------------------------------------------------
 
     def request(self, msg: dict[str, Any], raw: bytes, route: Route) -> None:
@@ -142,6 +171,12 @@ class Session:
         now = self.last_seen = self._reactor.seconds()
         id = msg["id"]
         method = self.metrics.request(msg["method"], len(raw))
+        if self.start_child is not None and not self.ended:
+            failed = self._started()
+            if failed is not None:  # answered on its route (the SSE stream), then the session (and stream) ends
+                route.answer(id, jsonrpc.error_bytes(id, jsonrpc.CONNECTION_CLOSED, failed))
+                self._end(failed)
+                return
         if self.ended:
             self.metrics.error("rejected")
             route.answer(id, jsonrpc.error_bytes(id, jsonrpc.CONNECTION_CLOSED, self.end_reason))
@@ -172,7 +207,16 @@ class Session:
         """Forward a client notification or a response to a server request."""
         self.last_seen = self._reactor.seconds()
         self.metrics.received(len(raw))
-        if msg.get("method") == "notifications/cancelled":
+        if self.start_child is not None and not self.ended:
+            failed = self._started()
+            if failed is not None:
+                self._end(failed)
+                return
+        method = msg.get("method")
+        if method == "notifications/initialized" and self.on_initialized is not None:
+            hook, self.on_initialized = self.on_initialized, None
+            hook()
+        if method == "notifications/cancelled":
             params = msg.get("params")
             if isinstance(params, dict) and _routable(params.get("requestId")):
                 # The child will not answer a cancelled request (spec: cancellation).
@@ -202,7 +246,7 @@ class Session:
             if "error" in msg:
                 self._upstream_error(id, method, msg["error"])
             if id == self._initialize_id and self._initialize_id is not None:
-                result = msg.get("result")
+                result = jsonrpc.decoded(msg.get("result"))
                 if isinstance(result, dict) and isinstance(result.get("protocolVersion"), str):
                     self.protocol_version = result["protocolVersion"]
                     if self.on_version is not None:
@@ -211,7 +255,7 @@ class Session:
             route.answer(id, raw)
             return
         if msg.get("method") == "notifications/progress":
-            params = msg.get("params")
+            params = jsonrpc.decoded(msg.get("params"))
             if isinstance(params, dict):
                 token = params.get("progressToken")
                 route = self._token_route.get(token) if _routable(token) else None
@@ -283,6 +327,7 @@ class Session:
     def _upstream_error(self, id: Any, method: str, error: Any) -> None:
         """The child answered request ``id`` with a JSON-RPC error (its code is logged, not its message)."""
         self.metrics.error("upstream_error")
+        error = jsonrpc.decoded(error)
         code = error.get("code") if isinstance(error, dict) else None
         self.log.info("session {session}: request {request_id} ({method}) got error {code} from {server}",
                       session=self.id, request_id=id, method=method, code=code, server=self.server.name)
@@ -301,6 +346,7 @@ class Session:
             return
         self.ended = True
         self.end_reason = reason
+        self.start_child = None
         self.log.info("session {session} ({server}/{transport}) ended: {reason}",
                       session=self.id, server=self.server.name, transport=self.transport, reason=reason,
                       duration=round(self._reactor.seconds() - self.created, 3))
@@ -355,13 +401,20 @@ class SessionManager(Service):
         return None
 
     def create(self, server: ServerConfig, transport: str, owner: str | None = None,
-               factory: Callable[..., Session] | None = None) -> Session:
-        """Start a session (and its child) for ``owner``; SessionRefused when a cap is reached."""
+               factory: Callable[..., Session] | None = None, lazy: bool = False) -> Session:
+        """Start a session (and its child) for ``owner``; SessionRefused when a cap is reached.
+
+        ``lazy`` (legacy SSE streams): a stdio server's child is started by the session's first
+        message instead (``Session.start_child``), so an idle stream holds no child and no pipes.
+        """
         refused = self.room_for(server)
         if refused is not None:
             raise refused
+        lazy = lazy and factory is None and server.kind == "stdio"
         warm = self.warm.get(server.name) if factory is None else None
-        taken = warm.take() if warm is not None and warm.server == server else None
+        if warm is not None and warm.server != server:
+            warm = None
+        taken = warm.take() if warm is not None and not lazy else None
         extra = {} if taken is None else {"upstream": taken}
         session = (factory or Session)(self.ids.new(), server, transport, self._reactor, self._ended,
                           metrics=self.metrics.bound(transport, server.name), **extra)
@@ -373,16 +426,29 @@ class SessionManager(Service):
         if isinstance(child, StdioUpstream):
             child.activity = self.activity_of(server.name)
         self.sessions[session.id] = session
-        try:
-            session.start()
-        except Exception:
-            session.metrics.error("spawn")
-            raise
+        if lazy:
+            session.start_child = lambda: self._start_child(session, warm)
+        else:
+            try:
+                session.start()
+            except Exception:
+                session.metrics.error("spawn")
+                self.sessions.pop(session.id, None)
+                raise
         session.on_version = self._version
+        if warm is not None:
+            session.on_initialized = warm.settled
         session.recorded = self.store.add(SessionRecord(session.id, server.name, transport, session.created, owner=owner))
         self._stored(session.recorded, session)
         self.log.info("session {session} started ({server}/{transport})", session=session.id, server=server.name, transport=transport)
         return session
+
+    def _start_child(self, session: Session, warm: WarmChildren | None) -> None:
+        """The first message of a lazily started session: a warm child if there is one, else a spawn."""
+        taken = warm.take() if warm is not None else None
+        if taken is not None:
+            session.adopt(taken)
+        session.start()
 
     def get(self, session_id: str | None, owner: str | None = None) -> Session | None:
         """The live session with this id that ``owner`` created, or None.
@@ -442,6 +508,7 @@ class SessionManager(Service):
 
     def startService(self) -> None:
         super().startService()
+        tune_allocator()  # large messages: reuse heap memory instead of fresh mappings per buffer
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = self._reactor
         interval = min(60.0, self.config.session.maxAge / 1000.0, (self.config.session.maxLifetime or 60_000) / 1000.0)

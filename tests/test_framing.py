@@ -212,3 +212,50 @@ class LineFramerPropertyTests(SynchronousTestCase):
             self.assertTrue(overflowed)
         else:
             self.assertEqual((lines, overflowed), (expected, False))
+
+
+class LargeLineTests(SynchronousTestCase):
+    """A 1 MiB line read in pipe-sized pieces (the 1 MiB round trip of docs/performance.md)."""
+
+    MiB = 1 << 20
+
+    def test_oneMiBLineInManyReads(self) -> None:
+        """A 1 MiB line split into 64 KiB reads (and odd sizes) comes out whole, once, and the next
+        line that shares its last read follows it."""
+        line = bytes(range(33, 123)) * (self.MiB // 90)
+        stream = line + b"\r\n" + b'{"next":1}\n' + b"tail"
+        for size in (65536, 4096, 65535, 1 << 20, 7):
+            c = Collector(2 * self.MiB)
+            for i in range(0, len(stream), size):
+                c.feed(stream[i:i + size])
+            self.assertEqual(c.lines, [line, b'{"next":1}'], size)
+            self.assertEqual(c.overflows, [])
+            c.framer.flush()
+            self.assertEqual(c.lines[-1], b"tail")
+
+    def test_oneMiBLineJoinedOnce(self) -> None:
+        """The pieces of a line are joined once: the line is not rebuilt on every read."""
+        c = Collector(2 * self.MiB)
+        piece = b"x" * 65536
+        for _ in range(16):
+            c.feed(piece)
+        self.assertEqual(c.lines, [])
+        self.assertEqual(len(c.framer._chunks), 16)  # held as pieces, not concatenated
+        c.feed(b"y\n")
+        self.assertEqual(c.lines, [piece * 16 + b"y"])
+        self.assertEqual((c.framer._chunks, c.framer._pending), ([], 0))
+
+    def test_oneMiBLineOverTheLimit(self) -> None:
+        """A line that grows past max_length in many reads is reported once, as soon as it is too long."""
+        c = Collector(self.MiB)
+        piece = b"x" * 65536
+        for _ in range(17):
+            c.feed(piece)
+        self.assertEqual(c.overflows, [17 * 65536])
+        c.feed(b"\n")
+        self.assertEqual((c.lines, c.overflows), ([], [17 * 65536]))
+
+    def test_blankEndsNotCopiedAway(self) -> None:
+        """A line with blanks around it is delivered as written (blank lines alone are skipped)."""
+        c = Collector(64).feed(b"  {}  \n \t \n")
+        self.assertEqual(c.lines, [b"  {}  "])

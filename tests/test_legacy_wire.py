@@ -242,6 +242,18 @@ def test_closing_stream_stops_child(client, gw):
     assert_jsonrpc_error(client.post(endpoint, headers=POST_HEADERS, json=wire.request(1, "ping")), 404)
 
 
+def test_idle_stream_has_no_child_until_its_first_message(client, gw):
+    """The child of a legacy session is started by its first POSTed message (docs/performance.md,
+    idle streams): an open, idle stream holds no child; the first POST starts one and is answered."""
+    before = set(gw.child_pids())
+    with legacy_session(client) as s:
+        time.sleep(0.3)
+        assert set(gw.child_pids()) - before == set()
+        reply = s.initialize()
+        assert reply["id"] == 0 and "result" in reply
+        assert len(set(gw.child_pids()) - before) == 1
+
+
 def test_child_exit_ends_stream(client):
     """2024-11-05 basic/transports §HTTP with SSE: when the server side ends (the child
     crashes), the pending call gets an error and the SSE stream ends, so the client knows."""

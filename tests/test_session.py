@@ -358,6 +358,63 @@ class InitializeTests(SessionTestCase):
         self.assertIsNone(self.session.protocol_version)
 
 
+class LargeMessageTests(SessionTestCase):
+    """Messages from the child as ``jsonrpc.route_view`` gives them (large values undecoded)."""
+
+    BIG = "b" * 200_000
+
+    def viewed(self, msg: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        raw = jsonrpc.dumps(msg)
+        view = jsonrpc.route_view(raw)
+        self.assertTrue(any(isinstance(v, jsonrpc.Undecoded) for v in view.values()))
+        return raw, view
+
+    def test_sessionRoutesOnViews(self) -> None:
+        """The Session asks its StdioUpstream for views of large lines."""
+        self.assertTrue(Session.routes_on_view)
+
+    def test_largeResponseReachesItsRoute(self) -> None:
+        """A large response reaches its route raw."""
+        route = RecordingRoute()
+        self.send(route, 4)
+        raw, view = self.viewed({"jsonrpc": "2.0", "id": 4, "result": {"text": self.BIG}})
+        self.session.upstreamMessage(raw, view)
+        self.assertEqual(route.answers, [(4, raw)])
+        self.assertFalse(self.session.has_pending())
+
+    def test_largeInitializeResultRecordsVersion(self) -> None:
+        """An initialize result too large to decode for routing is decoded for its protocolVersion."""
+        self.send(RecordingRoute(), 0, method="initialize")
+        raw, view = self.viewed({"jsonrpc": "2.0", "id": 0, "result": {"protocolVersion": "2025-06-18",
+                                                                         "instructions": self.BIG}})
+        self.session.upstreamMessage(raw, view)
+        self.assertEqual(self.session.protocol_version, "2025-06-18")
+
+    def test_largeProgressReachesTokenRoute(self) -> None:
+        """A large progress notification still goes to its token's route."""
+        route = RecordingRoute()
+        self.send(route, 1, token="t")
+        raw, view = self.viewed({"jsonrpc": "2.0", "method": "notifications/progress",
+                                 "params": {"progressToken": "t", "message": self.BIG}})
+        self.session.upstreamMessage(raw, view)
+        self.assertEqual(route.delivered, [raw])
+
+    def test_largeErrorReachesItsRoute(self) -> None:
+        """A large error response is answered and its code logged."""
+        route = RecordingRoute()
+        self.send(route, 2)
+        raw, view = self.viewed(jsonrpc.error(2, -32603, "boom", {"trace": self.BIG}))
+        self.session.upstreamMessage(raw, view)
+        self.assertEqual(route.answers, [(2, raw)])
+
+    def test_largeServerRequestToOutlet(self) -> None:
+        """A large request from the child that no route claims goes to the outlet."""
+        raw, view = self.viewed({"jsonrpc": "2.0", "id": "s1", "method": "sampling/createMessage",
+                                 "params": {"messages": [{"content": self.BIG}]}})
+        self.session.upstreamMessage(raw, view)
+        self.assertEqual(self.outlet.unbound_messages, [raw])
+
+
 class EndingTests(SessionTestCase):
     def test_childExitFailsInFlight(self) -> None:
         """When the child exits every in-flight request gets a connection-closed error at once."""
@@ -537,6 +594,83 @@ class SessionManagerTests(ManagerTestCase):
         self.manager.create(SERVER, "sse")
         self.manager.create(other, "sse")
         self.assertEqual((self.manager.count(), self.manager.count("time"), self.manager.count("other")), (3, 2, 1))
+
+
+class LazyStartTests(ManagerTestCase):
+    """Legacy SSE sessions (``create(lazy=True)``): the child is started by the first message."""
+
+    def test_streamOpensWithoutAChild(self) -> None:
+        """A lazy session exists, is found, and has spawned nothing."""
+        session = self.manager.create(SERVER, "sse", lazy=True)
+        self.assertIs(self.manager.get(session.id), session)
+        self.assertEqual(self.reactor.spawned, [])
+        self.assertIsNotNone(session.start_child)
+
+    def test_firstRequestSpawnsAndIsSent(self) -> None:
+        """The first request spawns the child and reaches it; later ones spawn nothing more."""
+        session = self.manager.create(SERVER, "sse", lazy=True)
+        route = RecordingRoute()
+        msg, raw = req(0, "initialize")
+        session.request(msg, raw, route)
+        child = self.child_of(session)
+        self.assertEqual(child.written, [raw + b"\n"])
+        msg, raw = req(1, "ping")
+        session.request(msg, raw, route)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        session.upstream.outReceived(b'{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2024-11-05"}}\n')
+        self.assertEqual([id for id, _ in route.answers], [0])
+        self.assertIsNone(session.start_child)
+
+    def test_firstNotificationSpawns(self) -> None:
+        """A notification as first message starts the child too, and reaches it."""
+        session = self.manager.create(SERVER, "sse", lazy=True)
+        msg, raw = note("notifications/initialized")
+        session.notify(msg, raw)
+        self.assertEqual(self.child_of(session).written, [raw + b"\n"])
+
+    def test_spawnFailureAnsweredThenSessionEnds(self) -> None:
+        """A child that cannot be started: the first request gets a JSON-RPC error naming why, on
+        its route (the SSE stream), and then the session ends (the stream is closed)."""
+        def fail(*a: Any, **kw: Any) -> None:
+            raise FileNotFoundError(2, "No such file or directory", "/opt/bin/time-server")
+
+        self.reactor.spawnProcess = fail  # type: ignore[method-assign]
+        session = self.manager.create(SERVER, "sse", lazy=True)
+        outlet = RecordingOutlet()
+        session.outlet = outlet
+        route = RecordingRoute()
+        msg, raw = req(0, "initialize")
+        session.request(msg, raw, route)
+        [(id, code, message)] = route.errors()
+        self.assertEqual((id, code), (0, jsonrpc.CONNECTION_CLOSED))
+        self.assertIn("could not be started", message)
+        self.assertIn("No such file or directory", message)
+        self.assertTrue(session.ended)
+        self.assertEqual(len(outlet.ended), 1)
+        self.assertIsNone(self.manager.get(session.id))
+
+    def test_closeBeforeFirstMessage(self) -> None:
+        """A stream closed before any message: no child was started, the stop fires at once."""
+        session = self.manager.create(SERVER, "sse", lazy=True)
+        d = session.close("SSE stream closed")
+        self.successResultOf(d)
+        self.assertEqual(self.reactor.spawned, [])
+        self.assertIsNone(self.manager.get(session.id))
+        self.successResultOf(self.manager.stopService())
+
+    def test_notLazyForOtherTransports(self) -> None:
+        """Without lazy=True (Streamable HTTP, WebSocket) the child is spawned at create()."""
+        self.manager.create(SERVER, "streamable")
+        self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_createFailureForgetsTheSession(self) -> None:
+        """A spawn that fails in create() leaves no session behind."""
+        def fail(*a: Any, **kw: Any) -> None:
+            raise OSError("boom")
+
+        self.reactor.spawnProcess = fail  # type: ignore[method-assign]
+        self.assertRaises(OSError, self.manager.create, SERVER, "streamable")
+        self.assertEqual(self.manager.sessions, {})
 
 
 class ReapTests(ManagerTestCase):

@@ -18,7 +18,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from mcpgw.config import GatewayConfig, ServerConfig
 from mcpgw.metrics import NULL_BOUND
 from mcpgw.transports.common import GatewayContext
-from mcpgw.transports.sse import PING, Heartbeat, ReplayLog, SseResponse, frame
+from mcpgw.transports.sse import LARGE_EVENT, PING, Heartbeat, ReplayLog, SseResponse, frame, frame_parts
 from mcpgw.transports.streamable import PostExchange, StreamableOutlet
 
 INTERVAL = 15.0
@@ -105,6 +105,30 @@ class SseResponseTests(SynchronousTestCase):
         self.response.write(frame(b"1"))
         self.response.write_many([frame(b"2"), frame(b"3")])
         self.assertEqual(body(self.request), frame(b"1") + frame(b"2") + frame(b"3"))
+
+    def test_writeEventSmall(self) -> None:
+        """write_event frames a small event in one chunk, as frame() does."""
+        self.response.write_event(RESULT, b"message")
+        self.assertEqual(body(self.request), frame(RESULT, b"message"))
+        self.assertEqual(wire(self.request).count(b"\r\n" + frame(RESULT, b"message") + b"\r\n"), 1)
+
+    def test_writeEventLarge(self) -> None:
+        """A large event is written as its pieces (its data not copied to frame it): the client
+        reads the same bytes frame() would have made."""
+        data = b'{"id":1,"result":"' + b"x" * LARGE_EVENT + b'"}'
+        writes: list[bytes] = []
+        real = self.request.write
+        self.patch(self.request, "write", lambda chunk: (writes.append(chunk), real(chunk)))
+        self.response.write_event(data, b"message")
+        self.assertEqual(body(self.request), frame(data, b"message"))
+        self.assertEqual(writes, frame_parts(data, b"message"))
+        self.assertIs(writes[1], data)
+
+    def test_noWriteEventAfterFinish(self) -> None:
+        """write_event after finish() writes nothing."""
+        self.response.finish()
+        self.response.write_event(b"x" * LARGE_EVENT, b"message")
+        self.assertEqual(body(self.request), b"")
 
     def test_noWriteAfterFinish(self) -> None:
         """After finish() further writes are dropped, and finish() twice finishes once."""

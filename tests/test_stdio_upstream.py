@@ -124,6 +124,32 @@ class ChildOutputTests(UpstreamTestCase):
         self.assertEqual(self.delegate.messages, [])
         self.assertEqual(len(self.logs.formats("non-object")), 2)
 
+    def test_largeLineRoutedOnAView(self) -> None:
+        """A large line reaches a delegate that routes on views (the Session) with its payload
+        undecoded, in 64 KiB reads; any other delegate gets it fully decoded."""
+        from mcpgw import jsonrpc
+
+        line = b'{"jsonrpc":"2.0","id":9,"result":{"text":"' + b"a" * (1 << 20) + b'"}}'
+        self.delegate.routes_on_view = True
+        for i in range(0, len(line), 65536):
+            self.upstream.outReceived(line[i:i + 65536])
+        self.upstream.outReceived(b"\n")
+        [(raw, msg)] = self.delegate.messages
+        self.assertEqual(raw, line)
+        self.assertEqual((msg["id"], msg["jsonrpc"]), (9, "2.0"))
+        self.assertIsInstance(msg["result"], jsonrpc.Undecoded)
+        self.assertEqual(jsonrpc.decoded(msg["result"]), {"text": "a" * (1 << 20)})
+        self.delegate.routes_on_view = False
+        self.upstream.outReceived(line + b"\n")
+        self.assertEqual(self.delegate.messages[1][1]["result"], {"text": "a" * (1 << 20)})
+
+    def test_largeMalformedLineDropped(self) -> None:
+        """A large line whose structure is broken is dropped like any non-JSON line."""
+        self.delegate.routes_on_view = True
+        self.upstream.outReceived(b'{"jsonrpc":"2.0","id":9,"result":"' + b"a" * 100_000 + b"\n")
+        self.assertEqual(self.delegate.messages, [])
+        self.assertEqual(len(self.logs.formats("not JSON")), 1)
+
     def test_overlongLine(self) -> None:
         """A line longer than maxMessageBytes is a protocol error naming the limit, reported once."""
         upstream = self.make(maxMessageBytes=32)
@@ -167,6 +193,53 @@ class SendTests(UpstreamTestCase):
         """send() writes the raw message and one newline, and returns True."""
         self.assertTrue(self.upstream.send(MESSAGE))
         self.assertEqual(self.child.written, [MESSAGE + b"\n"])
+
+    def direct(self) -> tuple["_PipeWriter", int]:
+        import os
+
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        writer = _PipeWriter(w)
+        self.upstream._stdin = writer
+        return writer, r
+
+    def test_sendStraightIntoThePipe(self) -> None:
+        """With nothing queued, a message goes straight into the child's stdin (no transport write)."""
+        import os
+
+        writer, r = self.direct()
+        self.assertTrue(self.upstream.send(MESSAGE))
+        self.assertEqual(os.read(r, 4096), MESSAGE + b"\n")
+        self.assertEqual((writer.written, self.child.written), ([], []))
+
+    def test_sendToAFullPipeIsQueued(self) -> None:
+        """A pipe that takes nothing (the child is not reading): the message is queued whole."""
+        import os
+
+        writer, r = self.direct()
+        try:
+            while True:
+                os.write(writer.fd, b"x" * 65536)
+        except BlockingIOError:
+            pass
+        self.assertTrue(self.upstream.send(MESSAGE))
+        self.assertEqual(writer.written, [MESSAGE + b"\n"])
+
+    def test_sendBehindQueuedDataKeepsOrder(self) -> None:
+        """With data already queued, a message goes behind it through the transport."""
+        writer, _ = self.direct()
+        writer._tempDataLen = 10
+        self.assertTrue(self.upstream.send(MESSAGE))
+        self.assertEqual(self.child.written, [MESSAGE + b"\n"])
+
+    def test_largeMessageThroughTheTransport(self) -> None:
+        """A message of DIRECT_WRITE bytes or more is left to the transport."""
+        writer, _ = self.direct()
+        big = b"x" * stdio.DIRECT_WRITE
+        self.assertTrue(self.upstream.send(big))
+        self.assertEqual(self.child.written, [big + b"\n"])
 
     def test_sendAfterEnd(self) -> None:
         """send() after the child exited writes nothing and returns False."""
@@ -325,3 +398,99 @@ class ProcessEndedTests(UpstreamTestCase):
         [event] = self.logs.formats("after {duration")
         self.assertEqual((event["server"], event["pid"], event["how"], event["duration"]),
                          ("time", pid, "exited with status 0", 2.5))
+
+
+_PROBE = r"""
+import json, os, socket, sys
+from twisted.internet import reactor
+from mcpgw.config import ServerConfig
+from mcpgw.upstream import stdio
+
+held = [socket.socket(), open(os.devnull), os.pipe()]  # the gateway's own descriptors: not the child's
+inherited = os.open(os.devnull, os.O_RDONLY)
+os.set_inheritable(inherited, True)  # as if the gateway had been started with it: closed in the child too
+child_code = ("import json, os, sys; line = sys.stdin.readline(); "
+              "print(json.dumps({'pid': os.getpid(), 'pgid': os.getpgid(0), 'sid': os.getsid(0), 'line': line, "
+              "'fds': sorted(int(f) for f in os.listdir('/proc/self/fd'))}), flush=True); sys.stdin.read()")
+server = ServerConfig(name="probe", command=sys.executable, executable=sys.executable, args=("-c", child_code))
+out = {}
+
+class Delegate:
+    def upstreamMessage(self, raw, msg):
+        out.update(msg, leader=upstream._own_group)
+        upstream.stop()
+    def upstreamProtocolError(self, reason):
+        reactor.stop()
+    def upstreamEnded(self, reason):
+        out["ended"] = reason
+        reactor.stop()
+
+upstream = stdio.StdioUpstream(server, Delegate(), reactor)
+def start():
+    upstream.spawn()
+    out["direct"] = upstream._stdin is not None
+    upstream.send(b'{"jsonrpc":"2.0","method":"hello"}')  # straight into the pipe (nothing queued)
+
+reactor.callWhenRunning(start)
+reactor.callLater(20, reactor.stop)
+reactor.run()
+print(json.dumps(out))
+"""
+
+
+class RealSpawnTests(SynchronousTestCase):
+    """A real child on the real reactor (in a subprocess, so this test process's reactor is untouched)."""
+
+    def test_childLeadsItsOwnSessionWithOnlyItsPipes(self) -> None:
+        """posix_spawn(setsid=True): the child is its own session and group leader (no ``setsid``
+        exec), and of the gateway's descriptors it has only its three pipes; a message sent at once
+        is written straight into its stdin and arrives whole."""
+        import json
+        import subprocess
+        import sys
+
+        if not stdio._SPAWN_SETSID:
+            self.skipTest("no posix_spawn with setsid here")
+        done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        self.assertEqual((out["pgid"], out["sid"]), (out["pid"], out["pid"]))
+        self.assertTrue(out["leader"])
+        self.assertEqual(out["fds"], [0, 1, 2, 3])  # 3: the listing's own directory descriptor
+        self.assertEqual(out["ended"], "exited with status 0")
+        self.assertTrue(out["direct"])
+        self.assertEqual(out["line"], '{"jsonrpc":"2.0","method":"hello"}\n')
+
+
+class TuneAllocatorTests(SynchronousTestCase):
+    """tune_allocator: glibc's mmap/trim thresholds set once, unless the operator set them."""
+
+    def test_operatorSettingWins(self) -> None:
+        self.patch(stdio, "_tuned", None)
+        self.assertFalse(stdio.tune_allocator({"MALLOC_MMAP_THRESHOLD_": "131072"}))
+        self.assertFalse(stdio.tune_allocator({}))  # decided once per process
+
+    def test_onceOnly(self) -> None:
+        self.patch(stdio, "_tuned", None)
+        first = stdio.tune_allocator({})
+        self.assertEqual(stdio.tune_allocator({}), first)
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            self.assertTrue(first)
+
+
+class _PipeWriter:
+    """What StdioUpstream.send reads of Twisted's ProcessWriter, on a real pipe; ``write`` recorded."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._tempDataLen = 0
+        self.offset = 0
+        self.dataBuffer = b""
+        self.connected = 1
+        self.disconnecting = False
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)

@@ -13,7 +13,7 @@ from mcpgw import jsonrpc
 from mcpgw.config import ConfigError, GatewayConfig, ServerConfig, SessionConfig, ToolFilter, parse_server
 from mcpgw.session import SessionManager
 from mcpgw.upstream import FilteredUpstream, stdio
-from mcpgw.upstream.warm import BACKOFF_FIRST, REFILL_DELAY, WarmChildren
+from mcpgw.upstream.warm import BACKOFF_FIRST, REFILL_DELAY, SETTLED_DELAY, WarmChildren
 from tests.fake_process import FakeProcessReactor
 from tests.gateway_process import fixture_server, wait_until
 from tests.mcp_raw import StreamableSession, result_text, tool_call
@@ -42,6 +42,31 @@ class WarmChildrenTests(SynchronousTestCase):
         self.reactor.advance(REFILL_DELAY)  # the replacement: just after the session's setup
         self.assertEqual(len(self.reactor.spawned), 3)
         self.assertEqual([c.pid for c in self.warm.ready], [4243, 4244])
+
+    def test_settled_refills_every_missing_child_at_once(self) -> None:
+        """Back to back: two takes, then the second taker's initialize answer: both replacements
+        are spawned together one reactor turn later, not REFILL_DELAY after the first take."""
+        self.warm.start()
+        self.warm.take()
+        self.warm.take()
+        self.assertEqual(self.warm.ready, [])
+        self.warm.settled()
+        self.assertEqual(len(self.reactor.spawned), 2)  # not on this turn: the answer is written first
+        self.reactor.advance(SETTLED_DELAY)
+        self.assertEqual(len(self.reactor.spawned), 4)
+        self.assertEqual([c.pid for c in self.warm.ready], [4244, 4245])
+        self.reactor.advance(REFILL_DELAY)
+        self.assertEqual(len(self.reactor.spawned), 4)  # one refill for both takes
+
+    def test_settled_does_not_hurry_a_backoff(self) -> None:
+        """A replacement for a child that died waits out its backoff even if a session settles."""
+        self.warm.start()
+        self.reactor.spawned[0].exit(1)
+        self.warm.settled()
+        self.reactor.advance(SETTLED_DELAY)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(BACKOFF_FIRST)
+        self.assertEqual(len(self.reactor.spawned), 3)
 
     def test_dead_child_is_replaced_after_a_doubling_backoff(self) -> None:
         self.warm.start()
@@ -122,6 +147,46 @@ class ManagerTests(SynchronousTestCase):
         self.assertTrue(session.ended)
         self.assertEqual(len(self.reactor.spawned), 3)
 
+    def test_end_of_handshake_refills_the_pool(self) -> None:
+        """The replacement of a taken child is spawned once the session's handshake is over (its
+        client's notifications/initialized, one reactor turn later), not REFILL_DELAY after the take."""
+        manager = self.manager(SERVER)
+        session = manager.create(SERVER, "streamable")
+        seen: list[bytes] = []
+
+        class Route:
+            def answer(self, id: Any, raw: bytes) -> None:
+                seen.append(raw)
+
+        msg = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}
+        session.request(msg, jsonrpc.dumps(msg), Route())
+        session.upstream.outReceived(b'{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2025-06-18"}}\n')
+        self.assertEqual(len(seen), 1)
+        self.reactor.advance(SETTLED_DELAY)
+        self.assertEqual(len(self.reactor.spawned), 2)  # the answer alone: the handshake is not over
+        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        session.notify(note, jsonrpc.dumps(note))
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(SETTLED_DELAY)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        self.assertIsNone(session.on_initialized)  # once
+
+    def test_lazy_session_takes_a_warm_child_at_its_first_message(self) -> None:
+        """A legacy SSE session (lazy) takes no child when its stream opens; its first message
+        takes a warm one (no spawn on its path) and the pool is refilled."""
+        manager = self.manager(SERVER)
+        session = manager.create(SERVER, "sse", lazy=True)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(len(manager.warm["time"].ready), 2)
+        self.assertIsNone(session.upstream.pid)
+        msg = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}
+        session.request(msg, jsonrpc.dumps(msg), _Route())
+        self.assertTrue(session.prespawned)
+        self.assertEqual(session.upstream.pid, 4242)
+        self.assertEqual(self.reactor.spawned[0].written, [jsonrpc.dumps(msg) + b"\n"])
+        self.reactor.advance(REFILL_DELAY)
+        self.assertEqual(len(self.reactor.spawned), 3)
+
     def test_tool_filtered_server_takes_a_warm_child_behind_its_filter(self) -> None:
         server = ServerConfig(name="f", command="t", executable="/t", warmPool=1, tools=ToolFilter(deny=("x",)))
         manager = self.manager(server)
@@ -187,3 +252,17 @@ def test_gateway_with_warm_pool(make_gateway) -> None:
     # Both sessions run on the children that were warm; two replacements wait for the next ones.
     assert wait_until(lambda: len(gw.child_pids()) == 4, timeout=10), gw.child_pids()
     assert warm <= set(gw.child_pids())
+
+
+class _Route:
+    def __init__(self) -> None:
+        self.answers: list[bytes] = []
+
+    def answer(self, id: Any, raw: bytes) -> None:
+        self.answers.append(raw)
+
+    def deliver(self, raw: bytes) -> None:
+        self.answers.append(raw)
+
+    def forget(self, id: Any) -> None:
+        pass

@@ -91,7 +91,10 @@ def read_body(request: Request, limit: int) -> bytes:
     if size > limit:
         raise HttpError(413, jsonrpc.INVALID_REQUEST, f"request body of {size} bytes exceeds the limit of {limit} bytes")
     content.seek(0)
-    return content.read()
+    # A BytesIO (GatewaySite keeps bodies in memory) hands its buffer over without a copy;
+    # read() copies it (its buffer is over-allocated), a MiB per large body.
+    getvalue = getattr(content, "getvalue", None)
+    return getvalue() if getvalue is not None else content.read()
 
 
 def parse_messages(body: bytes, allow_batch: bool = True, max_batch: int | None = None) -> tuple[list[Incoming], bool]:

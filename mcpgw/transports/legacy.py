@@ -35,16 +35,16 @@ class LegacyStream:
         response.on_close(self._closed)
 
     def answer(self, id: Any, raw: bytes) -> None:
-        self.response.write(frame(raw, MESSAGE))
+        self.response.write_event(raw, MESSAGE)
 
     def deliver(self, raw: bytes) -> None:
-        self.response.write(frame(raw, MESSAGE))
+        self.response.write_event(raw, MESSAGE)
 
     def forget(self, id: Any) -> None:
         pass
 
     def unbound(self, raw: bytes, msg: dict[str, Any]) -> None:
-        self.response.write(frame(raw, MESSAGE))
+        self.response.write_event(raw, MESSAGE)
 
     def session_ended(self, reason: str) -> None:
         self.response.finish()
@@ -70,7 +70,9 @@ class SseEndpoint(Resource):
             request.setHeader(b"retry-after", b"5")
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, "gateway is shutting down")
         try:
-            session = self._ctx.sessions.create(self._server, "sse", identity_of(request))
+            # The child is started by the session's first POSTed message: an idle stream holds
+            # one descriptor (its socket), not four (the child's pipes too).
+            session = self._ctx.sessions.create(self._server, "sse", identity_of(request), lazy=True)
         except SessionRefused as e:
             request.setHeader(b"retry-after", b"%d" % e.retry_after)
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}")

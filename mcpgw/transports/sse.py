@@ -16,17 +16,27 @@ from mcpgw.metrics import NULL_BOUND, BoundMetrics
 PING = b": ping\n\n"
 
 
+#: Events whose data is at least this long are written in pieces (SseResponse.write_event), not framed.
+LARGE_EVENT = 64 * 1024
+
+
 def frame(data: bytes, event: bytes | None = None, id: bytes | None = None, retry: int | None = None) -> bytes:
-    """One SSE event. ``data`` must hold no newline (JSON lines from a child never do)."""
-    parts = []
-    if id is not None:
-        parts.append(b"id: " + id + b"\n")
-    if retry is not None:
-        parts.append(b"retry: %d\n" % retry)
+    """One SSE event. ``data`` must hold no newline (JSON lines from a child never do).
+
+    One join: ``data`` (up to ``maxMessageBytes``) is copied once."""
+    return b"".join(frame_parts(data, event, id, retry))
+
+
+def frame_parts(data: bytes, event: bytes | None = None, id: bytes | None = None, retry: int | None = None) -> list[bytes]:
+    """``frame()`` as [fields and ``data: ``, data, blank line]: what it joins."""
+    head = b"data: "
     if event is not None:
-        parts.append(b"event: " + event + b"\n")
-    parts.append(b"data: " + data + b"\n\n")
-    return b"".join(parts)
+        head = b"event: " + event + b"\n" + head
+    if retry is not None:
+        head = b"retry: %d\n" % retry + head
+    if id is not None:
+        head = b"id: " + id + b"\n" + head
+    return [head, data, b"\n\n"]
 
 
 class _PauseShare:
@@ -98,6 +108,18 @@ class SseResponse:
         if self.open:
             self.request.write(data)
             self._metrics.sse_events()
+
+    def write_event(self, data: bytes, event: bytes | None = None) -> None:
+        """Write one event of ``data``; a large one in pieces, so its data is not copied to frame it
+        (twisted.web sends each piece as an HTTP chunk; the transport joins them once)."""
+        if not self.open:
+            return
+        if len(data) < LARGE_EVENT:
+            self.request.write(frame(data, event))
+        else:
+            for part in frame_parts(data, event):
+                self.request.write(part)
+        self._metrics.sse_events()
 
     def keepalive(self) -> None:
         if self.open:

@@ -7,15 +7,19 @@ chunks in a list so a 16 MiB line costs one join, not a quadratic rebuild.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import signal
+import sys
 from collections import deque
 from functools import partial
 from typing import Any, Callable, Protocol
 
 from twisted.internet import defer, error
+from twisted.internet import process as _process
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -29,12 +33,77 @@ from mcpgw.metrics import NULL_BOUND, BoundMetrics
 #: Variables a child gets from the gateway's environment when they are set (and LC_*).
 _BASE_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ")
 _SETSID = shutil.which("setsid")
+#: posix_spawn with POSIX_SPAWN_SETSID (Linux, glibc >= 2.26): the child leads its own session
+#: and process group without an exec of the ``setsid`` binary first.
+_SPAWN_SETSID = sys.platform.startswith("linux") and hasattr(os, "posix_spawnp") and hasattr(os, "POSIX_SPAWN_DUP2")
+
+
+def _no_spawn_setsid() -> None:
+    global _SPAWN_SETSID
+    _SPAWN_SETSID = False
+
+
+#: Descriptors above 2 that the gateway was started with and that are not close-on-exec (a
+#: supervisor's, a shell's ``3>file``): listed once, at the first spawn, and closed in every child.
+_inherited: list[int] | None = None
+
+
+def _inherited_fds() -> list[int]:
+    global _inherited
+    if _inherited is None:
+        found = []
+        for fd in _process._listOpenFDs():
+            if fd > 2:
+                try:
+                    if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                        found.append(fd)
+                except OSError:
+                    pass
+        _inherited = found
+    return _inherited
+
+
+class _LeaderProcess(_process.Process):
+    """Twisted's ``Process`` (pipes, reaping, the ProcessProtocol calls) started by one
+    ``posix_spawnp(..., setsid=True)``.
+
+    The path before (Twisted's posix_spawn with the ``setsid`` binary in argv) exec'd ``setsid``
+    first (a second exec and dynamic-linker start per session) and, before every spawn, Twisted
+    listed every open descriptor of the gateway and asked each for its close-on-exec flag (one
+    ``fcntl`` per socket: a spawn beside 4,500 open streams took ~15x one beside 1,000). Every
+    descriptor the gateway opens itself is close-on-exec (PEP 446: Python's sockets, pipes, files
+    and epoll are created non-inheritable; so are Twisted's); so only the child's three pipes,
+    0-2 and the inheritable descriptors the gateway was started with (``_inherited_fds``, listed
+    once) are looked at: the child gets its pipes as 0-2 and nothing else.
+    """
+
+    def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: Any, args: Any, environment: Any,
+                               kwargs: Any) -> bool:
+        if uid is not None or gid is not None or path is not None:
+            return False  # not built for these (StdioUpstream.spawn does not ask)
+        fdmap: dict[int, int] = kwargs["fdmap"]
+        state = [(fd, False) for fd in _inherited_fds()]  # closed in the child (a later entry for a reused number wins)
+        for fd in {0, 1, 2, *fdmap.values()}:
+            try:
+                state.append((fd, bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)))
+            except OSError:
+                pass
+        self.pid = os.posix_spawnp(
+            executable, args, environment,
+            file_actions=_process._getFileActions(state, fdmap, doClose=os.POSIX_SPAWN_CLOSE, doDup2=os.POSIX_SPAWN_DUP2),
+            setsigdef=[s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN],
+            setsid=True,
+        )
+        self.status = -1
+        return True
 
 
 #: Bytes per read of a child's stdout. Twisted's ProcessReader reads 8 KiB at a
 #: time: a 1 MiB reply was 128 reads, each a wakeup of the child blocked on the
 #: full pipe; 64 KiB (the pipe's capacity) makes it 16.
 PIPE_READ = 65536
+#: Messages shorter than this are written to a child's stdin at once when nothing is queued (send).
+DIRECT_WRITE = 65536
 
 
 def _read_pipe(reader: Any) -> Any:
@@ -49,6 +118,40 @@ def _read_pipe(reader: Any) -> Any:
         return CONNECTION_DONE
     reader.dataReceived(data)
     return None
+
+
+#: glibc malloc settings for relaying large messages (``tune_allocator``).
+MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
+MALLOC_TRIM_THRESHOLD = 64 * 1024 * 1024
+_tuned: bool | None = None
+
+
+def tune_allocator(environ: Any = os.environ) -> bool:
+    """Keep the buffers of large messages on the heap (glibc only; once per process).
+
+    glibc serves every allocation over its (dynamic) mmap threshold with a fresh ``mmap`` and
+    trims the heap's top above twice that: each of the several MiB-sized buffers a 1 MiB
+    round trip allocates (the body, the decoded payload, the child's line, the transport's
+    joins) was a new mapping whose pages the kernel faulted in and zeroed, about half of the
+    gateway's CPU per 1 MiB round trip (system time; docs/performance.md). With these thresholds
+    freed memory is reused instead; at most MALLOC_TRIM_THRESHOLD of free heap is kept. An
+    operator's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ take precedence.
+    """
+    global _tuned
+    if _tuned is not None:
+        return _tuned
+    _tuned = False
+    if "MALLOC_MMAP_THRESHOLD_" in environ or "MALLOC_TRIM_THRESHOLD_" in environ:
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (or no mallopt)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    _tuned = bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
+    return _tuned
 
 
 def child_environment(server: ServerConfig, environ: Any) -> dict[str, str]:
@@ -79,7 +182,12 @@ class ServerActivity:
 
 
 class UpstreamDelegate(Protocol):
-    """What a StdioUpstream reports to (the session)."""
+    """What a StdioUpstream reports to (the session).
+
+    A delegate with a true ``routes_on_view`` attribute takes a large line's message as
+    ``jsonrpc.route_view`` gives it (values of ``jsonrpc.SMALL_VALUE`` bytes or more ``Undecoded``);
+    any other gets every line fully decoded.
+    """
 
     def upstreamMessage(self, raw: bytes, msg: dict[str, Any]) -> None: ...
 
@@ -102,33 +210,50 @@ class LineFramer:
     def feed(self, data: bytes) -> None:
         if self.broken or not data:
             return
-        if b"\n" not in data:
+        nl = data.find(b"\n")
+        if nl < 0:
             self._chunks.append(data)
             self._pending += len(data)
             if self._too_long(self._pending, data):
                 self._break(self._pending)
             return
+        start = 0
         if self._chunks:
-            self._chunks.append(data)
-            data = b"".join(self._chunks)
+            # The line that was waiting ends in this read: one join of its pieces (a memoryview of
+            # this read's part, so a 1 MiB line read in 16 pieces is copied once, not twice).
+            self._chunks.append(memoryview(data)[:nl])
+            line = b"".join(self._chunks)
             self._chunks = []
-        lines = data.split(b"\n")
-        rest = lines.pop()
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if len(line) > self._max:
-                self._break(len(line))
+            self._pending = 0
+            if not self._deliver(line):
                 return
-            if line.strip():
-                self._line(line)
-            if self.broken:
+            start = nl + 1
+            nl = data.find(b"\n", start)
+        while nl >= 0:
+            if not self._deliver(data[start:nl]):
                 return
-        if rest:
+            start = nl + 1
+            nl = data.find(b"\n", start)
+        if start < len(data):
+            rest = data[start:] if start else data
             self._chunks = [rest]
-        self._pending = len(rest)
-        if self._too_long(self._pending, rest):
-            self._break(self._pending)
+            self._pending = len(rest)
+            if self._too_long(self._pending, rest):
+                self._break(self._pending)
+        else:
+            self._pending = 0
+
+    def _deliver(self, line: bytes) -> bool:
+        """Hand one line on (without its CR, unless blank); False once the framer is broken."""
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > self._max:
+            self._break(len(line))
+            return False
+        # isspace() stops at the first non-blank byte; strip() would copy a line with blank ends.
+        if line and not line.isspace():
+            self._line(line)
+        return not self.broken
 
     def flush(self) -> None:
         """Deliver a last line that had no newline (the child exited)."""
@@ -138,7 +263,7 @@ class LineFramer:
             self._pending = 0
             if line.endswith(b"\r"):
                 line = line[:-1]
-            if line.strip():
+            if line and not line.isspace():
                 self._line(line)
 
     def _too_long(self, pending: int, tail: bytes) -> bool:
@@ -161,6 +286,12 @@ class StdioUpstream(ProcessProtocol):
     _counted = False
     #: The server's activity record (set by the SessionManager; None: not kept).
     activity: ServerActivity | None = None
+    #: The child leads its own process group (signals and the final kill go to the group).
+    _own_group = False
+    #: spawn() has started the child (a lazily started legacy SSE session's has not, until its first message).
+    spawned = False
+    #: The child's stdin (Twisted's ProcessWriter) for direct writes (send); None: only the transport.
+    _stdin: Any = None
 
     def __init__(self, server: ServerConfig, delegate: UpstreamDelegate, reactor: Any):
         self.server = server
@@ -182,10 +313,20 @@ class StdioUpstream(ProcessProtocol):
         """Start the child in its own process group (so stop reaches its whole tree)."""
         reactor: IReactorProcess = self._reactor
         argv = [self.server.executable, *self.server.args]
-        if _SETSID:
-            argv = [_SETSID, *argv]
         env = child_environment(self.server, os.environ)
-        reactor.spawnProcess(self, argv[0], argv, env=env, path=self.server.cwd)
+        spawned = False
+        if _SPAWN_SETSID and self.server.cwd is None and isinstance(reactor, PosixReactorBase):
+            try:
+                _LeaderProcess(reactor, argv[0], argv, env, None, self)
+                spawned = self._own_group = True
+            except NotImplementedError:  # a C library without POSIX_SPAWN_SETSID (glibc < 2.26)
+                _no_spawn_setsid()
+        if not spawned:  # a cwd (posix_spawn cannot chdir here), another platform, or a test's reactor
+            if _SETSID:
+                argv = [_SETSID, *argv]
+            self._own_group = bool(_SETSID)
+            reactor.spawnProcess(self, argv[0], argv, env=env, path=self.server.cwd)
+        self.spawned = True
         self._counted = True
         self.metrics.child_started()
         if self.activity is not None:
@@ -193,9 +334,13 @@ class StdioUpstream(ProcessProtocol):
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
-        reader = getattr(self.transport, "pipes", {}).get(1)
+        pipes = getattr(self.transport, "pipes", {})
+        reader = pipes.get(1)
         if reader is not None and hasattr(reader, "fd"):
             reader.doRead = partial(_read_pipe, reader)
+        writer = pipes.get(0)
+        if writer is not None and hasattr(writer, "fd") and hasattr(writer, "_tempDataLen"):
+            self._stdin = writer
         self.log.info("child {server} started pid={pid}", server=self.server.name, pid=self.pid)
 
     # -- child -> gateway -------------------------------------------------
@@ -205,7 +350,10 @@ class StdioUpstream(ProcessProtocol):
 
     def _outLine(self, line: bytes) -> None:
         try:
-            msg = jsonrpc.loads(line)
+            if len(line) >= jsonrpc.LARGE_MESSAGE and getattr(self.delegate, "routes_on_view", False):
+                msg = jsonrpc.route_view(line)  # id/method without decoding a large payload
+            else:
+                msg = jsonrpc.loads(line)
         except (jsonrpc.DecodeError, UnicodeDecodeError, ValueError):
             self.log.warn(
                 "child {server} pid={pid} wrote a line that is not JSON ({size} bytes); dropped",
@@ -234,9 +382,26 @@ class StdioUpstream(ProcessProtocol):
     # -- gateway -> child -------------------------------------------------
 
     def send(self, raw: bytes) -> bool:
-        """Write one message; False if the child can no longer take input."""
+        """Write one message; False if the child can no longer take input.
+
+        A message under DIRECT_WRITE bytes goes straight into the pipe when nothing is queued
+        before it (Twisted's ``write`` only buffers: each message cost an ``epoll_ctl`` to watch
+        the pipe, a reactor turn to write it and another ``epoll_ctl``); what the pipe does not
+        take, and everything else, goes through the transport.
+        """
         if self.ended or self._stopping or self.transport is None:
             return False
+        writer = self._stdin
+        if writer is not None and len(raw) < DIRECT_WRITE and not writer._tempDataLen \
+                and writer.offset == len(writer.dataBuffer) and writer.connected and not writer.disconnecting:
+            data = raw + b"\n"
+            try:
+                written = os.write(writer.fd, data)
+            except OSError:  # full (EAGAIN), or the child is gone: the transport finds out and reports it
+                written = 0
+            if written < len(data):
+                writer.write(data[written:] if written else data)
+            return True
         self.transport.writeSequence([raw, b"\n"])
         return True
 
@@ -257,6 +422,9 @@ class StdioUpstream(ProcessProtocol):
         The Deferred fires once the child has really exited.
         """
         d: defer.Deferred[None] = defer.Deferred()
+        if not self.ended and not self.spawned:  # a lazily started session that never needed its child
+            self.ended = True
+            self.exit_reason = "never started"
         if self.ended:
             d.callback(None)
             return d
@@ -281,7 +449,7 @@ class StdioUpstream(ProcessProtocol):
             return
         self.log.info("child {server} pid={pid}: sending {sig}", server=self.server.name, pid=self.pid, sig=signal.Signals(sig).name)
         try:
-            if _SETSID:
+            if self._own_group:
                 os.killpg(self.pid, sig)
             else:
                 self.transport.signalProcess(sig)
@@ -331,7 +499,7 @@ class StdioUpstream(ProcessProtocol):
             d.callback(None)
 
     def _kill_group(self) -> None:
-        if _SETSID and self.pid is not None:
+        if self._own_group and self.pid is not None:
             try:
                 os.killpg(self.pid, signal.SIGKILL)
             except OSError:

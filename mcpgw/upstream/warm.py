@@ -1,7 +1,10 @@
 """``warmPool``: pre-spawned children of a per-client stdio server.
 
 A new session takes a child that is already running (no fork/exec, no interpreter
-start-up on its path) and a replacement is spawned REFILL_DELAY later. A warm child says
+start-up on its path). Replacements for every child taken are spawned together, once the
+session that took one has finished its handshake (``settled``: its client's
+``notifications/initialized``; the spawn then no longer competes with the handshake), and at
+the latest REFILL_DELAY after a take. A warm child says
 nothing before ``initialize`` (its stderr is logged by the StdioUpstream anyway), so
 its placeholder delegate buffers nothing; one that exits while waiting is dropped
 and replaced after a doubling backoff on the injected reactor, so a broken command
@@ -21,10 +24,13 @@ from mcpgw.upstream.stdio import ServerActivity, StdioUpstream
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
-#: Seconds from a take to its replacement's spawn. Not 0: a fork/exec on the reactor and an
-#: interpreter starting beside the taken child while it answers ``initialize`` cost that session
+#: Seconds from a take to its replacement's spawn at the latest. Not 0: a spawn on the reactor and
+#: an interpreter starting beside the taken child while it answers ``initialize`` cost that session
 #: ~5 ms of its setup on 2 cores (docs/performance.md); takes within this window share one refill.
 REFILL_DELAY = 0.05
+#: Seconds from a taker's ``notifications/initialized`` (``settled``) to the refill: one reactor
+#: turn, so the reply to that POST is written before the spawn blocks the reactor.
+SETTLED_DELAY = 0.001
 
 
 def warmable(server: ServerConfig) -> bool:
@@ -71,7 +77,9 @@ class WarmChildren:
         self._fill()
 
     def take(self) -> StdioUpstream | None:
-        """A running child for a new session (its delegate still to be set), or None; refills at once."""
+        """A running child for a new session (its delegate still to be set), or None (the pool is
+        empty: the session spawns its own). Either way the pool is refilled: at ``settled()`` or
+        REFILL_DELAY from now, whichever comes first, every missing child at once."""
         child = None
         while self.ready and child is None:
             candidate = self.ready.pop(0)
@@ -79,9 +87,18 @@ class WarmChildren:
                 child = candidate
         if child is not None:
             self._backoff = BACKOFF_FIRST  # it lived until used: the command works
-            if self._timer is None:
-                self._timer = self._reactor.callLater(REFILL_DELAY, self._refill)
+        if self._timer is None and not self._stopping and len(self.ready) < self.size:
+            self._timer = self._reactor.callLater(REFILL_DELAY, self._refill)
         return child
+
+    def settled(self) -> None:
+        """A session that took a child (or found none) has finished its handshake: refill now rather
+        than at REFILL_DELAY, so that back-to-back sessions find replacements that started sooner.
+        A refill waiting out a backoff (a child that died) is not hurried."""
+        timer = self._timer
+        if timer is not None and timer.active() and self._backoff == BACKOFF_FIRST \
+                and timer.getTime() - self._reactor.seconds() > SETTLED_DELAY:
+            timer.reset(SETTLED_DELAY)
 
     def stop(self) -> defer.Deferred[None]:
         """Stop every waiting child; fires once they have all exited."""
