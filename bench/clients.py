@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -74,6 +75,10 @@ class BenchClient:
         self.foreign = 0
         self.notifications = 0
         self.modes: set[str] = set()  # how replies came: json / sse / pipe / ws
+        #: ``time.perf_counter_ns()`` when ``connect`` had the initialize reply (the setup
+        #: workload's end point: "session setup (initialize reply, child spawned)"; what follows,
+        #: ``notifications/initialized``, is not part of it).
+        self.initialized_at: int | None = None
 
     async def connect(self) -> None:
         raise NotImplementedError
@@ -105,6 +110,7 @@ class DirectClient(BenchClient):
         msg = await self._reply(0, None)
         if "result" not in msg:
             raise RuntimeError(f"initialize failed: {msg}")
+        self.initialized_at = time.perf_counter_ns()
         self.proc.stdin.write(INITIALIZED + b"\n")
 
     async def _reply(self, id: Any, text: str | None) -> dict:
@@ -203,6 +209,7 @@ class StreamableClient(BenchClient):
         msg = self._pick(messages, 0, None)
         if msg is None or "result" not in msg:
             raise RuntimeError(f"initialize: no result in {messages!r:.200}")
+        self.initialized_at = time.perf_counter_ns()
         self._headers = self._base_headers()
         status, _, resp = await self._post(INITIALIZED)
         if status not in (200, 202, 204):
@@ -314,6 +321,7 @@ class LegacySseClient(BenchClient):
         msg = await self._send(initialize_body(0), 0, None)
         if "result" not in msg:
             raise RuntimeError(f"initialize failed: {msg}")
+        self.initialized_at = time.perf_counter_ns()
         await self._send(INITIALIZED)
 
     async def call(self, id: int, text: str, progress: bool = False) -> str | None:
@@ -350,6 +358,7 @@ class WsClient(BenchClient):
         msg = await self._exchange(initialize_body(0), 0, None)
         if "result" not in msg:
             raise RuntimeError(f"initialize failed: {msg}")
+        self.initialized_at = time.perf_counter_ns()
         await self.ws.send_str(INITIALIZED.decode())
 
     async def _exchange(self, body: bytes, id: Any, text: str | None) -> dict:

@@ -188,7 +188,9 @@ class Target:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None, health: str | None = None,
                timeout: float = 60.0) -> Process:
-        p = Process(name, argv, os.path.join(self.workdir, f"{name}.log"), env=env)
+        # cwd: the scratch folder, not the checkout (``python -c`` puts the cwd first on sys.path,
+        # which would load the checkout's mcpgw over a ``bench.ab --before`` copy).
+        p = Process(name, argv, os.path.join(self.workdir, f"{name}.log"), env=env, cwd=self.workdir)
         self.processes.append(p)
         self.commands.append(p.command())
         if health:

@@ -209,7 +209,8 @@ async def quiesce(pid: int | None, steady: float = 0.1, timeout: float = 5.0) ->
 
 async def setup(make: Callable[[], Any], gw: str, transport: str, pid: int | None, n: int, gap: float = 0.0,
                 workload: str = "setup", paired: Callable[[], Any] | None = None) -> Row:
-    """Open a session (for mcpgw and the floor: spawn its child) up to the initialize reply, close it; ``n`` times.
+    """Open a session (for mcpgw and the floor: spawn its child), timed up to the initialize reply
+    (``initialized_at``: the ``notifications/initialized`` that follows is not timed), close it; ``n`` times.
 
     ``gap``: seconds between one session's close and the next one's start (untimed), the time
     a warm pool (``warmPool``) has to start a replacement; 0: back to back. Either way the next
@@ -237,7 +238,7 @@ async def setup(make: Callable[[], Any], gw: str, transport: str, pid: int | Non
                 t0 = perf()
                 try:
                     await f.connect()
-                    floors.append(perf() - t0)
+                    floors.append((f.initialized_at or perf()) - t0)
                 finally:
                     await f.close()
                 pair_cpu += client_cpu() - c0
@@ -246,7 +247,7 @@ async def setup(make: Callable[[], Any], gw: str, transport: str, pid: int | Non
             t0 = perf()
             try:
                 await c.connect()
-                samples.append(perf() - t0)
+                samples.append((c.initialized_at or perf()) - t0)
                 if c.foreign:
                     row.isolation += c.foreign
             finally:

@@ -12,7 +12,7 @@ from twisted.logger import ILogObserver
 from twisted.python import usage
 from twisted.python.components import Componentized
 
-from mcpgw import logs
+from mcpgw import fastpoll, logs
 from mcpgw.config import EXAMPLE_SECRETS, LOG_FORMATS, ConfigError, GatewayConfig, load
 from mcpgw.metrics import Metrics, NoMetrics
 from mcpgw.pool import PoolManager
@@ -179,6 +179,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         raise SystemExit(2)
     # This process is twistd's own: no ``*_created`` series (they double a scrape and no panel uses them).
     prometheus_client.disable_created_metrics()
+    fastpoll.install(reactor)  # twistd's own reactor: no per-event log context (mcpgw.fastpoll)
     top = build_service(config, reactor, options["listen"], options["metrics-listen"])
     if (options["log-format"] or config.logFormat) == "json":
         top.log_observer = logs.json_observer_for(getattr(options, "parent", None))
