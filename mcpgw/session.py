@@ -22,6 +22,7 @@ from mcpgw import logs
 from mcpgw import jsonrpc
 from mcpgw.config import GatewayConfig, ServerConfig
 from mcpgw.metrics import NULL_BOUND, BoundMetrics, Metrics, NoMetrics
+from mcpgw.pool import pooled_session_factory
 from mcpgw.store import SessionRecord
 from mcpgw.store.memory import MemorySessionStore
 from mcpgw.upstream.stdio import ServerActivity, StdioUpstream, tune_allocator
@@ -386,6 +387,8 @@ class SessionManager(Service):
         self.unavailable: Callable[[], str | None] | None = None
         #: Per server with ``warmPool``: its pre-spawned children (mcpgw.upstream.warm), filled at startService.
         self.warm: dict[str, WarmChildren] = {}
+        #: The PoolManager of "sessions": "pooled" servers (mcpgw.pool), set by build_service.
+        self.pools: Any = None
 
     def room_for(self, server: ServerConfig) -> SessionRefused | None:
         """Why a new session of ``server`` cannot start now (a cap is reached, Redis is down), or None."""
@@ -410,6 +413,9 @@ class SessionManager(Service):
         refused = self.room_for(server)
         if refused is not None:
             raise refused
+        pool = self.pools.get(server) if factory is None and self.pools is not None else None
+        if pool is not None:  # "sessions": "pooled": served by the pool's children, on every transport
+            factory = pooled_session_factory(pool)
         lazy = lazy and factory is None and server.kind == "stdio"
         warm = self.warm.get(server.name) if factory is None else None
         if warm is not None and warm.server != server:

@@ -123,6 +123,7 @@ def build_service(
     heartbeat.setServiceParent(top)
     pools = PoolManager(config, reactor)  # "sessions": "pooled" servers' children
     pools.setServiceParent(top)
+    sessions.pools = pools  # a pooled server's sessions, on any transport, are served by its pool
     ctx = GatewayContext(config=config, sessions=sessions, heartbeat=heartbeat, reactor=reactor, metrics=metrics,
                          cluster=cluster, pools=pools)
     if cluster is not None:

@@ -411,3 +411,35 @@ def test_modern_requests_counted(one_child):
         labels = {"server": "fx", "outcome": outcome}
         grew = _sample(after, "mcp_gateway_modern_outcomes_total", labels) - _sample(before, "mcp_gateway_modern_outcomes_total", labels)
         assert grew == 1, (outcome, after)
+
+
+# -- /sse and /ws sessions of a pooled server --------------------------------------------------
+
+
+def test_legacy_sse_and_websocket_sessions_share_the_pool(gw):
+    """A pooled server's 2024-11-05 (/sse) and WebSocket (/ws) sessions are served by its pool too:
+    initialize from the cached result with the client's version, calls answered on their own
+    stream or socket (colliding ids from two transports at once), and no child of their own."""
+    from websockets.asyncio.client import connect
+
+    from tests.mcp_raw import LegacySession, result_text
+
+    children = set(gw.child_pids())
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=10) as client, LegacySession(client, gw.url) as legacy, \
+                connect(gw.url.replace("http://", "ws://") + "/ws", subprotocols=["mcp"]) as ws:
+            assert (await legacy.initialize())["serverInfo"]["name"]
+            await ws.send(json.dumps(wire.initialize(id=0, version="2025-06-18")))
+            assert json.loads(await ws.recv())["result"]["protocolVersion"] == "2025-06-18"
+            await ws.send(json.dumps(wire.notification("notifications/initialized")))
+            assert set(gw.child_pids()) == children  # nothing spawned for either session
+            for i in range(5):
+                await ws.send(json.dumps(wire.tool_call(i, "echo", {"text": f"ws {i}"})))
+                got = await legacy.call(wire.tool_call(i, "echo", {"text": f"sse {i}"}))
+                assert result_text(got[-1]) == f"sse {i}"
+                reply = json.loads(await ws.recv())
+                assert reply["id"] == i and reply["result"]["content"][0]["text"] == f"ws {i}"
+
+    anyio.run(main)
+    assert set(gw.child_pids()) == children

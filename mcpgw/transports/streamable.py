@@ -36,7 +36,6 @@ from mcpgw.transports.common import (
     parse_messages,
     read_body,
 )
-from mcpgw.pool import pooled_session_factory
 from mcpgw.transports.modern import MODERN_VERSIONS, ModernEndpoint, is_modern
 from mcpgw.transports.sse import ReplayLog, SseResponse, frame
 
@@ -381,9 +380,7 @@ class StreamableEndpoint(Resource):
             request.setHeader(b"retry-after", b"5")
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, "gateway is shutting down", m.msg["id"])
         try:
-            pool = self._modern.pool()
-            factory = pooled_session_factory(pool) if pool is not None else None  # "sessions": "pooled"
-            session = sessions.create(self._server, "streamable", identity_of(request), factory=factory)
+            session = sessions.create(self._server, "streamable", identity_of(request))  # pooled or not: SessionManager
         except SessionRefused as e:
             request.setHeader(b"retry-after", b"%d" % e.retry_after)
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}", m.msg["id"])
