@@ -53,6 +53,18 @@ def sized(n: int, fill: str = "a") -> bytes:
     return note(fill * (n - base))
 
 
+
+def over_the_limit_closes_1009(test: Any, size: int) -> None:
+    """A frame of ``size`` bytes, over the connection's limit, between two small ones: the first is
+    delivered, the connection closes 1009, nothing after it is, and Autobahn got the big frame."""
+    proto, transport, child, autobahn = test.open_recorded()
+    big = client_frame(TEXT, sized(size))
+    proto.dataReceived(client_frame(TEXT, note("ok")) + big + client_frame(TEXT, note("never")))
+    frames = test.frames(transport)
+    test.assertEqual([(op, close_code(p)) for op, p in frames], [(CLOSE, 1009)])
+    test.assertEqual(test.lines(child), [note("ok")])
+    test.assertTrue(autobahn.bytes.startswith(big))
+
 class Recorder:
     """Wraps a protocol's ``_dataReceived`` (Autobahn's byte entry) to record what Autobahn saw."""
 
@@ -206,13 +218,7 @@ class FastPathTests(ManyConnections):
         self.assertEqual(self.lines(child), [whole])
 
     def test_over_the_limit_closes_1009_and_nothing_after_it_is_delivered(self) -> None:
-        proto, transport, child, autobahn = self.open_recorded()
-        big = client_frame(TEXT, sized(1025))
-        proto.dataReceived(client_frame(TEXT, note("ok")) + big + client_frame(TEXT, note("never")))
-        frames = self.frames(transport)
-        self.assertEqual([(op, close_code(p)) for op, p in frames], [(CLOSE, 1009)])
-        self.assertEqual(self.lines(child), [note("ok")])
-        self.assertTrue(autobahn.bytes.startswith(big))
+        over_the_limit_closes_1009(self, 1025)
 
     def test_binary_frame_closes_1003(self) -> None:
         proto, transport, child, _ = self.open_recorded()
@@ -430,13 +436,7 @@ class LongFrameTests(FastPathTests):
         self.assertEqual(autobahn.seen, [])
 
     def test_over_the_limit_closes_1009_and_nothing_after_it_is_delivered(self) -> None:
-        proto, transport, child, autobahn = self.open_recorded()
-        big = client_frame(TEXT, sized(200_001))
-        proto.dataReceived(client_frame(TEXT, note("ok")) + big + client_frame(TEXT, note("never")))
-        frames = self.frames(transport)
-        self.assertEqual([(op, close_code(p)) for op, p in frames], [(CLOSE, 1009)])
-        self.assertEqual(self.lines(child), [note("ok")])
-        self.assertTrue(autobahn.bytes.startswith(big))
+        over_the_limit_closes_1009(self, 200_001)
 
 
 class EquivalenceTests(ManyConnections):
