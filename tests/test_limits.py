@@ -119,8 +119,37 @@ class RequestTimeoutTests(ManagerCase):
         session.request(*call(2), route)
         session.notify({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}},
                        b'{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}')
+        self.assertEqual(len(self.expiry_timers()), 1)  # one timer for the session, not one per request
         session.close()
-        self.assertEqual(session._deadlines, {})
+        self.assertIsNone(session._deadline)
+        self.assertEqual(self.expiry_timers(), [])
+
+    def expiry_timers(self) -> list[Any]:
+        return [d for d in self.reactor.getDelayedCalls() if getattr(d.func, "__name__", "") == "_expire"]
+
+    def test_one_timer_follows_the_oldest_pending_request(self) -> None:
+        """Requests at t=0, 2 and 3 s with a 5 s timeout; the first answered at 1 s: the timer it
+        started finds it gone at 5 s and moves to the next deadline; each times out at its own 5 s."""
+        session = self.manager.create(SERVER, "streamable")
+        route = Route()
+        session.request(*call(1), route)
+        self.reactor.advance(1)
+        session.upstream.outReceived(b'{"jsonrpc":"2.0","id":1,"result":{}}\n')
+        self.reactor.advance(1)
+        session.request(*call(2), route)
+        self.reactor.advance(1)
+        session.request(*call(3), route)
+        self.assertEqual([id for id, _ in route.answers], [1])
+        self.reactor.advance(3.9)  # t=6.9
+        self.assertEqual([id for id, _ in route.answers], [1])
+        self.reactor.advance(0.2)  # t=7.1: request 2 (t=2) is over
+        self.assertEqual([id for id, _ in route.answers], [1, 2])
+        self.reactor.advance(0.8)  # t=7.9
+        self.assertEqual([id for id, _ in route.answers], [1, 2])
+        self.reactor.advance(0.2)  # t=8.1: request 3 (t=3) is over
+        self.assertEqual([(id, r.get("error", {}).get("code")) for id, r in route.answers],
+                         [(1, None), (2, jsonrpc.REQUEST_TIMEOUT), (3, jsonrpc.REQUEST_TIMEOUT)])
+        self.assertEqual(self.expiry_timers(), [])
 
 
 class PendingLimitTests(ManagerCase):
