@@ -99,14 +99,14 @@ async def measure_target(t: Target, p: dict[str, Any], args: argparse.Namespace,
             await guarded(f"{tr} throughput {s}x{calls}",
                           lambda s=s, calls=calls: workloads.throughput(make, t.name, tr, pid, s, calls, progress),
                           tr, "throughput", s)
-        if progress:
+        if progress or getattr(t, "throughput_only", False):  # mcpgw-pooled: the shared-children rate only
             continue
         # Each session after a bare spawn of the fixture at the same moment (the floor, paired).
         await guarded(f"{tr} setup", lambda: workloads.setup(make, t.name, tr, pid, p["setup"], args.setup_gap,
                                                              paired=None if tr == "pipe" else DirectClient), tr, "setup")
         await guarded(f"{tr} large", lambda: workloads.large(make, t.name, tr, pid, args.large_bytes, p["large"]), tr, "large")
 
-    if t.name != "direct" and not getattr(t, "setup_only", False) and p["idle"] and not args.no_idle and (not args.transports or "sse" in args.transports):
+    if t.name != "direct" and not getattr(t, "setup_only", False) and not getattr(t, "throughput_only", False) and p["idle"] and not args.no_idle and (not args.transports or "sse" in args.transports):
         # Each idle stream costs the gateway ``fds_per_idle_stream`` descriptors
         # (mcpgw: the socket and its child's three pipes) and the bench one socket.
         budget = (args.nofile - 1000) // max(1, t.fds_per_idle_stream)
@@ -201,6 +201,8 @@ async def amain(args: argparse.Namespace) -> int:
     targets: list[Target] = [Direct(workdir), Mcpgw(workdir, log_level=args.log_level)]
     if args.warm_pool:
         targets.append(Mcpgw(workdir, log_level=args.log_level, name="mcpgw-warm", warm_pool=args.warm_pool))
+    if args.pooled:
+        targets.append(Mcpgw(workdir, log_level=args.log_level, name="mcpgw-pooled", pool_size=args.pooled))
     if args.peers:
         peer_problems = install_peers(log)
         if "supergateway" not in peer_problems:
@@ -258,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--quick", dest="profile", action="store_const", const="quick", help="smaller counts (about a minute)")
     group.add_argument("--smoke", dest="profile", action="store_const", const="smoke", help="tiny counts: checks the bench runs")
     ap.set_defaults(profile="full")
-    ap.add_argument("--only", nargs="+", metavar="GATEWAY", help="direct, mcpgw, mcpgw-warm, supergateway, mcp-proxy")
+    ap.add_argument("--only", nargs="+", metavar="GATEWAY", help="direct, mcpgw, mcpgw-warm, mcpgw-pooled, supergateway, mcp-proxy")
+    ap.add_argument("--pooled", type=int, default=0, metavar="N",
+                    help='also measure mcpgw with the echo server "sessions": "pooled", poolSize N (row mcpgw-pooled: '
+                         "sequential and throughput; every session shares N children); 0: not")
     ap.add_argument("--warm-pool", type=int, default=0, metavar="N",
                     help="also measure session setup of mcpgw with warmPool N (row mcpgw-warm); 0: not")
     ap.add_argument("--setup-gap", type=float, default=0.0, metavar="S",

@@ -236,7 +236,7 @@ class Mcpgw(Target):
     fds_per_idle_stream = 1
 
     def __init__(self, workdir: str, log_level: str = "info", name: str = "mcpgw", pythonpath: str | None = None,
-                 warm_pool: int = 0):
+                 warm_pool: int = 0, pool_size: int = 0):
         super().__init__(workdir)
         self.name = name
         #: The echo server's ``warmPool`` (pre-spawned children); 0: off.
@@ -244,6 +244,12 @@ class Mcpgw(Target):
         if warm_pool:
             self.transports = ("streamable",)
             self.setup_only = True
+        #: The echo server as ``"sessions": "pooled"`` with this ``poolSize`` (every session shares
+        #: its children, like supergateway's SSE and WebSocket modes); 0: one child per session.
+        self.pool_size = pool_size
+        if pool_size:
+            self.transports = ("streamable", "sse", "ws")
+            self.throughput_only = True
         self.log_level = log_level
         #: Another copy of the mcpgw package to run (a before/after comparison).
         self.pythonpath = pythonpath
@@ -273,6 +279,8 @@ class Mcpgw(Target):
         echo: dict[str, Any] = {"command": cmd[0], "args": cmd[1:], "default": True}
         if self.warm_pool:
             echo["warmPool"] = self.warm_pool
+        if self.pool_size:
+            echo.update(sessions="pooled", poolSize=self.pool_size)
         self.main, self.port = self._twistd(self.name, {"echo": echo})
 
     def client(self, transport: str) -> Any:

@@ -465,7 +465,10 @@ class SessionManager(Service):
             session.on_initialized = warm.settled
         session.recorded = self.store.add(SessionRecord(session.id, server.name, transport, session.created, owner=owner))
         self._stored(session.recorded, session)
-        self.log.info("session {session} started ({server}/{transport})", session=session.id, server=server.name, transport=transport)
+        # Logged on the next reactor turn: after the caller has sent the session's first message to
+        # the child, so that formatting the line overlaps the child's work instead of preceding it.
+        self._reactor.callLater(0, self.log.info, "session {session} started ({server}/{transport})",
+                                session=session.id, server=server.name, transport=transport)
         return session
 
     def _start_child(self, session: Session, warm: WarmChildren | None) -> None:

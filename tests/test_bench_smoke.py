@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 def test_bench_smoke_runs_and_isolation_is_zero(tmp_path):
     pytest.importorskip("aiohttp")  # the WebSocket client
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--no-chart", "--out", str(tmp_path), "--name", "smoke"],
+        [sys.executable, "-m", "bench", "--smoke", "--pooled", "1", "--no-chart", "--out", str(tmp_path), "--name", "smoke"],
         cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -37,6 +37,8 @@ def test_bench_smoke_runs_and_isolation_is_zero(tmp_path):
     assert ("mcpgw", "streamable-sse", "sequential") in seen
     assert ("mcpgw", "sse", "idle") in seen
     assert ("direct", "pipe", "sequential") in seen
+    for transport in ("streamable", "sse", "ws"):  # --pooled: every session shares the pool's child
+        assert ("mcpgw-pooled", transport, "throughput") in seen
     for r in rows:
         assert r["isolation"] == 0, r
         assert r["errors"] == 0, r
