@@ -180,12 +180,11 @@ class AggregateUpstream:
         if all(m.down is not None for m in self.members):
             raise RuntimeError(f"no member of aggregate {self.server.name} could start")
 
-    def send(self, raw: bytes) -> bool:
+    def send(self, raw: bytes, msg: Any = None) -> bool:
         if self.ended or self._stopping:
             return False
-        try:
-            msg = jsonrpc.loads(raw)
-        except (jsonrpc.DecodeError, UnicodeDecodeError, ValueError):
+        msg = jsonrpc.as_message(raw, msg)
+        if msg is None:
             return False
         if not isinstance(msg, dict):
             return True
@@ -261,7 +260,7 @@ class AggregateUpstream:
             return
         for member in self.members:
             if member.down is None and member.ready:
-                member.upstream.send(raw)
+                member.upstream.send(raw, msg)
 
     def _client_response(self, msg: dict[str, Any]) -> None:
         id = msg.get("id")
@@ -273,7 +272,7 @@ class AggregateUpstream:
             self._to(member, {**msg, "id": original})
 
     def _to(self, member: _Member, msg: dict[str, Any]) -> bool:
-        return bool(member.upstream.send(jsonrpc.dumps(msg)))
+        return bool(member.upstream.send(jsonrpc.dumps(msg), msg))
 
     def _call(self, member: _Member, method: str, params: dict[str, Any], callback: Callback,
               client_id: Any = None, timeout: float | None = None) -> None:

@@ -106,6 +106,17 @@ def parse_body(body: bytes) -> Any:
         raise MessageError(PARSE_ERROR, f"Parse error: {e}") from None
 
 
+def as_message(raw: bytes, msg: Any = None) -> Any:
+    """``msg`` when the caller has decoded ``raw`` already (an upstream's ``send``), else ``raw``
+    decoded; None when it is not JSON."""
+    if msg is not None:
+        return msg
+    try:
+        return loads(raw)
+    except (DecodeError, UnicodeDecodeError, ValueError):
+        return None
+
+
 def progress_token(msg: dict[str, Any]) -> Any:
     """The progress token a request carries in ``params._meta``, if any."""
     params = msg.get("params")

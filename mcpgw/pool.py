@@ -696,7 +696,7 @@ class _NoChild:
     pid = None
     metrics: Any = None
 
-    def send(self, raw: bytes) -> bool:
+    def send(self, raw: bytes, msg: Any = None) -> bool:
         return False
 
     def pauseProducing(self) -> None:

@@ -202,7 +202,7 @@ class Session:
             self._request_token[id] = token
         if msg["method"] == "initialize":
             self._initialize_id = id
-        if not self.upstream.send(raw):
+        if not self.upstream.send(raw, msg):
             self._fail(id, self.end_reason or "MCP server is stopping")
 
     def notify(self, msg: dict[str, Any], raw: bytes) -> None:
@@ -225,7 +225,7 @@ class Session:
                 route = self._pop(params["requestId"])
                 if route is not None:
                     route.forget(params["requestId"])
-        self.upstream.send(raw)
+        self.upstream.send(raw, msg)
 
     def has_pending(self) -> bool:
         return bool(self._requests)

@@ -253,7 +253,7 @@ class FakeMember:
     def spawn(self) -> None:
         pass
 
-    def send(self, raw: bytes) -> bool:
+    def send(self, raw: bytes, msg: Any = None) -> bool:
         if self.ended:
             return False
         self.sent.append(jsonrpc.loads(raw))

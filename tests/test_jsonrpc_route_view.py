@@ -124,3 +124,16 @@ class RouteViewTests(SynchronousTestCase):
         line = _encode(obj, spaced).rstrip()
         cut = rnd.randrange(0, len(line))
         self.assertRaises(ValueError, route_view, line[:cut])
+
+
+class AsMessageTests(SynchronousTestCase):
+    """jsonrpc.as_message: an upstream's ``send`` takes the caller's decoded message instead of decoding again."""
+
+    def test_the_callers_message_is_used_as_it_is(self) -> None:
+        msg = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+        self.assertIs(jsonrpc.as_message(b"not even JSON", msg), msg)
+
+    def test_decoded_when_not_given_and_none_for_garbage(self) -> None:
+        self.assertEqual(jsonrpc.as_message(b'{"id": 1}'), {"id": 1})
+        self.assertIsNone(jsonrpc.as_message(b"{garbage"))
+        self.assertIsNone(jsonrpc.as_message(b"\xff\xfe"))

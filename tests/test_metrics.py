@@ -186,7 +186,7 @@ class FakeUpstream:
         self.sent: list[bytes] = []
         self.ended = False
 
-    def send(self, raw: bytes) -> bool:
+    def send(self, raw: bytes, msg: Any = None) -> bool:
         self.sent.append(raw)
         return not self.ended
 

@@ -53,7 +53,7 @@ class FakeUpstream:
         self.paused = 0
         self._stops: list[defer.Deferred[None]] = []
 
-    def send(self, raw: bytes) -> bool:
+    def send(self, raw: bytes, msg: Any = None) -> bool:
         if self.ended or self.stopping:
             return False
         self.sent.append(raw)

@@ -28,8 +28,9 @@ class IUpstream(Interface):
     def spawn() -> None:
         """Start (a child, an SSE stream, the members); may raise if it cannot."""
 
-    def send(raw: bytes) -> bool:
-        """Relay one client message; False if the upstream can no longer take it."""
+    def send(raw: bytes, msg: Any = None) -> bool:
+        """Relay one client message (``msg``: ``raw`` decoded, when the caller has it: an upstream
+        that reads the message need not decode it again); False if it can no longer take it."""
 
     def stop() -> Any:
         """End it; a Deferred that fires once it is really gone."""
@@ -120,12 +121,9 @@ class FilteredUpstream:
     def resumeProducing(self) -> None:
         self.inner.resumeProducing()
 
-    def send(self, raw: bytes) -> bool:
-        if b'"tools/' in raw:
-            try:
-                msg = jsonrpc.loads(raw)
-            except (jsonrpc.DecodeError, UnicodeDecodeError, ValueError):
-                msg = None
+    def send(self, raw: bytes, msg: Any = None) -> bool:
+        if msg is not None or b'"tools/' in raw:
+            msg = jsonrpc.as_message(raw, msg)
             if isinstance(msg, dict) and "id" in msg:
                 method = msg.get("method")
                 params: dict[str, Any] = msg["params"] if isinstance(msg.get("params"), dict) else {}
@@ -137,7 +135,7 @@ class FilteredUpstream:
                     error = jsonrpc.error_bytes(msg["id"], jsonrpc.INVALID_PARAMS, f"Unknown tool: {params.get('name')}")
                     self.delegate.upstreamMessage(error, jsonrpc.loads(error))
                     return True
-        return bool(self.inner.send(raw))
+        return bool(self.inner.send(raw, msg))
 
     # -- the delegate surface ------------------------------------------------
 

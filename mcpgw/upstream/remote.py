@@ -199,13 +199,12 @@ class RemoteUpstream:
         if self.server.transport == "sse":
             self._open_stream(first=True)
 
-    def send(self, raw: bytes) -> bool:
+    def send(self, raw: bytes, msg: Any = None) -> bool:
         """Relay one client message upstream; False once the upstream session is over."""
         if self.ended or self._stopping:
             return False
-        try:
-            msg = jsonrpc.loads(raw)
-        except (jsonrpc.DecodeError, UnicodeDecodeError, ValueError):
+        msg = jsonrpc.as_message(raw, msg)
+        if msg is None:
             return False
         if not isinstance(msg, dict):
             msg = {}

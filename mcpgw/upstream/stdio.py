@@ -381,8 +381,9 @@ class StdioUpstream(ProcessProtocol):
 
     # -- gateway -> child -------------------------------------------------
 
-    def send(self, raw: bytes) -> bool:
-        """Write one message; False if the child can no longer take input.
+    def send(self, raw: bytes, msg: Any = None) -> bool:
+        """Write one message (``msg`` unused: the bytes go as they are); False if the child can no
+        longer take input.
 
         A message under DIRECT_WRITE bytes goes straight into the pipe when nothing is queued
         before it (Twisted's ``write`` only buffers: each message cost an ``epoll_ctl`` to watch
