@@ -101,7 +101,8 @@ class Pending:
     method: str
     token: Any = None
     child: PooledChild | None = None
-    deadline: Any = None
+    #: ``reactor.seconds()`` when it came (limits.requestTimeout runs from here: ``ChildPool._expire``).
+    started: float = 0.0
     #: The caller's hook for a child's request during this call (mcpgw.transports.modern), or None.
     on_input: Callable[[Pending, dict[str, Any]], bool] | None = None
     #: The rewritten request as sent to the child.
@@ -261,6 +262,8 @@ class ChildPool:
         self._ids = itertools.count(1)
         self._prefix = f"g{secrets.token_hex(3)}-"
         self._pending: dict[str, Pending] = {}
+        #: limits.requestTimeout: one timer, at the oldest request's deadline (``_expire``).
+        self._deadline: Any = None
         self._waiting: list[Pending] = []
         #: requestState -> a call waiting for the client's retry with its inputResponses.
         self._parked: dict[str, Pending] = {}
@@ -297,6 +300,9 @@ class ChildPool:
     def stop(self) -> defer.Deferred[Any]:
         """Stop every child; fires when all have exited."""
         self.running = False
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
         for call in self._restarts:
             if call.active():
                 call.cancel()
@@ -375,9 +381,10 @@ class ChildPool:
             pending.token = meta["progressToken"]
             out["params"] = {**params, "_meta": {**meta, "progressToken": gid}}
         pending.raw = jsonrpc.dumps(out)
+        pending.started = self._reactor.seconds()
         self._pending[gid] = pending
-        if self.request_timeout is not None:
-            pending.deadline = self._reactor.callLater(self.request_timeout, self._timed_out, gid)
+        if self.request_timeout is not None and self._deadline is None:
+            self._deadline = self._reactor.callLater(self.request_timeout, self._expire)
         if child is None:
             self._waiting.append(pending)
         else:
@@ -425,8 +432,6 @@ class ChildPool:
             return None
         if pending.child is not None:
             pending.child.inflight.pop(gid, None)
-        if pending.deadline is not None and pending.deadline.active():
-            pending.deadline.cancel()
         self._drop_inputs(pending, why)
         return pending
 
@@ -462,11 +467,24 @@ class ChildPool:
                 self._waiting.remove(pending)
             pending.route.answer(pending.id, jsonrpc.error_bytes(pending.id, code, message))
 
+    def _expire(self) -> None:
+        """Time out every request older than limits.requestTimeout, then wait for the next deadline:
+        ``_pending`` keeps arrival order (as ``Session._expire``), so no timer per request."""
+        self._deadline = None
+        timeout = self.request_timeout
+        if timeout is None:
+            return
+        now = self._reactor.seconds()
+        for gid, pending in list(self._pending.items()):
+            if pending.started + timeout > now:
+                self._deadline = self._reactor.callLater(pending.started + timeout - now, self._expire)
+                return
+            self._timed_out(gid)
+
     def _timed_out(self, gid: str) -> None:
         pending = self._pending.get(gid)
         if pending is None:
             return
-        pending.deadline = None
         reason = f"Request timed out after {self.request_timeout:g} s (limits.requestTimeout)"
         child = pending.child
         self._fail(pending, reason, jsonrpc.REQUEST_TIMEOUT)

@@ -178,6 +178,33 @@ class DispatchTests(PoolTestCase):
         self.assertEqual(route.answers[0][1]["error"]["code"], jsonrpc.REQUEST_TIMEOUT)
         self.assertEqual(written(reactor.spawned[0])[-1]["method"], "notifications/cancelled")
 
+    def test_one_timer_follows_the_oldest_request(self) -> None:
+        """One timer for the pool, not one per request: calls at t=0, 2 and 3 s with a 5 s timeout, the
+        first answered at 1 s; the others each time out at their own 5 s."""
+        reactor = FakeProcessReactor()
+        pool = ChildPool(server(poolSize=1), reactor, request_timeout=5)
+        pool.start()
+        self.addCleanup(self.shut, pool, reactor)
+        self.ready_all(pool, reactor)
+        timers = lambda: [d for d in reactor.getDelayedCalls() if getattr(d.func, "__name__", "") == "_expire"]  # noqa: E731
+        route = Route()
+        first = pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, route)
+        reactor.advance(1)
+        reply(reactor.spawned[0], {"jsonrpc": "2.0", "id": first.gid, "result": {}})
+        reactor.advance(1)
+        pool.request({"jsonrpc": "2.0", "id": 2, "method": "tools/call"}, route)
+        reactor.advance(1)
+        pool.request({"jsonrpc": "2.0", "id": 3, "method": "tools/call"}, route)
+        self.assertEqual(len(timers()), 1)
+        reactor.advance(3.9)  # t=6.9
+        self.assertEqual([id for id, _ in route.answers], [1])
+        reactor.advance(0.2)  # t=7.1
+        self.assertEqual([id for id, _ in route.answers], [1, 2])
+        reactor.advance(1.0)  # t=8.1
+        self.assertEqual([(id, a.get("error", {}).get("code")) for id, a in route.answers],
+                         [(1, None), (2, jsonrpc.REQUEST_TIMEOUT), (3, jsonrpc.REQUEST_TIMEOUT)])
+        self.assertEqual(timers(), [])
+
 
 class ChildDeathTests(PoolTestCase):
     def test_inflight_fail_at_once_others_untouched_and_refill(self) -> None:
