@@ -80,6 +80,16 @@ class BenchClient:
         #: ``notifications/initialized``, is not part of it).
         self.initialized_at: int | None = None
 
+    def _is_reply(self, msg: dict, id: Any, text: str | None) -> bool:
+        """Whether ``msg`` is the reply to ``id`` (carrying ``text``); counts notifications and foreign replies."""
+        if "method" in msg:
+            self.notifications += 1
+            return False
+        if msg.get("id") == id and (text is None or reply_text(msg) == text):
+            return True
+        self.foreign += 1
+        return False
+
     async def connect(self) -> None:
         raise NotImplementedError
 
@@ -120,12 +130,8 @@ class DirectClient(BenchClient):
             if not line:
                 raise RuntimeError("echo server exited")
             msg = loads(line)
-            if "method" in msg:
-                self.notifications += 1
-                continue
-            if msg.get("id") == id and (text is None or reply_text(msg) == text):
+            if self._is_reply(msg, id, text):
                 return msg
-            self.foreign += 1
 
     async def call(self, id: int, text: str, progress: bool = False) -> str | None:
         body = call_body(id, text, progress)
@@ -192,12 +198,13 @@ class StreamableClient(BenchClient):
     def _pick(self, messages: list[dict], id: Any, text: str | None) -> dict | None:
         found = None
         for msg in messages:
-            if "method" in msg:
+            if found is None:
+                if self._is_reply(msg, id, text):
+                    found = msg
+            elif "method" in msg:
                 self.notifications += 1
-            elif found is None and msg.get("id") == id and (text is None or reply_text(msg) == text):
-                found = msg
             else:
-                self.foreign += 1
+                self.foreign += 1  # a second reply to one request
         return found
 
     async def connect(self) -> None:
@@ -371,12 +378,8 @@ class WsClient(BenchClient):
             if frame.type != aiohttp.WSMsgType.TEXT:
                 raise RuntimeError(f"WebSocket ended: {frame.type} {frame.data!r} {frame.extra!r}")
             msg = loads(frame.data)
-            if "method" in msg:
-                self.notifications += 1
-                continue
-            if msg.get("id") == id and (text is None or reply_text(msg) == text):
+            if self._is_reply(msg, id, text):
                 return msg
-            self.foreign += 1
 
     async def call(self, id: int, text: str, progress: bool = False) -> str | None:
         self.modes.add("ws")
