@@ -43,12 +43,15 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 
 COPY conf/gateway.json /etc/mcpgw/gateway.json
 
-# Non-root: the gateway and every MCP server it spawns run as `mcpgw`.
-RUN groupadd --system mcpgw \
-    && useradd --system --gid mcpgw --create-home --home-dir /home/mcpgw --shell /usr/sbin/nologin mcpgw
-USER mcpgw
+# Non-root: the gateway and every MCP server it spawns run as `mcpgw`, uid and gid 10001 (outside
+# the range distributions give their own system users). USER is numeric so that Kubernetes'
+# runAsNonRoot can check it (deploy/kubernetes/deployment.yaml names the same uid).
+RUN groupadd --system --gid 10001 mcpgw \
+    && useradd --system --uid 10001 --gid mcpgw --create-home --home-dir /home/mcpgw --shell /usr/sbin/nologin mcpgw
+USER 10001:10001
 WORKDIR /home/mcpgw
 
+ENV MCPGW_HOST=0.0.0.0
 EXPOSE 3000
 
 # GET /health on the port the gateway listens on (MCPGW_PORT, default 3000).

@@ -31,9 +31,13 @@ setup(
             "pytest-timeout",
             "mcp>=2",
             "sseclient-py",
+            # sseclient-py's own way to follow a stream, SSEClient(requests.get(url, stream=True)), needs it.
+            "requests",
             "httpx",
             "hypothesis",
             "pyyaml",
+            # tests/test_kubernetes.py: deploy/kubernetes/ against the Kubernetes API schemas (bundled: offline).
+            "kubernetes-validate",
             "websockets",
             # tests/test_bench_smoke.py drives the bench, whose WebSocket client is aiohttp.
             "aiohttp",

@@ -2,7 +2,8 @@
 
 Measures, in one run on this machine, the direct-pipe floor, mcpgw on every
 transport and (with ``--peers``) supergateway and mcp-proxy, and writes
-``bench/results/<date>.md``, ``.json`` and ``.png``.
+``bench/results/<date>.md``, ``.json`` and ``.png`` (``--quick``: ``<date>-quick``; ``--smoke``:
+``bench/results/smoke/<date>``, ignored by git).
 """
 
 from __future__ import annotations
@@ -239,9 +240,9 @@ async def amain(args: argparse.Namespace) -> int:
         "commands": {t.name: t.commands for t in targets},
         "notes": {t.name: t.notes for t in targets},
     }
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out(args.profile)
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or started.strftime("%Y-%m-%d")
+    stem = args.name or default_stem(args.profile, started)
     doc = {"meta": meta, "rows": [r.to_json() for r in rows]}
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     chart = None
@@ -251,6 +252,21 @@ async def amain(args: argparse.Namespace) -> int:
     log(f"bench: wrote {out / (stem + '.md')}" + (f", {chart}" if chart else "") + f" in {meta['duration_s']} s")
     bad = [r for r in rows if r.gateway == "mcpgw" and r.isolation]
     return 1 if bad else 0
+
+
+#: Where a run writes when --out is not given: a smoke run checks that the bench runs, so its
+#: figures go to bench/results/smoke/ (ignored by git), never beside the tracked full results.
+SMOKE_RESULTS = RESULTS / "smoke"
+
+
+def default_out(profile: str) -> Path:
+    return SMOKE_RESULTS if profile == "smoke" else RESULTS
+
+
+def default_stem(profile: str, started: datetime.datetime) -> str:
+    """Today's date; a --quick run's names say so, so it never replaces a same-day full result."""
+    day = started.strftime("%Y-%m-%d")
+    return f"{day}-quick" if profile == "quick" else day
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large-bytes", type=int, default=MiB, help="payload of the large-message workload (default 1 MiB)")
     ap.add_argument("--log-level", default="info", help="mcpgw's logLevel (default info, as shipped)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds one workload may take before it counts as failed")
-    ap.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
-    ap.add_argument("--name", help="file stem of the results (default: today's date)")
+    ap.add_argument("--out", help="results folder (default bench/results; --smoke: bench/results/smoke, ignored by git)")
+    ap.add_argument("--name", help="file stem of the results (default: today's date; --quick: DATE-quick)")
     ap.add_argument("--no-chart", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)

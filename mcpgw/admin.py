@@ -26,7 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpgw import jsonrpc, logs
-from mcpgw.config import ConfigError
+from mcpgw.config import ConfigError, check_server_name
 from mcpgw.control import ServerConflict, ServerControl, UnknownServer
 from mcpgw.stats import StatsSampler
 
@@ -148,6 +148,7 @@ class AdminResource(Resource):
         name, command = body.pop("name", None), body.pop("command", None)
         if not isinstance(name, str) or not name:
             raise _BadRequest("name: required, a string")
+        check_server_name(name, "name")  # ConfigError: 400 saying which names are usable
         if not isinstance(command, str) or not command:
             raise _BadRequest("command: required, a string")
         args, env = body.pop("args", []), body.pop("env", {})

@@ -20,7 +20,9 @@ for which the aggregate is the MCP client:
 - ``tools/call``, ``prompts/get``, ``completion/complete`` go to the member the name belongs
   to, with its own name restored; ``logging/setLevel`` goes to all; ``ping`` is answered here.
 - Member-to-client requests (sampling, elicitation, roots) get ids of the aggregate's own so two
-  members cannot clash; the client's answer goes back to the asker with its original id.
+  members cannot clash; the client's answer goes back to the asker with its original id. One for a
+  capability the client did not declare in its ``initialize`` never reaches it: the aggregate
+  answers the member as the client's SDK would (-32600 "Sampling not supported").
 - ``notifications/*/list_changed`` from a member are forwarded (and drop the name index).
 - A member that exits, fails or does not answer ``initialize`` in time is *down*: the others
   go on; list results carry ``_meta["mcpgw/unavailable"] = [{"server", "reason"}]``; ``/servers``
@@ -147,6 +149,8 @@ class AggregateUpstream:
         #: list method -> callbacks waiting for the crawl in progress
         self._crawls: dict[str, list[Callable[[], None]]] = {}
         self._initialize: dict[str, Any] | None = None
+        #: The capabilities the client declared in its initialize (what a member may ask it for).
+        self._client_capabilities: dict[str, Any] = {}
         self._init_id: Any = None
         self._init_timer: Any = None
         #: client list request id -> members whose page failed on the way (reported in _meta)
@@ -329,6 +333,7 @@ class AggregateUpstream:
             return
         self._init_id = id
         params = _params(msg)
+        self._client_capabilities = _dict(params.get("capabilities"))
         waiting = {m.name for m in self.members if m.down is None}
         self._init_timer = self._reactor.callLater(MEMBER_TIMEOUT, self._initialize_timed_out, waiting)
 
@@ -580,6 +585,12 @@ class AggregateUpstream:
             return
         method = msg["method"]
         if "id" in msg:  # the member asks the client (sampling, elicitation, roots)
+            from mcpgw.pool import capability_refusal, undeclared  # mcpgw.pool imports mcpgw.upstream, which imports us
+
+            needed = undeclared(method, self._client_capabilities)
+            if needed is not None:
+                member.upstream.send(capability_refusal(msg["id"], needed))
+                return
             self._next += 1
             key = f"mcpgw-{member.name}-{self._next}"
             self._asked[key] = (member, msg["id"])

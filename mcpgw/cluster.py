@@ -74,9 +74,11 @@ def holder_of(number: int) -> str | None:
     return str(instance) if instance else None
 
 
-def _unavailable(what: str, problem: str | None) -> HttpError:
-    return HttpError(503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {what}: Redis unavailable"
-                     + (f" ({problem})" if problem else ""), headers={b"retry-after": b"2"})
+def _unavailable(what: str) -> HttpError:
+    """A 503 that says what could not be done, never where Redis is or how it failed: the
+    connection's own log lines carry that (with its address) for the operator."""
+    return HttpError(503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {what}: session store unavailable (Redis)",
+                     headers={b"retry-after": b"2"})
 
 
 # -- the receiving instance's side -----------------------------------------------------
@@ -502,7 +504,7 @@ class Cluster(MultiService):
         """Why no new session can start now: one other instances could not find."""
         if self.redis.available:
             return None
-        return "session store unavailable (Redis): " + (self.redis.problem() or "not connected")
+        return "session store unavailable (Redis)"  # the why and where are in the log, not for clients
 
     def startService(self) -> None:
         self.log.info("cluster: instance {instance}, Redis at {address}", instance=self.instance,
@@ -616,7 +618,7 @@ class Cluster(MultiService):
             if remote.owner != identity:
                 return None
             if not self.redis.available:
-                raise _unavailable("the session is owned by another gateway instance", self.redis.problem())
+                raise _unavailable("the session is owned by another gateway instance")
             if remote.protocol_version is None and not remote.refreshing:
                 self._refresh(remote)
             return remote
@@ -625,7 +627,7 @@ class Cluster(MultiService):
         if getattr(request, "_mcpgw_looked_up", False) or session_id in self.sessions.sessions:
             return None  # looked up already, or ours (and another identity's): 404
         if not self.redis.available:
-            raise _unavailable("cannot look the session up", self.redis.problem())
+            raise _unavailable("cannot look the session up")
         waiters = self._looking.get(session_id)
         if waiters is not None:
             waiters.append((request, render))
@@ -673,7 +675,7 @@ class Cluster(MultiService):
         if isinstance(result, Failure):
             self.log.info("cluster: lookup of session {session} failed: {error}", session=session_id,
                           error=result.getErrorMessage())
-            e = _unavailable("cannot look the session up", result.getErrorMessage())
+            e = _unavailable("cannot look the session up")
             for request, _ in waiters:
                 if not (request.finished or request._disconnected):
                     self._reply(request, e)
@@ -734,7 +736,8 @@ class Cluster(MultiService):
         self.log.info("cluster: message for session {session} not delivered: {error}", session=session.id,
                       error=f.getErrorMessage())
         if rid is not None:
-            self._fail_route(rid, 503, f"Service Unavailable: {f.getErrorMessage()}")
+            self._fail_route(rid, 503, "Service Unavailable: the message could not be passed on to the "
+                                       "session's gateway instance; try again")
 
     def _fail_route(self, rid: int, status: int, message: str) -> None:
         route = self.routes.pop(rid, None)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from typing import Any, Mapping
 
 import attrs
@@ -48,6 +49,10 @@ class ServerConfig:
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = attrs.field(factory=dict)
     cwd: str | None = None
+    #: The account the child runs as (a name or a uid, and a group: default the user's own) when
+    #: the gateway runs as root; None: the gateway's own (mcpgw.upstream.stdio.account).
+    user: str | None = None
+    group: str | None = None
     default: bool = False
     #: Longest newline-delimited message accepted from the child.
     maxMessageBytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -112,7 +117,8 @@ class AggregateConfig:
 @attrs.frozen
 class CorsConfig:
     enabled: bool = True
-    origins: tuple[str, ...] = ("*",)
+    #: None listed: same-origin pages and non-browser clients only (a browser origin is opened deliberately).
+    origins: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -145,6 +151,8 @@ class SseConfig:
     keepalive: float = 15.0
     #: Events kept per stream for ``Last-Event-ID`` replay.
     replayEvents: int = 256
+    #: Bytes of events a session keeps for ``Last-Event-ID`` replay, all its streams together.
+    replayBytes: int = 4 * 1024 * 1024
     #: ``retry:`` hint (ms) sent in the priming event of resumable streams.
     retry: int = 1000
 
@@ -157,6 +165,8 @@ class WebSocketConfig:
     pingTimeout: float = 10.0
     #: Largest client message (1009 above it).
     maxMessageBytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: Invalid messages (not JSON, not JSON-RPC) in a row before the connection is closed 1008; None: no limit.
+    maxErrors: int | None = 100
 
 
 @attrs.frozen
@@ -188,6 +198,8 @@ class AdminConfig:
 class MetricsConfig:
     enabled: bool = True
     port: int = 9091
+    #: The metrics port's interface; parse() gives it the top-level ``host`` unless ``metrics.host`` is set.
+    host: str = "127.0.0.1"
 
 
 @attrs.frozen
@@ -232,13 +244,26 @@ class LimitsConfig:
     requestTimeout: float | None = 300.0
     #: Concurrent sessions (children) of the whole gateway (None: no cap).
     maxSessions: int | None = None
+    #: Concurrent sessions of one identity; anonymous clients by address (None: no cap).
+    maxSessionsPerIdentity: int | None = None
+    #: Seconds for a whole request head, from the connection (or its first byte); 408 and close.
+    headerTimeout: float = 10.0
+    #: Seconds for a whole request body once its head is in; 408 and close.
+    bodyTimeout: float = 60.0
+    #: Pipelined requests answered in a row before reading waits for the answers to go out.
+    maxPipelined: int = 16
+    #: Open HTTP connections of the gateway (0: no cap); 503 and close over it.
+    maxConnections: int = 0
+    #: Open HTTP connections per peer address (0: no cap; keep 0 behind a proxy).
+    maxConnectionsPerIp: int = 0
 
 
 @attrs.frozen
 class GatewayConfig:
     servers: Mapping[str, ServerConfig]
     port: int = 3000
-    host: str = "0.0.0.0"
+    #: Loopback unless opened deliberately (MCP security guidance for local servers).
+    host: str = "127.0.0.1"
     logLevel: str = "info"
     #: "text" (twistd's lines) or "json" (one JSON object per line, mcpgw.logs).
     logFormat: str = "text"
@@ -256,6 +281,9 @@ class GatewayConfig:
     #: Proxies (addresses or networks) whose X-Forwarded-For / X-Real-IP are believed.
     trustedProxies: tuple[str, ...] = ()
     admin: AdminConfig = AdminConfig()
+    #: Host names (or ``*.domain``) the MCP endpoints answer to besides those of the listen
+    #: interfaces; when set, every other Host is 403 (DNS rebinding, mcpgw.origin).
+    allowedHosts: tuple[str, ...] = ()
 
     @property
     def default_server(self) -> ServerConfig:
@@ -423,7 +451,9 @@ def _auth(value: Any, environ: Mapping[str, str]) -> AuthConfig:
 
 
 def _limits(value: Any) -> LimitsConfig:
-    raw = _object(value, "limits", {"maxHeaderBytes", "maxBatchMessages", "maxPendingRequests", "requestTimeout", "maxSessions"})
+    raw = _object(value, "limits", {"maxHeaderBytes", "maxBatchMessages", "maxPendingRequests", "requestTimeout", "maxSessions",
+                                  "maxSessionsPerIdentity", "headerTimeout", "bodyTimeout", "maxPipelined",
+                                  "maxConnections", "maxConnectionsPerIp"})
     header = _positive(raw.get("maxHeaderBytes", 16384), "limits.maxHeaderBytes")
     if header < 1024:
         raise ConfigError("limits.maxHeaderBytes", f"must be at least 1024, not {header}")
@@ -433,7 +463,21 @@ def _limits(value: Any) -> LimitsConfig:
         maxPendingRequests=_positive(raw.get("maxPendingRequests", 128), "limits.maxPendingRequests"),
         requestTimeout=_optional_positive(raw.get("requestTimeout", 300.0), "limits.requestTimeout", (int, float)),
         maxSessions=_optional_positive(raw.get("maxSessions"), "limits.maxSessions"),
+        maxSessionsPerIdentity=_optional_positive(raw.get("maxSessionsPerIdentity"), "limits.maxSessionsPerIdentity"),
+        headerTimeout=_positive(raw.get("headerTimeout", 10.0), "limits.headerTimeout", (int, float)),
+        bodyTimeout=_positive(raw.get("bodyTimeout", 60.0), "limits.bodyTimeout", (int, float)),
+        maxPipelined=_positive(raw.get("maxPipelined", 16), "limits.maxPipelined"),
+        maxConnections=_not_negative(raw.get("maxConnections", 0), "limits.maxConnections"),
+        maxConnectionsPerIp=_not_negative(raw.get("maxConnectionsPerIp", 0), "limits.maxConnectionsPerIp"),
     )
+
+
+def _not_negative(value: Any, key: str) -> int:
+    """A count where 0 means no cap."""
+    _expect(value, int, key, "an integer (0: no limit)")
+    if value < 0:
+        raise ConfigError(key, f"must be 0 (no limit) or more, not {value}")
+    return value
 
 
 def _admin(value: Any, environ: Mapping[str, str]) -> AdminConfig:
@@ -466,6 +510,24 @@ def _trusted_proxies(value: Any) -> tuple[str, ...]:
     return proxies
 
 
+def _allowed_hosts(value: Any) -> tuple[str, ...]:
+    """Host names as a Host header carries them, without port or scheme: ``mcp.example.com``,
+    ``*.example.com``, ``10.0.0.5``, ``::1``."""
+    from mcpgw.origin import HOST_ENTRY
+
+    hosts = _string_list(value, "allowedHosts")
+    for i, item in enumerate(hosts):
+        if HOST_ENTRY.fullmatch(item):
+            continue
+        try:
+            ipaddress.ip_address(item[1:-1] if item.startswith("[") and item.endswith("]") else item)
+        except ValueError:
+            raise ConfigError(f"allowedHosts[{i}]", f"{item[:80]!r} is not a host name or IP address (like "
+                                                    "\"mcp.example.com\", \"*.example.com\" or \"10.0.0.5\"; "
+                                                    "no scheme, port or path)") from None
+    return tuple(h.lower() for h in hosts)
+
+
 SESSION_MODES = ("per-client", "pooled")
 
 
@@ -490,12 +552,25 @@ def _pooling(raw: dict[str, Any], key: str) -> dict[str, Any]:
     return {"sessions": mode, "poolSize": size, "poolQueue": queue, "poolInputWait": wait, "warmPool": warm}
 
 
+#: A server's name is a path segment (/servers/NAME/mcp) and a metric label: no '.', '/' or space,
+#: so no client that normalises paths ('..') reaches another server.
+SERVER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_server_name(name: Any, key: str) -> str:
+    """``name`` if it is a usable server name, else ConfigError(key) quoting it (cut short)."""
+    if not isinstance(name, str) or not SERVER_NAME.fullmatch(name):
+        raise ConfigError(key, f"{str(name)[:80]!r} is not a usable server name: 1 to 64 letters, digits, "
+                               "'_' and '-' only")
+    return name
+
+
 def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
     key = f"mcpServers.{name}"
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ConfigError(key, "server names may use letters, digits, '_', '.' and '-' only")
+    if not SERVER_NAME.fullmatch(name):
+        check_server_name(name, "mcpServers." + repr(name[:80])[1:-1])  # the key on one line, however named
     allowed = {"command", "args", "env", "cwd", "default", "maxMessageBytes", "stopGrace", "disabled", "maxSessions", "inheritEnv",
-               "tools", "sessions", "poolSize", "poolQueue", "poolInputWait", "warmPool"}
+               "tools", "sessions", "poolSize", "poolQueue", "poolInputWait", "warmPool", "user", "group"}
     if isinstance(raw, dict) and "url" in raw:
         return _remote_server(name, raw, environ)
     _object(raw, key, allowed)
@@ -522,15 +597,17 @@ def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
         base = os.path.join(cwd, command) if cwd and not os.path.isabs(command) else command
         executable = base if os.path.isfile(base) and os.access(base, os.X_OK) else None
     else:
-        executable = shutil.which(command, path=path)
+        executable = _which(command, path)
     if executable is None:
-        raise ConfigError(f"{key}.command", f"{command!r} was not found or is not executable")
+        where = "" if os.sep in command else f" on PATH or in {_interpreter_dir()} (beside the running Python),"
+        raise ConfigError(f"{key}.command", f"{command!r} was not found{where} or is not executable")
     return ServerConfig(
         name=name,
         command=command,
         args=args,
         env=dict(env),
         cwd=cwd,
+        **_child_account(raw, key),
         default=default,
         maxMessageBytes=_positive(raw.get("maxMessageBytes", DEFAULT_MAX_MESSAGE_BYTES), f"{key}.maxMessageBytes"),
         stopGrace=_positive(raw.get("stopGrace", 0.5), f"{key}.stopGrace", (int, float)),
@@ -540,6 +617,46 @@ def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
         tools=_tool_filter(raw.get("tools"), f"{key}.tools"),
         **_pooling(raw, key),
     )
+
+
+def _child_account(raw: dict[str, Any], key: str) -> dict[str, str | None]:
+    """``user`` / ``group`` of a stdio server: names or numeric ids that exist, and a gateway that
+    can switch to them (root), or that already runs as them."""
+    out: dict[str, str | None] = {}
+    for option in ("user", "group"):
+        value = raw.get(option)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            value = str(value)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{key}.{option}", f"must be an account name or a numeric id, not {json.dumps(value)}")
+        out[option] = value
+    if out["user"] is None:
+        if out["group"] is not None:
+            raise ConfigError(f"{key}.group", "only applies together with user")
+        return out
+    from mcpgw.upstream.stdio import account
+
+    try:
+        uid, gid, _ = account(out["user"], out["group"])
+    except KeyError as e:
+        option = "group" if out["group"] is not None and "group" in str(e) else "user"
+        raise ConfigError(f"{key}.{option}", f"no such account: {e.args[0] if e.args else out[option]}") from None
+    if os.geteuid() != 0 and (uid, gid) != (os.geteuid(), os.getegid()):
+        raise ConfigError(f"{key}.user", f"running a child as uid {uid} gid {gid} needs the gateway to start as root "
+                                         f"(it runs as uid {os.geteuid()})")
+    return out
+
+
+def _interpreter_dir() -> str:
+    """The running interpreter's directory (a venv's bin/, not resolved through its symlink)."""
+    return os.path.dirname(os.path.abspath(sys.executable))
+
+
+def _which(command: str, path: str) -> str | None:
+    """A bare command on PATH, then beside the running interpreter: the ``pip install`` that brought
+    the gateway puts a server's console script there, and a unit or cron job runs ``/venv/bin/twistd``
+    without the venv on PATH."""
+    return shutil.which(command, path=path) or shutil.which(command, path=_interpreter_dir())
 
 
 REMOTE_TRANSPORTS = ("streamable-http", "sse")
@@ -601,8 +718,7 @@ def _aggregate(value: Any, servers: Mapping[str, ServerConfig]) -> ServerConfig:
     """Top-level ``aggregate``: a server made of other servers (mcpgw.aggregate)."""
     raw = _object(value, "aggregate", {"name", "servers", "separator", "prefix", "default", "maxSessions"})
     name = _expect(raw.get("name", "all"), str, "aggregate.name", "a string")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ConfigError("aggregate.name", "may use letters, digits, '_', '.' and '-' only")
+    check_server_name(name, "aggregate.name")
     if name in servers:
         raise ConfigError("aggregate.name", f"{name!r} is also the name of a server in mcpServers")
     names = _string_list(raw.get("servers", list(servers)), "aggregate.servers")
@@ -633,7 +749,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     top = {
         "port", "host", "logLevel", "logFormat", "cors", "rateLimit", "session", "sse", "websocket", "redis",
         "metrics", "auth", "mcpServers", "maxBodyBytes", "limits", "trustedProxies", "aggregate",
-        "admin",
+        "admin", "allowedHosts",
     }
     _object(raw, "", top)
     raw = dict(raw)
@@ -652,6 +768,11 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     # (A section of the wrong type is left as it is for its own check to name.)
     if "SESSION_SECRET" in environ and isinstance(raw.get("session", {}), dict):
         raw["session"] = {**raw.get("session", {}), "secret": environ["SESSION_SECRET"]}
+    if "REDIS_PASSWORD" in environ and "REDIS_URL" not in environ and raw.get("redis") is None:
+        # A password alone says nothing about where Redis is: turning cluster mode on at a default
+        # address would make a single gateway depend on a Redis it was never told about.
+        raise ConfigError("REDIS_PASSWORD", "is set but neither redis (in the config file) nor REDIS_URL is: "
+                                            "set one of them to use Redis, or unset REDIS_PASSWORD")
     if ("REDIS_URL" in environ or "REDIS_PASSWORD" in environ) and isinstance(raw.get("redis") or {}, dict):
         redis = dict(raw.get("redis") or {})
         if "REDIS_URL" in environ:
@@ -671,7 +792,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     cors_raw = _object(raw.get("cors", {}), "cors", {"enabled", "origins"})
     cors = CorsConfig(
         enabled=_expect(cors_raw.get("enabled", True), bool, "cors.enabled", "true or false"),
-        origins=_string_list(cors_raw.get("origins", ["*"]), "cors.origins"),
+        origins=_string_list(cors_raw.get("origins", []), "cors.origins"),
     )
     rl_raw = _object(raw.get("rateLimit", {}), "rateLimit", {"enabled", "max", "window", "maxKeys"})
     window = _expect(rl_raw.get("window", "15m"), str, "rateLimit.window", 'a duration like "15m"')
@@ -694,17 +815,19 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         maxAge=_positive(s_raw.get("maxAge", 3_600_000), "session.maxAge"),
         maxLifetime=_optional_positive(s_raw.get("maxLifetime", 86_400_000), "session.maxLifetime"),
     )
-    sse_raw = _object(raw.get("sse", {}), "sse", {"keepalive", "replayEvents", "retry"})
+    sse_raw = _object(raw.get("sse", {}), "sse", {"keepalive", "replayEvents", "replayBytes", "retry"})
     sse = SseConfig(
         keepalive=_positive(sse_raw.get("keepalive", 15.0), "sse.keepalive", (int, float)),
         replayEvents=_positive(sse_raw.get("replayEvents", 256), "sse.replayEvents"),
+        replayBytes=_positive(sse_raw.get("replayBytes", 4 * 1024 * 1024), "sse.replayBytes"),
         retry=_positive(sse_raw.get("retry", 1000), "sse.retry"),
     )
-    ws_raw = _object(raw.get("websocket", {}), "websocket", {"pingInterval", "pingTimeout", "maxMessageBytes"})
+    ws_raw = _object(raw.get("websocket", {}), "websocket", {"pingInterval", "pingTimeout", "maxMessageBytes", "maxErrors"})
     websocket = WebSocketConfig(
         pingInterval=_positive(ws_raw.get("pingInterval", 30.0), "websocket.pingInterval", (int, float)),
         pingTimeout=_positive(ws_raw.get("pingTimeout", 10.0), "websocket.pingTimeout", (int, float)),
         maxMessageBytes=_positive(ws_raw.get("maxMessageBytes", DEFAULT_MAX_MESSAGE_BYTES), "websocket.maxMessageBytes"),
+        maxErrors=_optional_positive(ws_raw.get("maxErrors", 100), "websocket.maxErrors"),
     )
     redis = None
     if raw.get("redis") is not None:
@@ -730,15 +853,20 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
             heartbeat=_positive(r_raw.get("heartbeat", 1.0), "redis.heartbeat", (int, float)),
             keyPrefix=prefix,
         )
-    m_raw = _object(raw.get("metrics", {}), "metrics", {"enabled", "port"})
+    host = _expect(raw.get("host", "127.0.0.1"), str, "host", "a string")
+    m_raw = _object(raw.get("metrics", {}), "metrics", {"enabled", "port", "host"})
     metrics = MetricsConfig(
         enabled=_expect(m_raw.get("enabled", True), bool, "metrics.enabled", "true or false"),
         port=_port(m_raw.get("port", 9091), "metrics.port"),
+        # The gateway's own interface unless set: loopback by default; the image's MCPGW_HOST=0.0.0.0
+        # opens both to its container network, where Prometheus scrapes.
+        host=_expect(m_raw.get("host", host), str, "metrics.host", "a string"),
     )
     auth = _auth(raw.get("auth", {}), environ)
     limits = _limits(raw.get("limits", {}))
     trusted = _trusted_proxies(raw.get("trustedProxies", []))
     admin = _admin(raw.get("admin", {}), environ)
+    allowed_hosts = _allowed_hosts(raw.get("allowedHosts", []))
 
     servers_raw = raw.get("mcpServers")
     if servers_raw is None:
@@ -761,7 +889,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     return GatewayConfig(
         servers=servers,
         port=_port(raw.get("port", 3000), "port"),
-        host=_expect(raw.get("host", "0.0.0.0"), str, "host", "a string"),
+        host=host,
         logLevel=level,
         logFormat=log_format,
         cors=cors,
@@ -776,6 +904,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         limits=limits,
         trustedProxies=trusted,
         admin=admin,
+        allowedHosts=allowed_hosts,
     )
 
 

@@ -251,7 +251,7 @@ def exporter_site(reader: ClusterReader, registry: CollectorRegistry) -> Metrics
 
 
 def metrics_endpoint_for(config: GatewayConfig) -> str:
-    host = config.host.replace(":", "\\:")
+    host = config.metrics.host.replace(":", "\\:")
     return f"tcp:{config.metrics.port}:interface={host}"
 
 
@@ -297,6 +297,5 @@ def makeService(options: Options, reactor: Any = None) -> GatewayService:
         sys.stderr.flush()
         raise SystemExit(2)
     prometheus_client.disable_created_metrics()
-    if (options["log-format"] or config.logFormat) == "json":
-        top.log_observer = logs.json_observer_for(getattr(options, "parent", None))
+    top.log_observer = logs.observer_for(getattr(options, "parent", None), options["log-format"] or config.logFormat)
     return top

@@ -11,6 +11,9 @@ label values were resolved once:
 - ``StdioUpstream`` spawn/stop/exit: child process gauges, restarts;
 - ``Metrics.wrap`` around each MCP endpoint: HTTP error replies by kind;
 - ``Metrics.redis_op`` and ``Metrics.rate_limited``: hooks for the Redis store and the rate limiter;
+- ``mark_fallback`` where a protocol-version probe is refused as designed (``server/discover`` to a
+  server without 2026-07-28): ``_CountErrors`` counts it in ``mcp_gateway_version_negotiations``, not
+  as an error (an official SDK 2.x client probes once per session, then falls back to ``initialize``);
 - the 2026-07-28 endpoint (mcpgw.transports.modern, transport ``modern``): its requests, bytes out, and
   ``modern_outcome`` (InputRequiredResults, resumed retries, unknown requestStates, header mismatches,
   missing capabilities) as plain numbers.
@@ -71,24 +74,34 @@ TRANSPORTS = ("streamable", "sse", "ws", "modern")
 #: What became of 2026-07-28 requests (``mcp_gateway_modern_outcomes{server,outcome}``):
 #:   input_required      an InputRequiredResult was sent (a pooled child asked sampling / elicitation / roots)
 #:   resumed             a retry's requestState found its parked call
-#:   state_unknown       a retry's requestState matched nothing parked (expired, used, or forged): a fresh call
+#:   state_unknown       a retry's requestState was refused (tampered, another identity's, expired, used, or its call ended): -32602
 #:   header_mismatch     400/-32020 (routing or Mcp-Param-* headers disagree with the body)
 #:   missing_capability  400/-32021 (the child asked for what the caller did not declare)
 MODERN_OUTCOMES = ("input_required", "resumed", "state_unknown", "header_mismatch", "missing_capability")
 
+#: Version negotiations that are not errors (``mcp_gateway_version_negotiations_total{outcome}``):
+#:   fallback  a 2026-07-28 probe (server/discover, or a request in that version) was refused with
+#:             400/-32022 or 404 because the server serves handshake versions only; the client goes on
+#:             with initialize (2026-07-28 basic/versioning: the client falls back)
+NEGOTIATION_OUTCOMES = ("fallback",)
+#: The request attribute a transport sets on a refusal that is a version fallback (``mark_fallback``).
+_FALLBACK = "mcpgw_version_fallback"
+
 #: Error kinds (``mcp_gateway_errors_total{kind}``).
 #:   upstream_error     the MCP server answered a request with a JSON-RPC error
 #:   upstream_exit      a request failed because its server exited or was stopped (gateway's -32000)
-#:   upstream_protocol  the server broke the framing (a line over maxMessageBytes)
+#:   upstream_protocol  the server broke the framing (a line over maxMessageBytes) or wrote a line that is not
+#:                      a JSON object (not UTF-8, nested too deep, cut short; the request it answers gets -32603)
 #:   timeout            a request outlived limits.requestTimeout
 #:   rejected           a request refused by the session (id already in flight, too many in flight, session over)
 #:   spawn              a session could not start its server
 #:   session_not_found  an unknown, expired or forged session id (404)
-#:   bad_request        any other 4xx the gateway answered (400, 405, 406, 409, 413, 415)
+#:   bad_request        any other 4xx the gateway answered (400, 405, 406, 409, 413, 415); not a version
+#:                      fallback (mark_fallback: mcp_gateway_version_negotiations instead)
 #:   unauthorized       401
 #:   forbidden          403 (Host / Origin checks)
 #:   rate_limited       429
-#:   unavailable        503 (shutting down)
+#:   unavailable        503 (shutting down, draining, a session cap, Redis down)
 #:   internal           any other 5xx
 ERROR_KINDS = frozenset({
     "upstream_error", "upstream_exit", "upstream_protocol", "timeout", "rejected", "spawn", "session_not_found", "bad_request",
@@ -106,6 +119,11 @@ REDIS_OUTCOMES = frozenset({"ok", "error", "timeout"})
 def method_label(method: Any) -> str:
     """The bounded label for a JSON-RPC method."""
     return method if method in MCP_METHODS else OTHER
+
+
+def mark_fallback(request: Any) -> None:
+    """The error reply being written to ``request`` is a version fallback, not an error (see NEGOTIATION_OUTCOMES)."""
+    setattr(request, _FALLBACK, True)
 
 
 def error_kind(status: int) -> str:
@@ -134,6 +152,8 @@ class BoundMetrics:
         self.events = 0
         #: 2026-07-28 outcomes (MODERN_OUTCOMES) -> count; only the modern transport's instruments have any.
         self.modern: dict[str, int] = {}
+        #: NEGOTIATION_OUTCOMES -> count.
+        self.negotiations: dict[str, int] = {}
         self._errors: dict[str, Any] = {}
         m = metrics
         self._sessions = m.sessions_total.labels(transport, server)
@@ -191,6 +211,10 @@ class BoundMetrics:
         modern = self.modern
         modern[outcome] = modern.get(outcome, 0) + 1
 
+    def negotiated(self, outcome: str) -> None:
+        """One of NEGOTIATION_OUTCOMES (a client's protocol-version probe and what came of it)."""
+        self.negotiations[outcome] = self.negotiations.get(outcome, 0) + 1
+
     # -- child processes -----------------------------------------------------
 
     def child_started(self) -> None:
@@ -245,6 +269,9 @@ class _NullBound(BoundMetrics):
         pass
 
     def modern_outcome(self, outcome: str) -> None:
+        pass
+
+    def negotiated(self, outcome: str) -> None:
         pass
 
     def child_started(self) -> None:
@@ -401,6 +428,10 @@ class _HotCollector:
                                      "What became of 2026-07-28 requests: InputRequiredResults, resumed retries, "
                                      "unknown requestStates, header mismatches, missing capabilities.",
                                      labels=["server", "outcome"])
+        negotiations = CounterMetricFamily("mcp_gateway_version_negotiations",
+                                           "Protocol-version probes and what came of them (fallback: the client "
+                                           "went on with initialize); not errors.",
+                                           labels=["transport", "server", "outcome"])
         for b in bound:
             labels = [b.transport, b.server]
             for method, count in sorted(b.requests.items()):
@@ -410,6 +441,8 @@ class _HotCollector:
             events.add_metric(labels, b.events)
             for outcome, count in sorted(b.modern.items()):
                 modern.add_metric([b.server, outcome], count)
+            for outcome, count in sorted(b.negotiations.items()):
+                negotiations.add_metric([*labels, outcome], count)
         durations = HistogramMetricFamily("mcp_gateway_request_duration_seconds",
                                           "Time from a client request to its response.", labels=["method"])
         for method, h in self._metrics.durations.items():
@@ -417,7 +450,7 @@ class _HotCollector:
             if total:
                 cumulative = list(accumulate(h.counts))
                 durations.add_metric([method], list(zip(_LE, cumulative)), h.sum)
-        yield from (requests, received, sent, events, durations, modern)
+        yield from (requests, received, sent, events, durations, modern, negotiations)
 
 
 class NoMetrics(Metrics):
@@ -460,7 +493,10 @@ class _CountErrors(Resource):
     def render(self, request: Request) -> Any:
         result = self._inner.render(request)
         if request.code >= 400:
-            self._bound.error(error_kind(request.code))
+            if getattr(request, _FALLBACK, False):
+                self._bound.negotiated("fallback")
+            else:
+                self._bound.error(error_kind(request.code))
         return result
 
 

@@ -30,7 +30,11 @@ The pool keeps no per-client state beyond the requests in flight.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import itertools
+import json
 import re
 import secrets
 from collections.abc import Callable
@@ -67,8 +71,15 @@ INPUT_WAIT = 60.0
 INPUT_GATHER = 0.05
 #: A child's own name for the inputRequests key of its request: ``params._meta["mcpgw/inputKey"]`` (taken out).
 INPUT_KEY_META = "mcpgw/inputKey"
+#: A child's request to its client -> the client capability it needs (every bridge checks it: ``undeclared``).
+CAPABILITY_OF = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
 #: The inputRequests key of a child's request that names none.
-INPUT_KEYS = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
+INPUT_KEYS = CAPABILITY_OF
+#: What an MCP client SDK answers a request for a capability it does not have (mcp ClientSession's defaults).
+NOT_SUPPORTED = {"sampling": "Sampling not supported", "elicitation": "Elicitation not supported",
+                 "roots": "List roots not supported"}
+#: A requestState as the gateway issues it: nonce . expiry (ms since the epoch) . MAC (both base64url).
+_STATE = re.compile(r"([A-Za-z0-9_-]{22})\.([0-9]{1,16})\.([A-Za-z0-9_-]{43})")
 _INPUT_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: An ``x-mcp-header`` value (RFC 9110 token).
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -80,6 +91,77 @@ def params_of(msg: dict[str, Any]) -> dict[str, Any]:
     """A message's params if they are an object, else an empty one."""
     params = msg.get("params")
     return params if isinstance(params, dict) else {}
+
+
+def undeclared(method: Any, declared: Any) -> str | None:
+    """The client capability a server-to-client request needs that the client did not declare, or None
+    (2025-11-25 basic/lifecycle Capability Negotiation: a server asks only for what the client declared)."""
+    needed = CAPABILITY_OF.get(method) if isinstance(method, str) else None
+    if needed is None or (isinstance(declared, dict) and needed in declared):
+        return None
+    return needed
+
+
+def capability_refusal(id: Any, capability: str) -> bytes:
+    """The answer to a server's request for ``capability`` from a client that lacks it: what a client SDK
+    without that capability answers (-32600, "Sampling not supported"), naming the undeclared capability."""
+    return jsonrpc.error_bytes(id, jsonrpc.INVALID_REQUEST,
+                               f"{NOT_SUPPORTED[capability]}: the client did not declare the {capability} capability")
+
+
+class StateRejected(Exception):
+    """A retry's ``requestState`` the pool does not honour: the client gets -32602 with ``message``.
+
+    ``kind``: ``tampered`` (not a token this gateway issued, or altered), ``foreign`` (issued to another
+    identity), ``mismatch`` (issued for another request), ``expired``, ``replayed`` (already used) or
+    ``unknown`` (genuine, but the call it names no longer exists).
+    """
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class StateTokens:
+    """``requestState`` tokens: ``nonce.expiry.MAC``, the MAC (HMAC-SHA256 with a key derived from
+    ``session.secret``) over the server, the nonce naming the parked call, the expiry, the identity that
+    received the token and the request it answers (method and name).
+
+    2026-07-28 basic/utilities/mrtr, Server Requirements (Basic Workflow) 4-5: requestState is attacker
+    controlled input; the server protects its integrity, binds it to the authenticated principal, a short
+    expiry and the originating request, and enforces single use itself (``ChildPool._spent``).
+    """
+
+    def __init__(self, secret: str | None, server: str):
+        root = (secret or secrets.token_hex(32)).encode()
+        # Domain separation: the same session.secret also tags session ids (mcpgw.session.SessionIds).
+        self._key = hmac.new(root, b"mcpgw requestState v1", hashlib.sha256).digest()
+        self._server = server
+
+    def issue(self, nonce: str, expires_ms: int, owner: str | None, method: str, name: Any) -> str:
+        return f"{nonce}.{expires_ms}.{self.tag(nonce, expires_ms, owner, method, name)}"
+
+    def tag(self, nonce: str, expires_ms: int, owner: str | None, method: str, name: Any) -> str:
+        signed = json.dumps([self._server, nonce, expires_ms, owner, method, name if isinstance(name, str) else None],
+                            separators=(",", ":")).encode()
+        return _b64(hmac.new(self._key, signed, hashlib.sha256).digest())
+
+    @staticmethod
+    def parse(token: Any) -> tuple[str, int, str] | None:
+        """(nonce, expiry in ms, MAC) of a well-formed token, else None."""
+        m = _STATE.fullmatch(token) if isinstance(token, str) else None
+        return None if m is None else (m[1], int(m[2]), m[3])
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def request_name(msg: dict[str, Any]) -> Any:
+    """The name a requestState is bound to: a tools/call's or prompts/get's ``name``, a resources/read's ``uri``."""
+    params = params_of(msg)
+    return params.get("uri") if msg.get("method") == "resources/read" else params.get("name")
 
 
 class PoolFull(Exception):
@@ -111,10 +193,17 @@ class Pending:
     asked: dict[str, Any] = attrs.Factory(dict)
     #: The same: key -> {method, params} as the client sees it.
     inputs: dict[str, Any] = attrs.Factory(dict)
-    #: The requestState of an InputRequiredResult the call waits on (None: not waiting).
+    #: The nonce of the requestState of an InputRequiredResult the call waits on (None: not waiting).
     state: str | None = None
     #: The gathering timer (INPUT_GATHER), then the waiting one (poolInputWait).
     input_timer: Any = None
+    #: The identity that sent the call (mcpgw.auth; None while auth is off): its requestState is bound to it.
+    owner: str | None = None
+    #: The call's name (tool / prompt name, resource URI): its requestState is bound to it too.
+    name: Any = None
+    #: Answers the client sent with the call itself (``inputResponses`` without ``requestState``): a child's
+    #: request whose key is among them is answered from them at once (2026-07-28 mrtr Error Handling).
+    offered: dict[str, Any] | None = None
 
 
 def header_annotations(schema: Any) -> list[tuple[tuple[str, ...], str, str]]:
@@ -248,7 +337,8 @@ class ChildPool:
 
     log = Logger(observer=logs.observer)
 
-    def __init__(self, server: ServerConfig, reactor: Any, request_timeout: float | None = None):
+    def __init__(self, server: ServerConfig, reactor: Any, request_timeout: float | None = None,
+                 secret: str | None = None):
         self.server = server
         self._reactor = reactor
         self.size = server.poolSize
@@ -265,8 +355,12 @@ class ChildPool:
         #: limits.requestTimeout: one timer, at the oldest request's deadline (``_expire``).
         self._deadline: Any = None
         self._waiting: list[Pending] = []
-        #: requestState -> a call waiting for the client's retry with its inputResponses.
+        #: requestState nonce -> a call waiting for the client's retry with its inputResponses.
         self._parked: dict[str, Pending] = {}
+        #: requestState nonces already used -> (expiry ms, owner, method, name), kept until they expire
+        #: (after that the expiry refuses them): a replay is told apart from a forgery. Oldest first.
+        self._spent: dict[str, tuple[int, str | None, str, Any]] = {}
+        self.tokens = StateTokens(secret, server.name)
         self.input_wait = float(getattr(server, "poolInputWait", INPUT_WAIT))
         #: Tool name -> its x-mcp-header annotations (tools without any left out); None: not fetched yet.
         self.tool_headers: dict[str, list[tuple[tuple[str, ...], str, str]]] | None = None
@@ -360,8 +454,9 @@ class ChildPool:
     # -- requests -----------------------------------------------------------
 
     def request(self, msg: dict[str, Any], route: Any,
-                on_input: Callable[[Pending, dict[str, Any]], bool] | None = None) -> Pending:
+                on_input: Callable[[Pending, dict[str, Any]], bool] | None = None, owner: str | None = None) -> Pending:
         """Send client request ``msg`` to the least-loaded child; its response goes to ``route.answer``.
+        ``owner``: the identity that sent it (a requestState issued for the call is bound to it).
 
         Raises PoolFull when every child has ``poolQueue`` requests in flight (or none can start).
         """
@@ -372,7 +467,7 @@ class ChildPool:
             if any(c.ready for c in self.children) or len(self._waiting) >= self.queue * self.size:
                 raise PoolFull(f"server {self.server.name}: every pooled child is busy (poolQueue={self.queue})")
         gid = f"{self._prefix}{next(self._ids)}"
-        pending = Pending(route=route, id=msg["id"], gid=gid, method=str(msg.get("method")), on_input=on_input)
+        pending = Pending(route=route, id=msg["id"], gid=gid, method=str(msg.get("method")), on_input=on_input, owner=owner)
         params = msg.get("params")
         out = dict(msg)
         out["id"] = gid
@@ -573,17 +668,38 @@ class ChildPool:
 
     # -- InputRequiredResult (2026-07-28) -------------------------------------
 
+    def input_key(self, pending: Pending, server_request: dict[str, Any], taken: Any) -> str:
+        """The inputRequests key of a child's request: its ``_meta["mcpgw/inputKey"]`` hint, else the
+        method's own name; made unique among ``taken`` with ``_2``, ``_3``..."""
+        meta = params_of(server_request).get("_meta")
+        hint = meta.get(INPUT_KEY_META) if isinstance(meta, dict) else None
+        base = hint if isinstance(hint, str) and _INPUT_KEY.fullmatch(hint) else INPUT_KEYS.get(server_request["method"], "input")
+        key, n = base, 2
+        while key in taken:
+            key, n = f"{base}_{n}", n + 1
+        return key
+
+    def answer_offered(self, pending: Pending, server_request: dict[str, Any]) -> bool:
+        """The call came with ``inputResponses`` (and no requestState): if one answers this request of the
+        child (same key), the child gets it at once and nothing is asked of the client; else False."""
+        offered = pending.offered
+        if not offered or pending.child is None:
+            return False
+        base = self.input_key(pending, server_request, ())
+        key = next((k for k in [base, *(f"{base}_{n}" for n in range(2, len(offered) + 2))] if k in offered), None)
+        if key is None:
+            return False
+        answer = offered.pop(key)
+        pending.child.upstream.send(jsonrpc.dumps({"jsonrpc": "2.0", "id": server_request["id"], "result": answer}))
+        return True
+
     def ask(self, pending: Pending, server_request: dict[str, Any],
             flush: Callable[[dict[str, Any], str], None]) -> str:
         """The child asks the caller of ``pending`` something: gather it (and whatever else the call asks
         within INPUT_GATHER), then park the call and ``flush(inputRequests, requestState)``; its key."""
         params = params_of(server_request)
+        key = self.input_key(pending, server_request, pending.asked)
         meta = params.get("_meta")
-        hint = meta.get(INPUT_KEY_META) if isinstance(meta, dict) else None
-        base = hint if isinstance(hint, str) and _INPUT_KEY.fullmatch(hint) else INPUT_KEYS.get(server_request["method"], "input")
-        key, n = base, 2
-        while key in pending.asked:
-            key, n = f"{base}_{n}", n + 1
         if isinstance(meta, dict) and INPUT_KEY_META in meta:
             meta = {k: v for k, v in meta.items() if k != INPUT_KEY_META}
             params = {**params, "_meta": meta} if meta else {k: v for k, v in params.items() if k != "_meta"}
@@ -600,33 +716,81 @@ class ChildPool:
         pending.input_timer = None
         if pending.gid not in self._pending or not pending.asked:
             return
-        state = secrets.token_urlsafe(18)
-        pending.state = state
-        self._parked[state] = pending
-        pending.input_timer = self._reactor.callLater(self.input_wait, self._abandon, state)
-        flush(dict(pending.inputs), state)
+        nonce = secrets.token_urlsafe(16)
+        expires_ms = int((self._reactor.seconds() + self.input_wait) * 1000)
+        if pending.name is None:
+            pending.name = request_name(jsonrpc.loads(pending.raw))
+        token = self.tokens.issue(nonce, expires_ms, pending.owner, pending.method, pending.name)
+        pending.state = nonce
+        self._parked[nonce] = pending
+        pending.input_timer = self._reactor.callLater(self.input_wait, self._abandon, nonce)
+        flush(dict(pending.inputs), token)
 
     def park(self, pending: Pending, server_request: dict[str, Any]) -> str:
         """Park ``pending`` at once on this one request of its child (its route is answered by the caller);
         the requestState. (What ``ask`` does after its gathering time, for callers that answer themselves.)"""
+        issued: list[str] = []
         self.ask(pending, server_request, lambda inputs, state: None)
         if pending.input_timer is not None and pending.input_timer.active():
             pending.input_timer.cancel()
-        self._park(pending, lambda inputs, state: None)
-        assert pending.state is not None
-        return pending.state
+        self._park(pending, lambda inputs, state: issued.append(state))
+        return issued[0]
 
-    def resume(self, key: str, client_msg: dict[str, Any], responses: Any, route: Any) -> Pending | None:
-        """The client retried a parked call with its inputResponses: answer the child's requests (an error for
-        each key the client left out), re-route the call's eventual response to ``route`` under the retry's
-        id; None if ``key`` is unknown (never issued, already used, or expired)."""
-        pending = self._parked.pop(key, None)
+    def claim(self, token: Any, client_msg: dict[str, Any], owner: str | None = None) -> Pending:
+        """The parked call a retry's ``requestState`` names, taken out of the parked set (a token is good
+        once); StateRejected (-32602 for the client) when the token fails its MAC, belongs to another
+        identity or request, has expired, was used already, or names a call that no longer exists."""
+        parsed = StateTokens.parse(token)
+        if parsed is None:
+            raise StateRejected("tampered", "Invalid requestState: it failed its integrity check (tampered or not issued here)")
+        nonce, expires_ms, tag = parsed
+        method, name = str(client_msg.get("method")), request_name(client_msg)
+        if not hmac.compare_digest(tag, self.tokens.tag(nonce, expires_ms, owner, method, name)):
+            raise self._why_not_yours(nonce, expires_ms, tag, owner)
+        if self._reactor.seconds() * 1000 >= expires_ms:
+            raise StateRejected("expired", f"Invalid requestState: it expired (poolInputWait={self.input_wait:g} s); "
+                                           "send the request again without requestState")
+        if nonce in self._spent:
+            raise StateRejected("replayed", "Invalid requestState: it was already used (a requestState is good for one retry)")
+        pending = self._parked.pop(nonce, None)
         if pending is None:
-            return None
+            raise StateRejected("unknown", "Invalid requestState: the call it names no longer exists "
+                                           "(it ended, or its server's child exited); send the request again without requestState")
+        self._spend(nonce, expires_ms, pending)
         if pending.input_timer is not None and pending.input_timer.active():
             pending.input_timer.cancel()
         pending.input_timer = None
         pending.state = None
+        return pending
+
+    def _why_not_yours(self, nonce: str, expires_ms: int, tag: str, owner: str | None) -> StateRejected:
+        """A token whose MAC does not hold for this identity and request: genuine but someone else's (or for
+        another request), or forged."""
+        record: tuple[Any, ...] | None = None
+        pending = self._parked.get(nonce)
+        if pending is not None:
+            record = (pending.owner, pending.method, pending.name)
+        elif nonce in self._spent:
+            record = self._spent[nonce][1:]
+        if record is not None and hmac.compare_digest(tag, self.tokens.tag(nonce, expires_ms, *record)):
+            if record[0] != owner:
+                return StateRejected("foreign", "Invalid requestState: it was issued to another identity")
+            return StateRejected("mismatch", f"Invalid requestState: it was issued for another request ({record[1]} {record[2]!r})")
+        return StateRejected("tampered", "Invalid requestState: it failed its integrity check (tampered or not issued here)")
+
+    def _spend(self, nonce: str, expires_ms: int, pending: Pending) -> None:
+        """Remember a used token until it expires (then its expiry refuses it); the oldest go first."""
+        now_ms = self._reactor.seconds() * 1000
+        while self._spent:
+            oldest = next(iter(self._spent))
+            if self._spent[oldest][0] > now_ms:
+                break
+            del self._spent[oldest]
+        self._spent[nonce] = (expires_ms, pending.owner, pending.method, pending.name)
+
+    def resume(self, pending: Pending, client_msg: dict[str, Any], responses: Any, route: Any) -> Pending:
+        """A claimed call's retry: answer the child's requests from the client's inputResponses (an error for
+        each key the client left out), re-route the call's eventual response to ``route`` under the retry's id."""
         pending.route = route
         pending.id = client_msg["id"]
         asked, pending.asked, pending.inputs = pending.asked, {}, {}
@@ -645,8 +809,8 @@ class ChildPool:
         """Calls waiting for their client's retry with inputResponses."""
         return len(self._parked)
 
-    def _abandon(self, state: str) -> None:
-        pending = self._parked.get(state)
+    def _abandon(self, nonce: str) -> None:
+        pending = self._parked.get(nonce)
         if pending is not None:
             pending.input_timer = None
             self.log.info("pool {server}: {method} {gid} abandoned: no retry with its input within {wait}s",
@@ -686,7 +850,7 @@ class PoolManager(Service):
 
     def __init__(self, config: GatewayConfig, reactor: Any):
         self.pools: dict[str, ChildPool] = {
-            name: ChildPool(server, reactor, config.limits.requestTimeout)
+            name: ChildPool(server, reactor, config.limits.requestTimeout, config.session.secret)
             for name, server in config.servers.items()
             if server.sessions == "pooled" and server.url is None and getattr(server, "aggregate", None) is None
         }
@@ -777,6 +941,8 @@ def _pooled_session_class(pool: ChildPool) -> Callable[..., Any]:
             self._uris: set[str] = set()
             #: A child's requests relayed to this client: the id the client saw -> (child, the child's id).
             self._asked: dict[str, tuple[PooledChild, Any]] = {}
+            #: The capabilities this client declared in its initialize (the pool's children saw the gateway's).
+            self.client_capabilities: dict[str, Any] = {}
 
         def start(self) -> None:
             self.pool.listeners.add(self._notification)
@@ -825,6 +991,8 @@ def _pooled_session_class(pool: ChildPool) -> Callable[..., Any]:
             params = params_of(msg)
             asked = params.get("protocolVersion")
             version = asked if asked in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1]
+            declared = params.get("capabilities")
+            self.client_capabilities = declared if isinstance(declared, dict) else {}
 
             def answer(init: dict[str, Any]) -> None:
                 self.protocol_version = version
@@ -840,9 +1008,15 @@ def _pooled_session_class(pool: ChildPool) -> Callable[..., Any]:
 
         def _relay(self, pending: Pending, request: dict[str, Any]) -> bool:
             """The child asks sampling / elicitation / roots while running only this session's call: the
-            request goes to the client on that call's stream, under an id of the gateway's."""
+            request goes to the client on that call's stream, under an id of the gateway's. A request for a
+            capability this client did not declare never reaches it: the gateway answers the child as the
+            client's SDK would (the child itself was told the gateway's capabilities, not the client's)."""
             if pending.child is None:
                 return False
+            needed = undeclared(request.get("method"), self.client_capabilities)
+            if needed is not None:
+                pending.child.upstream.send(capability_refusal(request["id"], needed))
+                return True
             key = f"{self.pool._prefix}ask-{next(self.pool._ids)}"
             self._asked[key] = (pending.child, request["id"])
             pending.route.deliver(jsonrpc.dumps({**request, "id": key}))

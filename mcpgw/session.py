@@ -25,7 +25,7 @@ from mcpgw.metrics import NULL_BOUND, BoundMetrics, Metrics, NoMetrics
 from mcpgw.pool import pooled_session_factory
 from mcpgw.store import SessionRecord
 from mcpgw.store.memory import MemorySessionStore
-from mcpgw.upstream.stdio import ServerActivity, StdioUpstream, tune_allocator
+from mcpgw.upstream.stdio import ServerActivity, StdioUpstream, UnreadableReply, tune_allocator
 from mcpgw.upstream import make_upstream
 from mcpgw.upstream.warm import WarmChildren, warmable
 
@@ -81,6 +81,14 @@ def _routable(value: Any) -> bool:
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
+def quota_key(owner: str | None, principal: Any = None) -> str | None:
+    """Whose sessions count together for limits.maxSessionsPerIdentity: the identity, else the
+    client's address (``Principal.rate_key``: an IPv4 address or an IPv6 /64), as the rate limiter keys them."""
+    if principal is not None:
+        return principal.rate_key
+    return None if owner is None else "id:" + owner
+
+
 class SessionRefused(Exception):
     """No new session now (a session cap is reached): answer 503 with ``Retry-After``."""
 
@@ -98,6 +106,8 @@ class Session:
     routes_on_view = True
     #: The identity that created the session (mcpgw.auth); only it may use the session.
     owner: str | None = None
+    #: Whose quota the session counts in (limits.maxSessionsPerIdentity; ``quota_key``), or None.
+    quota_key: str | None = None
     #: limits.maxPendingRequests and limits.requestTimeout (set by the SessionManager).
     max_pending: int | None = None
     #: Called once the child's initialize result names the protocol version (the store records it).
@@ -245,7 +255,7 @@ class Session:
                 return
             route, method, started = entry
             self.metrics.answered(method, self._reactor.seconds() - started)
-            if "error" in msg:
+            if "error" in msg and not isinstance(msg, UnreadableReply):  # that one is counted as upstream_protocol
                 self._upstream_error(id, method, msg["error"])
             if id == self._initialize_id and self._initialize_id is not None:
                 result = jsonrpc.decoded(msg.get("result"))
@@ -408,13 +418,25 @@ class SessionManager(Service):
         self.warm: dict[str, WarmChildren] = {}
         #: The PoolManager of "sessions": "pooled" servers (mcpgw.pool), set by build_service.
         self.pools: Any = None
+        #: Live sessions per ``quota_key`` (limits.maxSessionsPerIdentity).
+        self.per_identity: dict[str, int] = {}
 
-    def room_for(self, server: ServerConfig) -> SessionRefused | None:
-        """Why a new session of ``server`` cannot start now (a cap is reached, Redis is down), or None."""
+    def room_for(self, server: ServerConfig, owner: str | None = None, principal: Any = None) -> SessionRefused | None:
+        """Why a new session of ``server`` cannot start now (a cap is reached, Redis is down), or None.
+
+        ``owner`` / ``principal`` (mcpgw.auth): whose limits.maxSessionsPerIdentity applies. One
+        identity (or, anonymous, one address) that holds its quota gets the same 503 and
+        Retry-After as the gateway's cap gives, while every other identity still gets sessions."""
         if self.unavailable is not None:
             reason = self.unavailable()
             if reason is not None:
                 return SessionRefused(reason)
+        quota = self.config.limits.maxSessionsPerIdentity
+        if quota is not None:
+            key = quota_key(owner, principal)
+            if key is not None and self.per_identity.get(key, 0) >= quota:
+                return SessionRefused(
+                    f"this client already has {quota} sessions open (limits.maxSessionsPerIdentity={quota})")
         cap = self.config.limits.maxSessions
         if cap is not None and len(self.sessions) >= cap:
             return SessionRefused(f"the gateway is at its session limit (limits.maxSessions={cap})")
@@ -423,13 +445,14 @@ class SessionManager(Service):
         return None
 
     def create(self, server: ServerConfig, transport: str, owner: str | None = None,
-               factory: Callable[..., Session] | None = None, lazy: bool = False) -> Session:
+               factory: Callable[..., Session] | None = None, lazy: bool = False, principal: Any = None) -> Session:
         """Start a session (and its child) for ``owner``; SessionRefused when a cap is reached.
 
         ``lazy`` (legacy SSE streams): a stdio server's child is started by the session's first
         message instead (``Session.start_child``), so an idle stream holds no child and no pipes.
+        ``principal`` (mcpgw.auth.principal_of): keys an anonymous client's quota by its address.
         """
-        refused = self.room_for(server)
+        refused = self.room_for(server, owner, principal)
         if refused is not None:
             raise refused
         pool = self.pools.get(server) if factory is None and self.pools is not None else None
@@ -451,6 +474,9 @@ class SessionManager(Service):
         if isinstance(child, StdioUpstream):
             child.activity = self.activity_of(server.name)
         self.sessions[session.id] = session
+        session.quota_key = quota_key(owner, principal)
+        if session.quota_key is not None:
+            self.per_identity[session.quota_key] = self.per_identity.get(session.quota_key, 0) + 1
         if lazy:
             session.start_child = lambda: self._start_child(session, warm)
         else:
@@ -458,7 +484,7 @@ class SessionManager(Service):
                 session.start()
             except Exception:
                 session.metrics.error("spawn")
-                self.sessions.pop(session.id, None)
+                self._forget(session)
                 raise
         session.on_version = self._version
         if warm is not None:
@@ -506,8 +532,17 @@ class SessionManager(Service):
             return len(self.sessions)
         return sum(1 for s in self.sessions.values() if s.server.name == server)
 
+    def _forget(self, session: Session) -> None:
+        """``session`` is no longer live here: out of ``sessions``, and out of its identity's quota."""
+        if self.sessions.pop(session.id, None) is not None and session.quota_key is not None:
+            left = self.per_identity.get(session.quota_key, 1) - 1
+            if left > 0:
+                self.per_identity[session.quota_key] = left
+            else:
+                self.per_identity.pop(session.quota_key, None)
+
     def _ended(self, session: Session) -> None:
-        self.sessions.pop(session.id, None)
+        self._forget(session)
         self._stored(self.store.remove(session.id), session)
         if not session.upstream.ended:
             d = session.upstream.stop()

@@ -8,13 +8,14 @@ from typing import Any
 
 import prometheus_client
 from twisted.application import service, strports
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 
 from mcpgw import fastpoll, logs
 from mcpgw.config import EXAMPLE_SECRETS, LOG_FORMATS, ConfigError, GatewayConfig, load
 from mcpgw.metrics import Metrics, NoMetrics
+from mcpgw.origin import HostChecked, HostPolicy, listen_interface
 from mcpgw.pool import PoolManager
 from mcpgw.session import SessionManager
 from mcpgw.transports.common import GatewayContext
@@ -57,6 +58,7 @@ class GatewayService(service.MultiService):
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_log = Logger(namespace="mcpgw.tap", observer=logs.observer)
 
 
 def listens_on_loopback_only(config: GatewayConfig, listen: str | None) -> bool:
@@ -93,7 +95,7 @@ def endpoint_for(config: GatewayConfig) -> str:
 
 
 def metrics_endpoint_for(config: GatewayConfig) -> str:
-    host = config.host.replace(":", "\\:")
+    host = config.metrics.host.replace(":", "\\:")
     return f"tcp:{config.metrics.port}:interface={host}"
 
 
@@ -135,16 +137,29 @@ def build_service(
             rl = config.rateLimit
             ctx.limiter = RedisRateLimiter(cluster.redis, cluster.keys, rl.max, rl.window_seconds, reactor, rl.maxKeys)
     top.context = ctx  # type: ignore[attr-defined]
+    web_listen = listen or endpoint_for(config)
+    # Host and Origin are judged by where the site really listens (--listen wins over host/port).
+    ctx.hosts = HostPolicy.for_listens(config, [web_listen] if serve else None)
     site = build_site(ctx)
     top.site = site  # type: ignore[attr-defined]
     _control(top, ctx, site, reactor)
     if not serve:
         return top
-    web = strports.service(listen or endpoint_for(config), site)
+    web = strports.service(web_listen, site)
     web.setServiceParent(top)
     if metrics.enabled:
-        strports.service(metrics_listen or metrics_endpoint_for(config), metrics.site()).setServiceParent(top)
+        m_listen = metrics_listen or metrics_endpoint_for(config)
+        strports.service(m_listen, _host_checked(metrics.site(), config, m_listen)).setServiceParent(top)
     return top
+
+
+def _host_checked(site: Any, config: GatewayConfig, listen: str) -> Any:
+    """The metrics site, behind a Host check of its own when its listen endpoint is on loopback
+    (a DNS-rebinding page must not read /metrics); a scraper on another host sends any name."""
+    policy = HostPolicy([listen_interface(listen)], config.allowedHosts)
+    if policy.loopback:
+        site.resource = HostChecked(site.resource, policy)
+    return site
 
 
 def _control(top: GatewayService, ctx: GatewayContext, site: Any, reactor: Any) -> None:
@@ -165,6 +180,16 @@ def _control(top: GatewayService, ctx: GatewayContext, site: Any, reactor: Any) 
         admin_api.install(site.resource, control, sampler, admin.token)
 
 
+def warn_if_open(config: GatewayConfig, listen: str | None, log: Logger = _log) -> None:
+    """One warning line when anyone who reaches the port may start the servers' children."""
+    if config.auth.enabled or listens_on_loopback_only(config, listen):
+        return
+    address = listen or f"{config.host}:{config.port}"
+    log.warn("listening on {address} without authentication: anyone who can reach it can start "
+             "every configured server's children (set auth, or bind 127.0.0.1 / MCPGW_HOST=127.0.0.1)",
+             address=address)
+
+
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -181,7 +206,13 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     # This process is twistd's own: no ``*_created`` series (they double a scrape and no panel uses them).
     prometheus_client.disable_created_metrics()
     fastpoll.install(reactor)  # twistd's own reactor: no per-event log context (mcpgw.fastpoll)
+    # The process is the gateway's alone: non-dumpable (a child cannot read its environ or memory)
+    # and the subreaper of whatever its children leave behind (mcpgw.procsec).
+    from mcpgw import procsec
+
+    procsec.harden(reactor)
     top = build_service(config, reactor, options["listen"], options["metrics-listen"])
-    if (options["log-format"] or config.logFormat) == "json":
-        top.log_observer = logs.json_observer_for(getattr(options, "parent", None))
+    warn_if_open(config, options["listen"])
+    # Text or JSON, behind logLevel and the cleaning of client-controlled fields (mcpgw.logs).
+    top.log_observer = logs.observer_for(getattr(options, "parent", None), options["log-format"] or config.logFormat)
     return top

@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -16,14 +16,17 @@ from twisted.web.server import NOT_DONE_YET, Request, Site, UnsupportedMethod
 
 from mcpgw import __version__, jsonrpc, logs
 from mcpgw.auth import Authenticator, Unauthorized, principal_of
+from mcpgw.channel import ChannelLimits, Connections, GatewayChannel
 from mcpgw.config import ServerConfig
+from mcpgw.origin import HostPolicy
 from mcpgw.ratelimit import Decision, MemoryRateLimiter
 from mcpgw.transports.common import GatewayContext, error_reply
 from mcpgw.transports.legacy import MessagesEndpoint, SseEndpoint
 from mcpgw.transports.streamable import StreamableEndpoint
 from mcpgw.transports.websocket import websocket_resource
 
-LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+#: Guard.check's verdict for a request that passed every check.
+ADMIT = object()
 ALLOW_HEADERS = b"Content-Type, Authorization, Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID, Mcp-Method, Mcp-Name"
 
 
@@ -43,14 +46,6 @@ def _param_headers(request: Request) -> bytes:
     return b"".join(b", " + n for n in params)
 
 
-def _hostname(value: str) -> str:
-    """The host part of a Host header or an origin's netloc ('[::1]:3000' -> '::1')."""
-    try:
-        return (urlsplit("//" + value).hostname or "").lower()
-    except ValueError:
-        return ""
-
-
 def unauthorized_reply(auth: Authenticator, request: Request, e: Unauthorized) -> bytes:
     """401 with ``WWW-Authenticate: Bearer ...`` (RFC 6750)."""
     request.setHeader(b"www-authenticate", auth.challenge(e))
@@ -60,8 +55,9 @@ def unauthorized_reply(auth: Authenticator, request: Request, e: Unauthorized) -
 class Guard(Resource):
     """Everything a request to an MCP endpoint passes first, in this order:
 
-    1. Host: bound to loopback, only loopback Host names (DNS rebinding; spec
-       basic/transports, security warning); 403.
+    1. Host: one of the gateway's own names when the listen interfaces or
+       ``allowedHosts`` say which (DNS rebinding; spec basic/transports, security
+       warning; mcpgw.origin.HostPolicy); 403.
     2. Origin: 403 unless allowed; CORS headers, and preflights answered here.
     3. Authentication (``ctx.auth``): the credentials are checked and removed,
        a Principal is attached; 401 with ``WWW-Authenticate: Bearer``.
@@ -84,27 +80,57 @@ class Guard(Resource):
         self._inner = inner
         self._metrics = ctx.metrics
         self._cors = ctx.config.cors
-        self._loopback = ctx.config.host in LOOPBACK_HOSTS
+        #: Host and Origin rules from the interfaces the gateway listens on (mcpgw.origin).
+        self._policy: HostPolicy = ctx.hosts if ctx.hosts is not None else HostPolicy.for_listens(ctx.config)
         self._auth: Authenticator = ctx.auth
         self._limiter = ctx.limiter
 
     def origin_allowed(self, origin: str, request: Request) -> bool:
-        """Listed; or any with ``*`` (only loopback origins on a loopback bind); or same-origin."""
-        origins = self._cors.origins
-        if origin in origins:
-            return True
-        if "*" in origins:
-            if not self._loopback:
-                return True
-            return "://" in origin and _hostname(origin.split("://", 1)[1]) in LOOPBACK_HOSTS
-        own = request.getHeader(b"host")
-        return own is not None and origin.split("://", 1)[-1] == own.decode("latin-1")
+        """Listed; or any with ``*`` (only loopback origins on a loopback bind); or same-origin with
+        a Host that is the gateway's own (HostPolicy.origin_allowed)."""
+        return self._policy.origin_allowed(origin, request.getHeader(b"host"))
+
+    def head(self, request: Request) -> Deferred[Any] | None:
+        """Decide on the request head (mcpgw.channel.GatewayChannel, before a byte of the body is
+        read). A refusal's status and headers are set on ``request`` and its body kept in
+        ``request.head_reply``; a limiter that answers later gives a Deferred that fires once decided."""
+        verdict = self.check(request)
+        if isinstance(verdict, Deferred):
+            request.guard_verdict = verdict
+            return verdict.addCallback(self._decided, request)
+        request.guard_verdict = verdict
+        if verdict is not ADMIT:
+            request.head_reply = verdict
+        return None
+
+    @staticmethod
+    def _decided(verdict: Any, request: Any) -> Any:
+        request.guard_verdict = verdict
+        if verdict is not ADMIT:
+            request.head_reply = verdict
+        return verdict
 
     def render(self, request: Request) -> Any:
-        if self._loopback:
-            host = request.getHeader(b"host")
-            if host is None or _hostname(host.decode("latin-1")) not in LOOPBACK_HOSTS:
-                return error_reply(request, 403, jsonrpc.CONNECTION_CLOSED, "Forbidden: invalid Host header")
+        reply = getattr(request, "head_reply", None)
+        if reply is not None:
+            return reply  # refused on the head (or its body was over maxBodyBytes)
+        verdict = getattr(request, "guard_verdict", None)
+        if verdict is None:
+            verdict = self.check(request)  # a request that did not come through GatewayChannel
+        if verdict is ADMIT:
+            return self._inner.render(request)
+        if isinstance(verdict, Deferred):
+            # A limiter that answers later (a shared store): finish the request then.
+            verdict.addCallback(self._render_later, request)
+            verdict.addErrback(lambda f: self.log.failure("guard failed", f))
+            return NOT_DONE_YET
+        return verdict
+
+    def check(self, request: Request) -> Any:
+        """Host, Origin, authentication, rate limit: ADMIT, or the body of the refusal (status and
+        headers set on ``request``), or a Deferred firing with one of them."""
+        if not self._policy.host_allowed(request.getHeader(b"host")):
+            return error_reply(request, 403, jsonrpc.CONNECTION_CLOSED, "Forbidden: invalid Host header")
         origin_b = request.getHeader(b"origin")
         if origin_b is not None:
             origin = origin_b.decode("latin-1")
@@ -136,16 +162,16 @@ class Guard(Resource):
             d.addBoth(outcome.append)
         if outcome:
             return self._admit(request, outcome[0], unauthorized)
-        # A limiter that answers later (a shared store): finish the request then.
-        d.addCallback(lambda _: self._admit_later(request, outcome[0], unauthorized))
+        decided: Deferred[Any] = Deferred()
+        d.addCallback(lambda _: decided.callback(self._admit(request, outcome[0], unauthorized)))
         d.addErrback(lambda f: self.log.failure("guard failed", f))
-        return NOT_DONE_YET
+        return decided
 
     def _cors_headers(self, request: Request, origin: str, origin_b: bytes) -> None:
         """Fetch spec: ``*`` is sent literally (and never with credentials); a listed origin is
         echoed with ``Vary: Origin`` and may send credentials."""
-        listed = origin in self._cors.origins
-        if "*" in self._cors.origins and not self._loopback and not listed:
+        listed = self._policy.listed(origin)
+        if self._policy.literal_wildcard(origin):
             request.setHeader(b"access-control-allow-origin", b"*")
         else:
             request.setHeader(b"access-control-allow-origin", origin_b)
@@ -170,19 +196,20 @@ class Guard(Resource):
                 return body
         if unauthorized is not None:
             return unauthorized_reply(self._auth, request, unauthorized)
-        return self._inner.render(request)
+        return ADMIT
 
-    def _admit_later(self, request: Request, outcome: Any, unauthorized: Unauthorized | None) -> None:
+    def _render_later(self, verdict: Any, request: Request) -> Any:
         if request.finished or getattr(request, "_disconnected", False):
-            return
+            return verdict
         try:
-            body = self._admit(request, outcome, unauthorized)
+            body = self._inner.render(request) if verdict is ADMIT else verdict
         except Exception:  # noqa: BLE001 - what twisted.web does for a render that raises
             request.processingFailed(Failure())
-            return
+            return verdict
         if body is not NOT_DONE_YET:
             request.write(body)
             request.finish()
+        return verdict
 
 
 class ServerResource(Resource):
@@ -206,7 +233,9 @@ def _guarded(inner: Resource, ctx: GatewayContext, transport: str, server: str) 
     """``inner`` behind its Guard, with its error replies counted (``Metrics.wrap``; as is without metrics)."""
     guard = Guard(inner, ctx)
     guard.transport, guard.server = transport, server
-    return ctx.metrics.wrap(guard, transport, server)
+    wrapped = ctx.metrics.wrap(guard, transport, server)
+    wrapped.head_guard = guard  # what GatewaySite.head_received asks on the request head
+    return wrapped
 
 
 class NotFound(Resource):
@@ -354,45 +383,123 @@ class _MethodNotAllowed:
             return _json(request, {"error": "method not allowed", "allowed": [m.decode() for m in allowed]}, 405)
 
 
+class _Reply(Resource):
+    """A refusal decided on the request head (its status and headers are already set)."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes):
+        super().__init__()
+        self._body = body
+
+    def render(self, request: Request) -> bytes:
+        return self._body
+
+
 class GatewayRequest(Request):
+    """A request read by mcpgw.channel.GatewayChannel: its body in memory, and what was decided
+    on its head (GatewaySite.head_received)."""
+
+    #: The body of an answer decided before the body was read (401, 403, 429, 413...).
+    head_reply: bytes | None = None
+    #: The Guard that decided on the head (None: the path has none).
+    head_guard: Any = None
+    #: Guard.check's verdict from the head: ADMIT, a refusal, or a pending Deferred (None: not asked).
+    guard_verdict: Any = None
+    #: (resource, prepath, postpath) found on the head, so the tree is walked once per request.
+    head_route: Any = None
+    #: maxBodyBytes (set by the channel with the head).
+    max_body = 16 * 1024 * 1024
+
+    def gotLength(self, length: int | None) -> None:
+        # In memory, whatever the length: the channel refuses more than maxBodyBytes.
+        self.content = io.BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.head_reply is not None:
+            return  # answered without its body; what still arrives is dropped
+        content = self.content
+        content.write(data)
+        if content.tell() > self.max_body:
+            self.channel.body_too_large(self)  # a chunked body (a declared length is checked on the head)
+
+    def refuse_too_large(self, length: int | None, limit: int) -> None:
+        """413 before (Content-Length) or the moment (chunked) the body passes ``maxBodyBytes``."""
+        size = f" of {length} bytes" if length is not None else ""
+        self.head_reply = error_reply(self, 413, jsonrpc.INVALID_REQUEST,
+                                      f"request body{size} exceeds the limit of {limit} bytes")
+
     def render(self, resrc: Any) -> None:
+        if self.head_reply is not None and self.head_guard is None:
+            resrc = _Reply(self.head_reply)
         super().render(_MethodNotAllowed(resrc))
+        if not self.finished:  # (a finished request has let go of its channel)
+            channel = self.channel
+            if channel is not None and channel.transport is None and hasattr(channel, "taken_over"):
+                channel.taken_over()  # a WebSocket upgrade took the connection over
 
 
 class GatewaySite(Site):
-    """A Site without the per-request costs a gateway does not need.
+    """A Site without the per-request costs a gateway does not need, and with the connection
+    limits of mcpgw.channel.
 
     No form parsing of POST bodies (36% of request time, PERFORMANCE_NOTES)
     and no access log line per request (21%).
     """
 
+    protocol = GatewayChannel  # type: ignore[assignment]
+
     def __init__(self, resource: Resource, **kw: Any):
         super().__init__(resource, parsePOSTFormSubmission=False, requestFactory=GatewayRequest, **kw)
+        #: What one connection may send (build_site sets it from maxBodyBytes and limits).
+        self.limits = ChannelLimits()
+        #: Connection caps and descriptor pressure (build_site sets them from limits).
+        self.connections = Connections(self.reactor)
 
     def log(self, request: Request) -> None:
         pass
 
-    #: limits.maxHeaderBytes: request line plus headers (twisted.web's 16 KiB by default).
-    max_header_bytes = 16384
+    def head_received(self, request: GatewayRequest, method: bytes, uri: bytes, version: bytes) -> Deferred[Any] | None:
+        """Route ``request`` on its head and let the path's Guard decide, before the body is read.
 
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        channel = getattr(protocol, "_channel", protocol)  # _GenericHTTPChannelProtocol wraps an HTTPChannel
-        channel.totalHeadersSize = self.max_header_bytes
-        return protocol
+        The resource found is kept for ``getResourceFor`` (the tree is walked once). Returns the
+        Guard's Deferred while its rate limiter has not answered, else None; a refusal is left in
+        ``request.head_reply``."""
+        request.method, request.uri, request.clientproto = method, uri, version
+        path = request.path = uri.split(b"?", 1)[0]
+        if path == b"*":
+            return None
+        request.prepath = []
+        request.postpath = [unquote_to_bytes(p) for p in path[1:].split(b"/")]
+        resource = Site.getResourceFor(self, request)
+        request.head_route = (resource, request.prepath, request.postpath)
+        guard = getattr(resource, "head_guard", None)
+        if guard is None:
+            return None
+        request.head_guard = guard
+        return guard.head(request)
 
-    #: Bodies up to this many bytes are read into memory; twisted.web's own cut-off
-    #: is 100,000 bytes, above which each body is written to a temporary file and read back.
-    max_body = 16 * 1024 * 1024
+    def getResourceFor(self, request: Any) -> Any:
+        route = getattr(request, "head_route", None)
+        if route is None:
+            return super().getResourceFor(request)
+        request.head_route = None
+        resource, request.prepath, request.postpath = route
+        request.site = self
+        request.sitepath = []
+        return resource
 
     def getContentFile(self, length: int | None) -> Any:
-        if length is not None and length <= self.max_body:
-            return io.BytesIO()
-        return tempfile.TemporaryFile()
+        """Bodies are kept in memory, never spooled to disk (maxBodyBytes bounds them)."""
+        return io.BytesIO()
 
 
 def build_site(ctx: GatewayContext) -> GatewaySite:
-    site = GatewaySite(Root(ctx))
-    site.max_body = ctx.config.maxBodyBytes
-    site.max_header_bytes = ctx.config.limits.maxHeaderBytes
+    site = GatewaySite(Root(ctx), reactor=ctx.reactor)
+    limits = ctx.config.limits
+    site.limits = ChannelLimits(
+        max_header_bytes=limits.maxHeaderBytes, max_body_bytes=ctx.config.maxBodyBytes,
+        header_timeout=limits.headerTimeout, body_timeout=limits.bodyTimeout, max_pipelined=limits.maxPipelined,
+    )
+    site.connections = Connections(ctx.reactor, limits.maxConnections, limits.maxConnectionsPerIp)
     return site

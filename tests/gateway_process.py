@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -27,7 +28,8 @@ def fixture_server(**extra: Any) -> dict[str, Any]:
 class Gateway:
     """A gateway process listening on a free loopback port; ``stop()`` ends it and checks it ended."""
 
-    def __init__(self, config: dict[str, Any], env: dict[str, str] | None = None):
+    def __init__(self, config: dict[str, Any], env: dict[str, str] | None = None, nofile: int | None = None):
+        """``nofile``: the gateway's RLIMIT_NOFILE (soft and hard), for descriptor-exhaustion tests."""
         config = {"host": "127.0.0.1", "port": 0, **config}
         self._dir = tempfile.TemporaryDirectory(prefix="mcpgw-test-")
         self.config_path = os.path.join(self._dir.name, "gateway.json")
@@ -39,11 +41,17 @@ class Gateway:
             [*TWISTD, "mcpgw", "--config", self.config_path, "--listen", "tcp:0:interface=127.0.0.1:backlog=1024",
              "--metrics-listen", "tcp:0:interface=127.0.0.1"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=self._dir.name,
+            preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
         )
         self.lines: list[str] = []
-        self.port = self._wait_for_port()
+        level = str(full_env.get("LOG_LEVEL") or config.get("logLevel") or "info").lower()
+        if level in QUIET_LEVELS:  # Twisted's "starting on" line is an info line: not written
+            threading.Thread(target=self._drain, daemon=True).start()
+            self.port = self._wait_for_listening_port()
+        else:
+            self.port = self._wait_for_port()
+            threading.Thread(target=self._drain, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._drain, daemon=True).start()
 
     def _wait_for_port(self) -> int:
         deadline = time.monotonic() + 30
@@ -57,6 +65,28 @@ class Gateway:
             if m:
                 return int(m.group(1))
         raise RuntimeError("gateway did not start listening:\n" + "".join(self.lines))
+
+    def _wait_for_listening_port(self) -> int:
+        """The port that answers /health among the gateway's listening sockets (/proc)."""
+        import httpx
+
+        found: list[int] = []
+
+        def listening() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError("gateway exited before listening:\n" + self.log())
+            for port in listening_ports(self.proc.pid):
+                try:
+                    if b'"status"' in httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).content:
+                        found.append(port)
+                        return True
+                except httpx.HTTPError:
+                    continue
+            return False
+
+        if not wait_until(listening, timeout=30, interval=0.1):
+            raise RuntimeError("gateway did not start listening:\n" + self.log())
+        return found[0]
 
     def _drain(self) -> None:
         assert self.proc.stdout is not None
@@ -99,6 +129,34 @@ class Gateway:
                 raise AssertionError("gateway did not exit within 15 s of SIGTERM")
         self._dir.cleanup()
         return self.proc.returncode
+
+
+#: Log levels at which a gateway does not write Twisted's "GatewaySite starting on N" line.
+QUIET_LEVELS = ("warn", "warning", "error", "critical")
+
+
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports process ``pid`` listens on (its socket inodes in /proc/PID/net/tcp{,6})."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                ports.append(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:

@@ -375,7 +375,9 @@ def test_unit_cursor_names_the_member():
 def test_unit_server_request_ids_are_remapped():
     """A member's sampling request gets an aggregate id; the client's answer returns with the original id."""
     agg, fakes, client = _aggregate()
-    _initialize(agg, fakes)
+    _send(agg, {"id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {"sampling": {}}}})
+    for fake in fakes.values():  # the client declared sampling: only then is a member's request relayed
+        fake.reply({"protocolVersion": "2025-06-18", "capabilities": {"tools": {}}})
     fakes["b"].say({"jsonrpc": "2.0", "id": 5, "method": "sampling/createMessage", "params": {}})
     asked = client.messages[-1]
     assert asked["method"] == "sampling/createMessage" and asked["id"] != 5

@@ -450,6 +450,7 @@ def gw(make_module_gateway):
         auth={"bearerTokens": [{"name": "alice", "token": ALICE}],
               "jwt": {"secret": "x" * 32, "issuer": ISSUER, "audience": AUDIENCE, "leeway": 5}},
         mcpServers={"fx": fixture_server(env={"FROM_CONFIG": "yes"}, inheritEnv=["PASS_ME"])},
+        cors={"origins": ["*"]},  # a loopback page's preflight (the default allows no other origin)
     ), env=SECRETS_ENV)
 
 
@@ -592,7 +593,8 @@ class TestChildEnvironment:
         """PATH, HOME, LC_*, the server's env and inheritEnv names; none of the gateway's own."""
         with wire.http_client(gw.url) as c:
             env = env_of_a_child(c, ALICE)
-        allowed = {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "FROM_CONFIG", "PASS_ME"}
+        # MCPGW_CHILD: the child's tag, by which its escaped helpers are found (mcpgw.procsec).
+        allowed = {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "FROM_CONFIG", "PASS_ME", "MCPGW_CHILD"}
         # A child's own interpreter may set a few of its own (Python: LC_CTYPE coercion).
         extra = {k for k in env if k not in allowed and not k.startswith("LC_")}
         assert extra <= {"PYTHONIOENCODING", "PWD", "SHLVL", "_"}, extra

@@ -44,3 +44,31 @@ def test_bench_smoke_runs_and_isolation_is_zero(tmp_path):
         assert r["errors"] == 0, r
     md = (tmp_path / "smoke.md").read_text()
     assert "| isolation: foreign or mismatched replies, all rows | 0 | 0 |" in md
+
+
+def _tracked_results() -> dict[str, int]:
+    """The files directly in bench/results (the tracked full runs): name -> mtime in ns."""
+    results = ROOT / "bench" / "results"
+    return {p.name: p.stat().st_mtime_ns for p in results.iterdir() if p.is_file()}
+
+
+def test_smoke_run_leaves_the_tracked_results_alone():
+    """Issue 20, item 10: ``python3 -m bench --smoke`` (no --out) writes under bench/results/smoke/,
+    which git ignores, never ``bench/results/<today>.*`` where a full run's results live."""
+    before = _tracked_results()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--only", "direct", "--no-idle", "--no-chart"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _tracked_results() == before
+    wrote = proc.stdout + proc.stderr
+    smoke = ROOT / "bench" / "results" / "smoke"
+    assert f"bench: wrote {smoke}/" in wrote, wrote[-2000:]
+    written = [line.split("bench: wrote ", 1)[1].split(" in ")[0] for line in wrote.splitlines() if "bench: wrote " in line]
+    md = Path(written[-1])
+    assert md.parent == smoke and md.exists() and md.with_suffix(".json").exists()
+    if (ROOT / ".git").exists():
+        for path in (md, md.with_suffix(".json")):
+            ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT)
+            assert ignored.returncode == 0, f"{path} is not ignored by git"

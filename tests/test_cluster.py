@@ -430,7 +430,8 @@ def test_redis_down_at_startup(make_gateway, redis):
     gw = make_gateway(cluster_config(redis), env={"REDIS_PASSWORD": redis.password})
     assert wait_until(lambda: "connection refused" in httpx.get(gw.url + "/ready").text, 10)
     r = httpx.get(gw.url + "/ready")
-    assert r.status_code == 503 and r.json()["problems"] == [f"redis: {redis.url}: connection refused"], r.text
+    # The address is in the log only (issue 15: no internal address in what clients see).
+    assert r.status_code == 503 and r.json()["problems"] == ["redis: connection refused"], r.text
     assert httpx.get(gw.url + "/health").status_code == 200
     r = httpx.post(mcp(gw), json=initialize_request(), headers={"accept": ACCEPT_BOTH})
     assert r.status_code == 503 and "Redis" in r.text and r.headers.get("retry-after"), r.text

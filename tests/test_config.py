@@ -56,8 +56,8 @@ class DefaultsTests(ConfigTestCase):
         self.config = self.parse(doc())
 
     def test_listen(self) -> None:
-        """Port 3000 on every interface by default."""
-        self.assertEqual((self.config.port, self.config.host), (3000, "0.0.0.0"))
+        """Port 3000 on loopback by default, metrics on the same interface."""
+        self.assertEqual((self.config.port, self.config.host, self.config.metrics.host), (3000, "127.0.0.1", "127.0.0.1"))
 
     def test_logLevel(self) -> None:
         """The log level defaults to info."""
@@ -66,7 +66,7 @@ class DefaultsTests(ConfigTestCase):
     def test_sections(self) -> None:
         """Each section has its documented defaults; Redis is off."""
         c = self.config
-        self.assertEqual((c.cors.enabled, c.cors.origins), (True, ("*",)))
+        self.assertEqual((c.cors.enabled, c.cors.origins), (True, ()))
         self.assertEqual((c.rateLimit.enabled, c.rateLimit.max, c.rateLimit.window), (False, 100, "15m"))
         self.assertEqual((c.session.secret, c.session.maxAge), (None, 3_600_000))
         self.assertEqual((c.sse.keepalive, c.sse.replayEvents, c.sse.retry), (15.0, 256, 1000))
@@ -262,7 +262,8 @@ class ServerTests(ConfigTestCase):
         """A command that does not exist names mcpServers.NAME.command and the command."""
         e = self.assertKey({"mcpServers": {"time": {"command": "mcp-server-tim"}}}, "mcpServers.time.command",
                            {"PATH": os.environ["PATH"]})
-        self.assertEqual(e.problem, "'mcp-server-tim' was not found or is not executable")
+        self.assertEqual(e.problem, f"'mcp-server-tim' was not found on PATH or in {os.path.dirname(sys.executable)} "
+                                    "(beside the running Python), or is not executable")
 
     def test_commandNotExecutable(self) -> None:
         """A path to a file that is not executable is refused."""
@@ -361,9 +362,8 @@ class EnvironmentTests(ConfigTestCase):
         self.assertEqual((config.redis.url, config.redis.password), ("redis://cache:6380/1", None))
 
     def test_redisPassword(self) -> None:
-        """REDIS_PASSWORD alone turns Redis on at the default URL with that password."""
-        config = self.parse(doc(), {"REDIS_PASSWORD": "hunter2"})
-        self.assertEqual((config.redis.url, config.redis.password), ("redis://127.0.0.1:6379/0", "hunter2"))
+        """REDIS_PASSWORD alone is an error naming it (tests/test_hostile_config.py has the rest)."""
+        self.assertKey(doc(), "REDIS_PASSWORD", {"REDIS_PASSWORD": "hunter2"})
 
     def test_redisOverridesFile(self) -> None:
         """REDIS_URL and REDIS_PASSWORD override the file's redis section."""

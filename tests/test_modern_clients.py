@@ -221,9 +221,17 @@ def test_sampling_becomes_input_required(client):
 
 def test_undeclared_capability_is_32021(client):
     """The child asks for sampling but the caller declared no sampling capability: 400/-32021 naming it."""
-    body, headers = modern(1, "tools/call", {"name": "test_sampling", "arguments": {"prompt": "hi"}})
+    body, headers = modern(1, "tools/call", {"name": "test_missing_capability", "arguments": {}})
     err = error_of(client.post("/mcp", headers=headers, json=body), 400, -32021)["error"]
     assert err["data"]["requiredCapabilities"] == {"sampling": {}}
+
+
+def test_capability_checking_child_sees_per_request_capabilities(client):
+    """A child that checks its client's capabilities sees the caller's own (the per-request _meta passed on),
+    not the gateway's: it does not ask, and says so in its result."""
+    body, headers = modern(1, "tools/call", {"name": "test_sampling", "arguments": {"prompt": "hi"}})
+    result = client.post("/mcp", headers=headers, json=body).json()["result"]
+    assert result["isError"] is True and result["content"][0]["text"] == "Client does not support sampling"
 
 
 @pytest.mark.parametrize("level, delivered", [(None, False), ("info", True), ("error", False)])
@@ -287,9 +295,9 @@ def test_handshake_sessions_share_the_pool(gw, client, version):
     assert set(gw.child_pids()) == children
 
 
-def test_preflight_allows_mcp_param_headers(client):
+def test_preflight_allows_mcp_param_headers(gw, client):
     """A browser's preflight for a 2026-07-28 call with Mcp-Param-* headers is allowed those headers."""
-    r = client.options("/mcp", headers={"origin": "http://127.0.0.1:9", "access-control-request-method": "POST",
+    r = client.options("/mcp", headers={"origin": gw.url, "access-control-request-method": "POST",
                                         "access-control-request-headers": "content-type, mcp-method, mcp-param-region"})
     assert r.status_code == 204
     assert "mcp-param-region" in r.headers["access-control-allow-headers"].lower()
@@ -332,13 +340,15 @@ def test_abandoned_input_required_does_not_block_another_client(one_child):
         final = b.post("/mcp", headers=headers, json=retry).json()
         assert final["id"] == "b-2" and final["result"]["content"][0]["text"] == "Hello, Bob!", final
     assert wait_until(lambda: "abandoned: no retry with its input within 1.5s" in one_child.log(), timeout=10)
-    # The late retry of the abandoned call finds nothing parked: it goes to the child as a fresh call.
+    # The late retry of the abandoned call: its requestState has expired with poolInputWait, -32602 (2026-07-28
+    # mrtr Server Requirements 5: a short expiry); the client starts the request again without requestState.
     with wire.http_client(one_child.url) as a:
         late, headers = modern("a-2", "tools/call", {
             "name": "test_input_required_result_elicitation", "arguments": {},
             "inputResponses": {"user_name": {"action": "accept", "content": {"name": "Al"}}},
             "requestState": abandoned["requestState"]}, meta=ELICIT)
-        assert a.post("/mcp", headers=headers, json=late).json()["result"]["resultType"] == "input_required"
+        error = error_of(a.post("/mcp", headers=headers, json=late), 400, -32602)["error"]
+        assert error["data"] == {"requestState": "expired"}, error
 
 
 def test_requests_at_once_come_in_one_input_required_result(one_child):
@@ -443,3 +453,49 @@ def test_legacy_sse_and_websocket_sessions_share_the_pool(gw):
 
     anyio.run(main)
     assert set(gw.child_pids()) == children
+
+
+# -- issue 22: a handshake-era client of a pooled server is asked only for what it declared -------------
+
+
+@pytest.mark.parametrize("tool, arguments, method, capability", [
+    ("test_sampling", {"prompt": "hi"}, "sampling/createMessage", "sampling"),
+    ("test_elicitation", {"message": "name?"}, "elicitation/create", "elicitation"),
+    ("list_roots", {}, "roots/list", "roots"),
+])
+def test_pooled_handshake_client_never_asked_for_undeclared_capability(gw, client, tool, arguments, method, capability):
+    """2025-11-25 basic/lifecycle Capability Negotiation: a client that declared ``capabilities: {}`` never
+    receives a sampling / elicitation / roots request through a pooled server (whose children saw the gateway's
+    capabilities): the gateway answers the child as the client's SDK would, and the tool reports it."""
+    r = client.post("/mcp", headers=wire.POST_HEADERS, json=wire.initialize(capabilities={}))
+    sid = r.headers["mcp-session-id"]
+    headers = {**wire.POST_HEADERS, "mcp-session-id": sid, "mcp-protocol-version": r.json()["result"]["protocolVersion"]}
+    client.post("/mcp", headers=headers, json=wire.notification("notifications/initialized"))
+    with client.stream("POST", "/mcp", headers=headers, json=wire.tool_call(1, tool, arguments)) as stream:
+        events = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:") and line[5:].strip()] \
+            if stream.headers["content-type"].startswith("text/event-stream") else [json.loads(stream.read())]
+    assert not [e for e in events if e.get("method") == method], events
+    final = events[-1]
+    assert final["id"] == 1 and final["result"]["isError"] is True, final
+    assert f"{capability} capability" in final["result"]["content"][0]["text"], final
+    client.delete("/mcp", headers=headers)
+
+
+def test_pooled_handshake_client_that_declared_sampling_is_asked(gw, client):
+    """The same call from a client that declared sampling: the child's request reaches it on the call's stream."""
+    r = client.post("/mcp", headers=wire.POST_HEADERS, json=wire.initialize(capabilities={"sampling": {}}))
+    headers = {**wire.POST_HEADERS, "mcp-session-id": r.headers["mcp-session-id"],
+               "mcp-protocol-version": r.json()["result"]["protocolVersion"]}
+    client.post("/mcp", headers=headers, json=wire.notification("notifications/initialized"))
+    with client.stream("POST", "/mcp", headers=headers, json=wire.tool_call(1, "test_sampling", {"prompt": "hi"})) as stream:
+        lines = stream.iter_lines()
+        for line in lines:
+            if line.startswith("data:") and line[5:].strip():
+                asked = json.loads(line[5:])
+                break
+        assert asked["method"] == "sampling/createMessage"
+        answer = {"role": "assistant", "content": {"type": "text", "text": "pong"}, "model": "m"}
+        client.post("/mcp", headers=headers, json={"jsonrpc": "2.0", "id": asked["id"], "result": answer})
+        final = next(json.loads(line[5:]) for line in lines if line.startswith("data:") and line[5:].strip())
+    assert final["result"]["content"][0]["text"] == "LLM response: pong", final
+    client.delete("/mcp", headers=headers)

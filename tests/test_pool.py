@@ -10,7 +10,7 @@ from twisted.trial import unittest
 
 from mcpgw import jsonrpc
 from mcpgw.config import ConfigError, ServerConfig, parse
-from mcpgw.pool import BACKOFF_FIRST, ChildPool, PoolFull, PoolManager
+from mcpgw.pool import BACKOFF_FIRST, ChildPool, PoolFull, PoolManager, StateRejected
 from tests.fake_process import FakeProcessReactor
 
 
@@ -43,6 +43,23 @@ def written(transport: Any) -> list[dict[str, Any]]:
 
 def reply(transport: Any, msg: dict[str, Any]) -> None:
     transport.proto.outReceived(json.dumps(msg).encode() + b"\n")
+
+
+def retry(pool: ChildPool, state: str, id: Any, responses: Any, route: Any, owner: str | None = None,
+          method: str = "tools/call", name: Any = None) -> Any:
+    """A client's retry with requestState: the parked call it claims, resumed on ``route``."""
+    msg = {"jsonrpc": "2.0", "id": id, "method": method, "params": {} if name is None else {"name": name}}
+    return pool.resume(pool.claim(state, msg, owner), msg, responses, route)
+
+
+def rejected(pool: ChildPool, state: Any, owner: str | None = None, method: str = "tools/call", name: Any = None) -> str:
+    """Why the pool refuses a retry with this requestState (StateRejected.kind)."""
+    msg = {"jsonrpc": "2.0", "id": 9, "method": method, "params": {} if name is None else {"name": name}}
+    try:
+        pool.claim(state, msg, owner)
+    except StateRejected as e:
+        return e.kind
+    raise AssertionError("the requestState was honoured")
 
 
 def init_result(version: str = "2025-11-25") -> dict[str, Any]:
@@ -331,13 +348,13 @@ class InputBridgeTests(PoolTestCase):
         child = reactor.spawned[0]
         reply(child, {"jsonrpc": "2.0", "id": 77, "method": "sampling/createMessage", "params": {}})
         self.assertEqual(len(keys), 1)
-        resumed = pool.resume(keys[0], {"id": 2}, {"sampling": {"role": "assistant"}}, second)
+        resumed = retry(pool, keys[0], 2, {"sampling": {"role": "assistant"}}, second)
         self.assertIs(resumed, pending)
         self.assertEqual(written(child)[-1], {"jsonrpc": "2.0", "id": 77, "result": {"role": "assistant"}})
         reply(child, {"jsonrpc": "2.0", "id": pending.gid, "result": {"done": True}})
         self.assertEqual(first.answers, [])
         self.assertEqual(second.answers, [(2, {"jsonrpc": "2.0", "id": 2, "result": {"done": True}})])
-        self.assertIsNone(pool.resume(keys[0], {"id": 3}, {}, Route()))
+        self.assertEqual(rejected(pool, keys[0]), "replayed")
 
     def test_abandoned_parked_call_is_cancelled(self) -> None:
         """No retry within INPUT_WAIT (the default poolInputWait): the child's request gets an error and the
@@ -385,7 +402,7 @@ class InputBridgeTests(PoolTestCase):
         self.assertIs(p, pending)
         self.assertEqual(inputs, {"user_name": {"method": "elicitation/create", "params": {"message": "name?"}},
                                   "roots": {"method": "roots/list"}, "roots_2": {"method": "roots/list", "params": {}}})
-        self.assertIs(pool.resume(state, {"id": 2}, {"user_name": {"action": "accept"}, "roots": {"roots": []}}, Route()), pending)
+        self.assertIs(retry(pool, state, 2, {"user_name": {"action": "accept"}, "roots": {"roots": []}}, Route()), pending)
         answers = {m["id"]: m for m in written(child)[-3:]}
         self.assertEqual(answers[7]["result"], {"action": "accept"})
         self.assertEqual(answers[8]["result"], {"roots": []})
@@ -428,7 +445,7 @@ class InputBridgeTests(PoolTestCase):
         self.assertEqual(sent[-1]["method"], "notifications/cancelled")
         self.assertEqual(sent[-1]["params"]["requestId"], pending.gid)
         self.assertEqual((pool.parked(), pool.in_flight()), (0, 0))
-        self.assertIsNone(pool.resume(flushed[0][2], {"id": 2}, {}, Route()))
+        self.assertEqual(rejected(pool, flushed[0][2]), "expired")
 
     def test_call_gone_while_gathering_answers_the_child(self) -> None:
         """The caller goes away before the InputRequiredResult: the child's request is answered with an error."""
@@ -444,6 +461,125 @@ class InputBridgeTests(PoolTestCase):
         sent = written(child)
         self.assertEqual(sent[-2]["id"], 7)
         self.assertEqual(sent[-1]["method"], "notifications/cancelled")
+
+
+class RequestStateTests(PoolTestCase):
+    """requestState is the gateway's own token (2026-07-28 basic/utilities/mrtr, Server Requirements (Basic
+    Workflow) 4-5): MAC-protected, bound to the identity that received it, the request it answers and an
+    expiry, good for one retry; anything else is StateRejected (-32602 for the client) and no child sees it."""
+
+    def parked(self, owner: str | None = "token:alice", name: str = "ask", **kw: Any) -> tuple[ChildPool, Any, Any, str]:
+        pool, reactor = self.make(poolSize=1, **kw)
+        self.ready_all(pool, reactor)
+        issued: list[str] = []
+        pending = pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name}}, Route(),
+                               on_input=lambda p, r: bool(issued.append(pool.park(p, r)) or True), owner=owner)
+        reply(reactor.spawned[0], {"jsonrpc": "2.0", "id": 5, "method": "elicitation/create", "params": {}})
+        return pool, reactor, pending, issued[0]
+
+    def assert_child_saw_nothing(self, reactor: Any, before: int) -> None:
+        self.assertEqual(len(written(reactor.spawned[0])), before)
+
+    def test_tampered_state_rejected(self) -> None:
+        """Any change to the token, or a string the gateway never issued: "tampered"; the call stays parked."""
+        pool, reactor, pending, state = self.parked()
+        before = len(written(reactor.spawned[0]))
+        nonce, expiry, tag = state.split(".")
+        for forged in (state + "-TAMPERED", f"{nonce}.{int(expiry) + 1000}.{tag}", f"{nonce}.{expiry}.{'A' * 43}",
+                       "x" * 22 + f".{expiry}.{tag}", "", "not-a-state", 12345, None, {"state": state}):
+            self.assertEqual(rejected(pool, forged, "token:alice", name="ask"), "tampered", forged)
+        self.assert_child_saw_nothing(reactor, before)
+        self.assertEqual(pool.parked(), 1)
+        self.assertIs(retry(pool, state, 2, {"elicitation": {"action": "decline"}}, Route(), "token:alice", name="ask"), pending)
+
+    def test_foreign_state_rejected_and_the_owner_still_resumes(self) -> None:
+        """Issue 15 finding 9: bob presents alice's requestState: "foreign"; alice's retry then works."""
+        pool, reactor, pending, state = self.parked(owner="token:alice")
+        before = len(written(reactor.spawned[0]))
+        self.assertEqual(rejected(pool, state, "token:bob", name="ask"), "foreign")
+        self.assertEqual(rejected(pool, state, None, name="ask"), "foreign")  # anonymous is another identity too
+        self.assert_child_saw_nothing(reactor, before)
+        alice = Route()
+        self.assertIs(retry(pool, state, 2, {"elicitation": {"action": "accept"}}, alice, "token:alice", name="ask"), pending)
+        reply(reactor.spawned[0], {"jsonrpc": "2.0", "id": pending.gid, "result": {"ok": 1}})
+        self.assertEqual(alice.answers, [(2, {"jsonrpc": "2.0", "id": 2, "result": {"ok": 1}})])
+
+    def test_state_for_another_request_rejected(self) -> None:
+        """The token names the originating request (method and name): presented on another one, "mismatch"."""
+        pool, reactor, _, state = self.parked()
+        self.assertEqual(rejected(pool, state, "token:alice", name="other_tool"), "mismatch")
+        self.assertEqual(rejected(pool, state, "token:alice", method="prompts/get", name="ask"), "mismatch")
+
+    def test_replayed_state_rejected(self) -> None:
+        """A token is good for one retry: the second use is "replayed" and reaches no child."""
+        pool, reactor, _, state = self.parked()
+        retry(pool, state, 2, {"elicitation": {"action": "accept"}}, Route(), "token:alice", name="ask")
+        before = len(written(reactor.spawned[0]))
+        self.assertEqual(rejected(pool, state, "token:alice", name="ask"), "replayed")
+        self.assertEqual(rejected(pool, state, "token:bob", name="ask"), "foreign")
+        self.assert_child_saw_nothing(reactor, before)
+
+    def test_expired_state_rejected_after_input_wait(self) -> None:
+        """poolInputWait over: the call was abandoned in the child; a retry is "expired", not a fresh call."""
+        pool, reactor, _, state = self.parked(poolInputWait=5.0)
+        reactor.advance(4.9)
+        self.assertEqual(pool.parked(), 1)
+        reactor.advance(0.1)
+        self.assertEqual(pool.parked(), 0)
+        before = len(written(reactor.spawned[0]))
+        self.assertEqual(rejected(pool, state, "token:alice", name="ask"), "expired")
+        self.assert_child_saw_nothing(reactor, before)
+
+    def test_state_of_a_call_that_ended_is_unknown(self) -> None:
+        """A genuine, unexpired token whose call is gone (its child exited): "unknown"."""
+        pool, reactor, _, state = self.parked()
+        reactor.spawned[0].exit(1)
+        self.assertEqual(pool.parked(), 0)
+        self.assertEqual(rejected(pool, state, "token:alice", name="ask"), "unknown")
+
+    def test_state_of_another_server_or_secret_is_tampered(self) -> None:
+        """The MAC covers the server and uses a key derived from session.secret: another pool's token is forged here."""
+        pool, reactor, _, state = self.parked()
+        other = ChildPool(server(name="q", poolSize=1), FakeProcessReactor(), secret="another secret")
+        self.assertEqual(rejected(other, state, "token:alice", name="ask"), "tampered")
+
+    def test_spent_tokens_forgotten_once_expired(self) -> None:
+        """Used tokens are remembered (to tell a replay from a forgery) only until their expiry."""
+        pool, reactor, first, state = self.parked(poolInputWait=2.0)
+        retry(pool, state, 2, {}, Route(), "token:alice", name="ask")
+        reply(reactor.spawned[0], {"jsonrpc": "2.0", "id": first.gid, "result": {}})
+        self.assertEqual(len(pool._spent), 1)
+        reactor.advance(3)
+        issued: list[str] = []
+        pending = pool.request({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "ask"}}, Route(),
+                               on_input=lambda p, r: bool(issued.append(pool.park(p, r)) or True), owner="token:alice")
+        reply(reactor.spawned[0], {"jsonrpc": "2.0", "id": 6, "method": "roots/list"})
+        retry(pool, issued[0], 4, {}, Route(), "token:alice", name="ask")
+        self.assertEqual(list(pool._spent), [issued[0].split(".")[0]])
+        self.assertIsNotNone(pending)
+
+    def test_offered_input_answers_the_child_at_once(self) -> None:
+        """inputResponses sent with the call itself (no requestState, SEP-2322 Error Handling): a child request
+        of that key is answered from them; one of another key is left to the caller's hook."""
+        pool, reactor = self.make(poolSize=1)
+        self.ready_all(pool, reactor)
+        hooked: list[str] = []
+
+        def on_input(p: Any, r: dict[str, Any]) -> bool:
+            if pool.answer_offered(p, r):
+                return True
+            hooked.append(r["method"])
+            return True
+
+        pending = pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, Route(), on_input=on_input)
+        pending.offered = {"user_name": {"action": "accept", "content": {"name": "A"}}, "extra": {"x": 1}}
+        child = reactor.spawned[0]
+        reply(child, {"jsonrpc": "2.0", "id": 7, "method": "elicitation/create",
+                      "params": {"_meta": {"mcpgw/inputKey": "user_name"}}})
+        self.assertEqual(written(child)[-1], {"jsonrpc": "2.0", "id": 7, "result": {"action": "accept", "content": {"name": "A"}}})
+        reply(child, {"jsonrpc": "2.0", "id": 8, "method": "elicitation/create",
+                      "params": {"_meta": {"mcpgw/inputKey": "user_name"}}})
+        self.assertEqual(hooked, ["elicitation/create"])  # each offered answer is used once
 
 
 class ToolHeaderTests(PoolTestCase):
@@ -483,3 +619,56 @@ class ToolHeaderTests(PoolTestCase):
         self.assertIs(self.successResultOf(pool.headers_of_tools()), pool.tool_headers)
         reply(child, {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
         self.assertIsNone(pool.tool_headers)
+
+
+class BridgeCapabilityTests(unittest.TestCase):
+    """Every bridge refuses a server's request for a client capability the client did not declare (2025-11-25
+    basic/lifecycle Capability Negotiation) with what an SDK client without it answers, never forwarding it:
+    aggregate members and remote upstreams (the pooled bridges: RequestStateTests, tests/test_request_state.py,
+    tests/test_modern_clients.py)."""
+
+    def test_undeclared_and_refusal(self) -> None:
+        from mcpgw.pool import capability_refusal, undeclared
+
+        self.assertEqual(undeclared("sampling/createMessage", {}), "sampling")
+        self.assertEqual(undeclared("elicitation/create", {"sampling": {}}), "elicitation")
+        self.assertEqual(undeclared("roots/list", None), "roots")
+        self.assertIsNone(undeclared("roots/list", {"roots": {"listChanged": True}}))
+        self.assertIsNone(undeclared("ping", {}))
+        refusal = json.loads(capability_refusal(7, "sampling"))
+        self.assertEqual(refusal["error"]["code"], jsonrpc.INVALID_REQUEST)
+        self.assertEqual(refusal["error"]["message"], "Sampling not supported: the client did not declare the sampling capability")
+
+    def test_aggregate_member_asking_for_undeclared_capability(self) -> None:
+        """A member's elicitation/create in a session whose client declared only sampling: answered to the member,
+        never delivered to the client; its sampling request is delivered."""
+        from tests.test_aggregate import _aggregate, _send
+
+        agg, fakes, client = _aggregate()
+        _send(agg, {"id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {"sampling": {}}}})
+        for fake in fakes.values():
+            fake.reply({"protocolVersion": "2025-06-18", "capabilities": {"tools": {}}})
+        seen = len(client.messages)
+        fakes["a"].say({"jsonrpc": "2.0", "id": 5, "method": "elicitation/create", "params": {}})
+        self.assertEqual(len(client.messages), seen)
+        self.assertEqual((fakes["a"].sent[-1]["id"], fakes["a"].sent[-1]["error"]["code"]), (5, jsonrpc.INVALID_REQUEST))
+        fakes["a"].say({"jsonrpc": "2.0", "id": 6, "method": "sampling/createMessage", "params": {}})
+        self.assertEqual(client.messages[-1]["method"], "sampling/createMessage")
+
+    def test_remote_asking_for_undeclared_capability(self) -> None:
+        """A remote server's roots/list (on its GET stream) to a client that declared nothing: the gateway POSTs
+        the refusal upstream, the client never sees the request."""
+        from tests.test_remote_upstream import INITIALIZED, _msg, _wire
+
+        upstream, fake, stub, delegate = _wire()
+        fake.stream = b'id: s1\ndata: {"jsonrpc":"2.0","id":"srv-1","method":"roots/list"}\n\n'
+        upstream.send(_msg(1, "initialize"))
+        stub.flush()
+        upstream.send(INITIALIZED)
+        stub.flush()
+        self.assertEqual([m.get("method") for m in delegate.messages[1:]], [])
+        posted = [body for method, _, body in fake.seen if method == b"POST"]
+        self.assertEqual(posted[-1]["id"], "srv-1")
+        self.assertEqual(posted[-1]["error"]["code"], jsonrpc.INVALID_REQUEST)
+        upstream.stop()
+        stub.flush()

@@ -298,7 +298,8 @@ def test_get_stream_relays_server_messages_and_reconnects():
     upstream, fake, stub, delegate = _wire()
     fake.stream = (b'id: s1\ndata: {"jsonrpc":"2.0","method":"notifications/tools/list_changed"}\n\n'
                    b': keepalive\n\nid: s2\ndata: {"jsonrpc":"2.0","id":"srv-1","method":"roots/list"}\n\n')
-    upstream.send(_msg(1, "initialize"))
+    # The client declares roots: a remote's roots/list reaches only a client that did (mcpgw.pool.undeclared).
+    upstream.send(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"capabilities":{"roots":{}}}}')
     stub.flush()
     upstream.send(INITIALIZED)
     stub.flush()

@@ -144,10 +144,12 @@ class ChildOutputTests(UpstreamTestCase):
         self.assertEqual(self.delegate.messages[1][1]["result"], {"text": "a" * (1 << 20)})
 
     def test_largeMalformedLineDropped(self) -> None:
-        """A large line whose structure is broken is dropped like any non-JSON line."""
+        """A large line whose structure is broken is not relayed; the request it answers (its id is
+        in the line's head) gets a JSON-RPC error instead (tests/test_hostile_child_reply.py)."""
         self.delegate.routes_on_view = True
         self.upstream.outReceived(b'{"jsonrpc":"2.0","id":9,"result":"' + b"a" * 100_000 + b"\n")
-        self.assertEqual(self.delegate.messages, [])
+        [(_, msg)] = self.delegate.messages
+        self.assertEqual((msg["id"], msg["error"]["code"]), (9, -32603))
         self.assertEqual(len(self.logs.formats("not JSON")), 1)
 
     def test_overlongLine(self) -> None:

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def gw(make_module_gateway):
-    config = wire.config()
+    config = wire.config(cors={"origins": ["*"]})  # `*` on a loopback bind: loopback origins (default: none)
     config["mcpServers"]["other"] = fixture_server()  # a second server, for cross-server ids
     return make_module_gateway(config)
 

@@ -385,8 +385,8 @@ def test_only_other_subprotocols_is_refused(make_gateway):
     ("http://127.0.0.1", True),
 ])
 def test_origin_checked_like_http_transports(make_gateway, origin, allowed):
-    """The upgrade request passes the same Guard as /mcp: on a loopback bind only loopback origins."""
-    gw = start(make_gateway)
+    """The upgrade request passes the same Guard as /mcp: on a loopback bind `*` means loopback origins only."""
+    gw = start(make_gateway, cors={"origins": ["*"]})
 
     async def client():
         try:

@@ -9,6 +9,7 @@ const PROTOCOL_VERSION = "2025-06-18";
 const POLL_MS = 3000;
 const $ = (id) => document.getElementById(id);
 
+const NOT_CONNECTED = "Not connected: pick a server and press Connect.";
 let token = sessionStorage.getItem("mcpgw-admin-token") || "";
 let timer = null;
 let servers = [];
@@ -69,11 +70,16 @@ async function signIn(event) {
 
 // -- polling ------------------------------------------------------------------------------------
 
+let refreshes = 0;
+
 async function refresh() {
+  // Only the latest refresh renders: a poll answered late must not hide a session opened since.
+  const mine = ++refreshes;
   try {
     const [overview, list, sessions, stats] = await Promise.all([
       admin(""), admin("servers"), admin("sessions"), admin("stats"),
     ]);
+    if (mine !== refreshes) return;
     renderOverview(overview);
     renderServers(list.servers);
     renderSessions(sessions);
@@ -114,6 +120,13 @@ function renderServers(list) {
   fillSelect($("stderr-server"), list.map((s) => s.name));
   fillSelect($("tryit-server"), list.map((s) => s.name));
   renderStderr();
+  showTryitUrl();
+}
+
+// The endpoint "try it" talks to: the connected server's, else the one selected (never empty).
+function showTryitUrl() {
+  const name = tryit.session ? tryit.server : $("tryit-server").value;
+  $("tryit-url").textContent = name ? BASE + "servers/" + encodeURIComponent(name) + "/mcp" : BASE + "mcp";
 }
 
 function fillSelect(select, names) {
@@ -260,6 +273,8 @@ async function connect() {
   } catch (e) {
     $("result").textContent = "Error: " + e.message;
   }
+  // The session just opened (or refused) shows in the Sessions panel now, not at the next poll.
+  await refresh();
 }
 
 async function disconnect() {
@@ -274,9 +289,10 @@ async function disconnect() {
   $("tool").replaceChildren();
   $("tool-form").replaceChildren();
   $("tool-description").textContent = "";
-  $("tryit-session").textContent = "";
+  $("tryit-session").textContent = NOT_CONNECTED;
   $("disconnect").disabled = true;
   $("call").disabled = true;
+  showTryitUrl();
 }
 
 // A form from the tool's inputSchema: one field per property.
@@ -352,7 +368,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("login").addEventListener("submit", signIn);
   $("stderr-server").addEventListener("change", renderStderr);
   $("connect").addEventListener("click", connect);
-  $("disconnect").addEventListener("click", disconnect);
+  $("tryit-server").addEventListener("change", showTryitUrl);
+  $("disconnect").addEventListener("click", () => disconnect().then(refresh));
   $("tool").addEventListener("change", renderForm);
   $("call").addEventListener("click", callTool);
   $("chart-window").addEventListener("change", () => lastStats && renderStats(lastStats));

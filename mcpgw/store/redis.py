@@ -352,13 +352,14 @@ class RedisConnection(Service):
     # -- state ---------------------------------------------------------------
 
     def problem(self) -> str | None:
-        """Why Redis cannot be used now (for ``/ready``), or None."""
+        """Why Redis cannot be used now (for ``/ready``), or None. Without the address: this text
+        reaches clients (``/ready``, errors); the links' log lines name the address."""
         links = [link for link in (self.commands, self.pubsub) if link.problem]
         if not links:
             return None
         if len({link.problem for link in links}) == 1:
-            return f"{self.address.describe()}: {links[0].problem}"
-        return f"{self.address.describe()}: " + "; ".join(f"{link.name} connection: {link.problem}" for link in links)
+            return links[0].problem
+        return "; ".join(f"{link.name} connection: {link.problem}" for link in links)
 
     def on_change(self, listener: Callable[[bool], None]) -> None:
         """``listener(available)`` whenever both connections come up, or one goes down."""

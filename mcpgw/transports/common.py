@@ -37,6 +37,8 @@ class GatewayContext:
     cluster: Any = None
     #: mcpgw.pool.PoolManager (None: no server is "sessions": "pooled", or a context built in a test).
     pools: Any = None
+    #: mcpgw.origin.HostPolicy of the listening site (None: the Guards derive it from ``config.host``).
+    hosts: Any = None
 
 
 @attrs.frozen
@@ -73,6 +75,27 @@ def error_reply(request: Request, status: int, code: int, message: str, id: Any 
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+#: A new session refused while an operator drains this instance (POST /admin/drain; DELETE undoes it):
+#: not a shutdown, so its own reason phrase and message. (HTTP reason phrase, ``error.data.reason``, message.)
+DRAINING = ("Draining", "draining", "Service Unavailable: draining: this gateway instance takes no new sessions "
+                                    "for now (open sessions go on); retry later or use another instance")
+SHUTTING_DOWN = ("Service Unavailable", "shutting down", "gateway is shutting down")
+
+
+def not_accepting(sessions: Any) -> tuple[str, str, str]:
+    """Why ``sessions`` takes no new session: DRAINING or SHUTTING_DOWN."""
+    return DRAINING if getattr(sessions, "draining", False) else SHUTTING_DOWN
+
+
+def refuse_new_session(request: Request, sessions: Any, id: Any = None) -> bytes:
+    """503 (``Retry-After: 5``) for a new session while ``sessions.accepting`` is false."""
+    phrase, reason, message = not_accepting(sessions)
+    request.setHeader(b"retry-after", b"5")
+    body = error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, message, id, data={"reason": reason})
+    request.setResponseCode(503, phrase.encode("ascii"))
     return body
 
 

@@ -15,11 +15,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpgw import logs
 from mcpgw import jsonrpc
-from mcpgw.auth import identity_of
+from mcpgw.auth import identity_of, principal_of
 from mcpgw.config import ServerConfig
 from mcpgw.session import Session, SessionRefused
 from mcpgw.transports.common import (
-    Deferring, GatewayContext, HttpError, error_reply, http_error_reply, parse_messages, read_body, relay,
+    Deferring, GatewayContext, HttpError, error_reply, http_error_reply, parse_messages, read_body, refuse_new_session, relay,
 )
 from mcpgw.transports.sse import SseResponse, frame
 
@@ -67,12 +67,12 @@ class SseEndpoint(Resource):
 
     def render_GET(self, request: Request) -> Any:
         if not self._ctx.sessions.accepting:
-            request.setHeader(b"retry-after", b"5")
-            return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, "gateway is shutting down")
+            return refuse_new_session(request, self._ctx.sessions)
         try:
             # The child is started by the session's first POSTed message: an idle stream holds
             # one descriptor (its socket), not four (the child's pipes too).
-            session = self._ctx.sessions.create(self._server, "sse", identity_of(request), lazy=True)
+            session = self._ctx.sessions.create(self._server, "sse", identity_of(request), lazy=True,
+                                                principal=principal_of(request))
         except SessionRefused as e:
             request.setHeader(b"retry-after", b"%d" % e.retry_after)
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}")

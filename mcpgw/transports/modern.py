@@ -23,12 +23,23 @@ unchanged.
   line of the call) comes first or the call outlives a keepalive tick; closing that
   stream cancels the call (``notifications/cancelled`` to the child);
 - ``server/discover`` is answered from the pool's cached ``initialize`` result;
+- the request goes to the child as the client sent it, ``_meta`` included (the
+  per-request ``clientCapabilities``, ``protocolVersion``, ``logLevel``: a server
+  that reads them asks only for what this client can do); only the id and
+  progress token are the gateway's;
 - a child's sampling / elicitation / roots request during ``tools/call``,
   ``prompts/get`` or ``resources/read`` becomes an ``InputRequiredResult`` (the
   requests the call makes back to back together, each under its own key: the
   child's ``_meta["mcpgw/inputKey"]``, else ``elicitation`` / ``sampling`` /
   ``roots``); the client's retry with ``inputResponses`` and the ``requestState``
-  resumes the parked call (mcpgw.pool: ask, resume);
+  resumes the parked call (mcpgw.pool: ask, claim, resume). The requestState is
+  the gateway's MAC-protected token, bound to the identity that received it; a
+  retry whose token is tampered, another identity's, expired, used or names a
+  call that no longer exists gets -32602 and reaches no child. ``inputResponses``
+  sent without ``requestState`` answer the child's requests of the same keys
+  (SEP-2322 Error Handling); a request for a capability the client did not
+  declare gets -32021, and the child an error and ``notifications/cancelled``;
+- a child's -32002 (resource not found) reaches the client as -32602 (SEP-2164);
 - ``subscriptions/listen`` opens a notification stream: list-changed notifications
   from the children, and ``resources/updated`` for the URIs it names (the gateway
   sends ``resources/subscribe`` to every child for them);
@@ -50,9 +61,10 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpgw import jsonrpc, logs
+from mcpgw.auth import identity_of
 from mcpgw.config import ServerConfig
-from mcpgw.metrics import NULL_BOUND, BoundMetrics
-from mcpgw.pool import ChildPool, Pending, PoolFull, params_of
+from mcpgw.metrics import NULL_BOUND, BoundMetrics, mark_fallback
+from mcpgw.pool import CAPABILITY_OF, ChildPool, Pending, PoolFull, StateRejected, capability_refusal, params_of
 from mcpgw.transports.common import (
     SUPPORTED_VERSIONS,
     GatewayContext,
@@ -72,9 +84,10 @@ META_SUBSCRIPTION = "io.modelcontextprotocol/subscriptionId"
 META_LOG_LEVEL = "io.modelcontextprotocol/logLevel"
 MISSING_CAPABILITY = -32021
 #: A child's request to its client -> the client capability a 2026-07-28 caller must have declared.
-NEEDS_CAPABILITY = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation", "roots/list": "roots"}
+NEEDS_CAPABILITY = CAPABILITY_OF
+#: -32002 (resource not found) of handshake-era servers: 2026-07-28 clients get -32602 (SEP-2164).
+RESOURCE_NOT_FOUND = -32002
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
-ENVELOPE = (META_VERSION, META_CAPABILITIES, META_CLIENT_INFO)
 #: Methods whose ``Mcp-Name`` header mirrors a body parameter.
 NAME_BEARING = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 #: Handshake-era methods that 2026-07-28 removed: 404/-32601 at once.
@@ -184,6 +197,11 @@ class ModernExchange:
         self._ctx.heartbeat.discard(self)
         method = self.pending.method if self.pending is not None else None
         raw, msg = stamp(raw, (self.pool.init_result or {}).get("serverInfo"), method)
+        error = msg.get("error")
+        if isinstance(error, dict) and error.get("code") == RESOURCE_NOT_FOUND:
+            # SEP-2164 (2026-07-28 server/resources Error Handling): resource not found is -32602.
+            msg["error"] = {**error, "code": jsonrpc.INVALID_PARAMS}
+            raw = jsonrpc.dumps(msg)
         self.metrics.sent(len(raw))
         if self.sse is not None:
             self.sse.write(frame(raw))
@@ -259,9 +277,14 @@ class ModernExchange:
             return False
         needed = NEEDS_CAPABILITY[server_request["method"]]
         if needed not in self.capabilities:
-            # The caller did not declare what the child asks for: -32021 to the caller, a refusal to the child.
+            # 2026-07-28 mrtr Server Requirements 7: never ask for an undeclared capability. The caller gets
+            # -32021, the call is cancelled in the child, then the child's request gets its SDK-style refusal.
             self._missing_capability(pending.id, needed)
-            return False
+            if pending.child is not None and not pending.child.dead:
+                pending.child.upstream.send(capability_refusal(server_request["id"], needed))
+            return True
+        if self.pool.answer_offered(pending, server_request):
+            return True  # the client sent this answer with the call itself (inputResponses, no requestState)
         # The call's further requests within INPUT_GATHER join this one; then the InputRequiredResult goes out.
         self.pool.ask(pending, server_request, lambda inputs, state: self._input_required(pending, inputs, state))
         return True
@@ -356,27 +379,45 @@ class ModernEndpoint:
     def _call(self, request: Request, pool: ChildPool, msg: dict[str, Any]) -> Any:
         """Any other request: to a child (or, a retry with requestState, to the call parked for it)."""
         id = msg["id"]
-        exchange = ModernExchange(self._ctx, pool, request, _meta(msg), self.metrics)
         params = msg.get("params") or {}
-        state = params.get("requestState") if isinstance(params, dict) else None
-        if isinstance(state, str) and "inputResponses" in params:
-            exchange.pending = pool.resume(state, msg, params["inputResponses"], exchange)
-            if exchange.pending is not None:
-                self.metrics.modern_outcome("resumed")
-                exchange.pending.on_input = exchange.on_input  # a further round asks through this exchange
-                return NOT_DONE_YET
-            self.metrics.modern_outcome("state_unknown")
+        responses = params.get("inputResponses")
+        if "inputResponses" in params and not _input_responses(responses):
+            # 2026-07-28 mrtr Error Handling: a malformed InputResponses is a protocol error.
+            raise HttpError(400, jsonrpc.INVALID_PARAMS, "Invalid params: inputResponses must be an object whose "
+                                                         "values are result objects", id)
+        if "requestState" in params:
+            return self._retry(request, pool, msg, params["requestState"], responses or {})
+        exchange = ModernExchange(self._ctx, pool, request, _meta(msg), self.metrics)
         try:
-            exchange.pending = pool.request(self._forwarded(msg), exchange, on_input=exchange.on_input)
+            exchange.pending = pool.request(self._forwarded(msg), exchange, on_input=exchange.on_input,
+                                            owner=identity_of(request))
         except PoolFull as e:
             exchange.done = True
             self._ctx.heartbeat.discard(exchange)
             request.setHeader(b"retry-after", b"%d" % e.retry_after)
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}", id)
+        if responses:
+            exchange.pending.offered = dict(responses)
+        return NOT_DONE_YET
+
+    def _retry(self, request: Request, pool: ChildPool, msg: dict[str, Any], state: Any, responses: dict[str, Any]) -> Any:
+        """A retry carrying requestState: the parked call it names takes it over, or -32602 and no child sees it
+        (2026-07-28 mrtr Server Requirements 4-5: integrity, principal, expiry, originating request, single use)."""
+        try:
+            pending = pool.claim(state, msg, identity_of(request))
+        except StateRejected as e:
+            self.metrics.modern_outcome("state_unknown")
+            self.log.info("{server}: requestState refused ({kind})", server=self._server.name, kind=e.kind)
+            raise HttpError(400, jsonrpc.INVALID_PARAMS, e.message, msg["id"], data={"requestState": e.kind})
+        exchange = ModernExchange(self._ctx, pool, request, _meta(msg), self.metrics)
+        exchange.pending = pool.resume(pending, msg, responses, exchange)
+        exchange.pending.on_input = exchange.on_input  # a further round asks through this exchange
+        self.metrics.modern_outcome("resumed")
         return NOT_DONE_YET
 
     def _unsupported(self, request: Request, requested: Any, id: Any) -> bytes:
         supported = self.supported()
+        mark_fallback(request)  # an auto-mode client's probe: it falls back to initialize, not an error
         return error_reply(request, 400, jsonrpc.UNSUPPORTED_PROTOCOL_VERSION,
                            f"Bad Request: unsupported protocol version {requested!r} for server {self._server.name} "
                            f"(supported: {', '.join(supported)})",
@@ -411,19 +452,20 @@ class ModernEndpoint:
                         raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: {name.decode('latin-1')} is not a valid value", id)
         if version not in MODERN_VERSIONS:
             supported = self.supported()
+            mark_fallback(request)
             raise HttpError(400, jsonrpc.UNSUPPORTED_PROTOCOL_VERSION,
                             f"Bad Request: unsupported protocol version {version!r} (supported: {', '.join(supported)})", id,
                             data={"supported": supported, "requested": version if isinstance(version, str) else ""})
 
-    def _forwarded(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """The request as a handshake-era child takes it: the per-request envelope left out of ``_meta``."""
-        params = dict(msg["params"])
-        meta = {k: v for k, v in params["_meta"].items() if k not in ENVELOPE}
-        if meta:
-            params["_meta"] = meta
-        else:
-            del params["_meta"]
-        return {**msg, "params": params}
+    @staticmethod
+    def _forwarded(msg: dict[str, Any]) -> dict[str, Any]:
+        """The request as the child gets it: unchanged, ``_meta`` included (a server that reads the per-request
+        capabilities asks only for what this client can do), but for ``inputResponses``, which the gateway
+        itself answers the child's requests from (``ChildPool.answer_offered``)."""
+        params = msg["params"]
+        if "inputResponses" not in params:
+            return msg
+        return {**msg, "params": {k: v for k, v in params.items() if k != "inputResponses"}}
 
     def _discover(self, request: Request, pool: ChildPool, id: Any) -> Any:
         def answer(init: dict[str, Any]) -> None:
@@ -490,6 +532,11 @@ class ModernEndpoint:
 
         live.on_close(closed)
         return NOT_DONE_YET
+
+
+def _input_responses(value: Any) -> bool:
+    """Whether ``value`` is an InputResponses map: an object of result objects (2026-07-28 mrtr Core Types)."""
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, dict) for k, v in value.items())
 
 
 def _same(sent: str, value: Any) -> bool:

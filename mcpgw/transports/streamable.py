@@ -19,8 +19,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpgw import logs
 from mcpgw import jsonrpc
-from mcpgw.auth import identity_of
+from mcpgw.auth import identity_of, principal_of
 from mcpgw.config import ServerConfig
+from mcpgw.metrics import mark_fallback
 from mcpgw.session import Session, SessionRefused
 from mcpgw.transports.common import (
     DEFAULT_VERSION,
@@ -35,15 +36,16 @@ from mcpgw.transports.common import (
     media_types,
     parse_messages,
     read_body,
+    refuse_new_session,
 )
 from mcpgw.transports.modern import MODERN_VERSIONS, ModernEndpoint, is_modern
-from mcpgw.transports.sse import ReplayLog, SseResponse, frame
+from mcpgw.transports.sse import SseResponse, frame
 
 SESSION_HEADER = b"mcp-session-id"
 VERSION_HEADER = b"mcp-protocol-version"
 #: Streams remembered per session for Last-Event-ID replay.
 MAX_STREAMS = 32
-#: Server messages held for a session with no open stream.
+#: Server messages held for a session with no open stream (and at most sse.replayBytes of them).
 MAX_BACKLOG = 1024
 #: The first version whose clients expect the empty priming event (2025-11-25, resumability).
 PRIMING_SINCE = "2025-11-25"
@@ -59,6 +61,83 @@ SESSION_NOTIFICATIONS = frozenset({
 })
 
 
+class ReplayBudget:
+    """The bytes one session's replay logs hold, all its streams together (``sse.replayBytes``).
+
+    Without it a session would keep MAX_STREAMS x sse.replayEvents events of up to
+    maxMessageBytes each: 40 POSTs of a 2025-03-26 batch of ten 500 KB answers, every byte read
+    by the client, leave 154 MiB in one session. Over the budget, events go in this order: those the client
+    acknowledged (a newer ``Last-Event-ID``; dropped at once, ``StreamLog.acknowledge``), then
+    those written to a live response (delivered), then the rest; oldest stream first. The event
+    just appended stays, so a session holds at most ``limit`` plus its newest event.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        #: The session's logs, oldest stream first (the outlet's streams, in order).
+        self.logs: OrderedDict[int, "StreamLog"] = OrderedDict()
+
+    def spend(self, newest: "StreamLog") -> None:
+        """``newest`` just appended an event: drop old ones until the budget holds again."""
+        while self.used > self.limit:
+            victim = self._victim(newest)
+            if victim is None:
+                return
+            victim.drop_oldest()
+
+    def _victim(self, newest: "StreamLog") -> "StreamLog | None":
+        """The log whose oldest event goes first: a delivered one, else any; never the newest event."""
+        fallback = None
+        for log in self.logs.values():
+            if not log.events or (log is newest and len(log.events) == 1):
+                continue
+            if log.events[0][0] <= log.delivered:
+                return log
+            if fallback is None:
+                fallback = log
+        return fallback
+
+
+class StreamLog:
+    """One stream's events for ``Last-Event-ID`` replay: the last ``size`` of them, within the
+    session's ReplayBudget."""
+
+    def __init__(self, number: int, size: int, budget: ReplayBudget):
+        self.number = number
+        self.events: deque[tuple[int, bytes]] = deque()
+        self.size = size
+        self.budget = budget
+        #: The seq of the last event written to a live response.
+        self.delivered = 0
+        budget.logs[number] = self
+
+    def append(self, seq: int, event: bytes) -> None:
+        self.events.append((seq, event))
+        self.budget.used += len(event)
+        if len(self.events) > self.size:
+            self.drop_oldest()
+        self.budget.spend(self)
+
+    def after(self, seq: int) -> list[bytes]:
+        return [event for s, event in self.events if s > seq]
+
+    def acknowledge(self, seq: int) -> None:
+        """The client has every event up to ``seq`` (its Last-Event-ID): none of them is replayed again."""
+        while self.events and self.events[0][0] <= seq:
+            self.drop_oldest()
+
+    def drop_oldest(self) -> None:
+        _, event = self.events.popleft()
+        self.budget.used -= len(event)
+
+    def forget(self) -> None:
+        """The stream is no longer resumable: its events leave the budget."""
+        while self.events:
+            self.drop_oldest()
+        self.budget.logs.pop(self.number, None)
+
+
 class EventStream:
     """A logical SSE stream: numbered events, a replay log, at most one live response."""
 
@@ -66,7 +145,11 @@ class EventStream:
         self.outlet = outlet
         self.number = number
         self.seq = 0
-        self.log = ReplayLog(outlet.replay_events)
+        #: This stream's events in the session's replay budget.
+        self.replay = StreamLog(number, outlet.replay_events, outlet.replay)
+        #: Where events are appended and replayed from: ``replay``, or (mcpgw.cluster) a log that
+        #: also writes them to Redis.
+        self.log: Any = self.replay
         self.live: SseResponse | None = None
         self.done = False
 
@@ -85,7 +168,9 @@ class EventStream:
         if after is None:
             self._prime()
         else:
+            self.replay.acknowledge(after)
             live.write_many(self.log.after(after))
+            self.replay.delivered = self.seq
         if self.done:
             live.finish()
 
@@ -97,9 +182,10 @@ class EventStream:
     def emit(self, raw: bytes) -> None:
         self.seq += 1
         event = frame(raw, id=self._id(self.seq))
-        self.log.append(self.seq, event)
         if self.live is not None:
             self.live.write(event)
+            self.replay.delivered = self.seq
+        self.log.append(self.seq, event)
 
     def close(self) -> None:
         self.done = True
@@ -206,11 +292,14 @@ class StreamableOutlet:
         self.metrics = session.metrics
         self.heartbeat = ctx.heartbeat
         self.replay_events = ctx.config.sse.replayEvents
+        self.replay = ReplayBudget(ctx.config.sse.replayBytes)
         self.retry = ctx.config.sse.retry
         self.streams: OrderedDict[int, EventStream] = OrderedDict()
         self.get_stream: EventStream | None = None
         self._next = 0
-        self._backlog: deque[bytes] = deque(maxlen=MAX_BACKLOG)
+        self._backlog: deque[bytes] = deque()
+        #: Bytes in ``_backlog``: at most sse.replayBytes (and MAX_BACKLOG messages).
+        self._backlog_bytes = 0
 
     def new_stream(self) -> EventStream:
         self._next += 1
@@ -224,6 +313,7 @@ class StreamableOutlet:
                     break
                 continue
             del self.streams[number]
+            old.replay.forget()
         return stream
 
     def open_get(self, request: Request) -> None:
@@ -244,7 +334,9 @@ class StreamableOutlet:
     def _flush_backlog(self) -> None:
         stream = self.get_stream
         while self._backlog and stream is not None and stream.live is not None:
-            stream.emit(self._backlog.popleft())
+            raw = self._backlog.popleft()
+            self._backlog_bytes -= len(raw)
+            stream.emit(raw)
 
     # Outlet
     def unbound(self, raw: bytes, msg: dict[str, Any]) -> None:
@@ -264,9 +356,15 @@ class StreamableOutlet:
         if stream is not None and get_live:
             stream.emit(raw)
         else:
-            if len(self._backlog) == self._backlog.maxlen:
-                self.log.warn("session {session}: backlog full, oldest server message dropped", session=self.session.id)
             self._backlog.append(raw)
+            self._backlog_bytes += len(raw)
+            dropped = 0
+            while len(self._backlog) > 1 and (len(self._backlog) > MAX_BACKLOG or self._backlog_bytes > self.replay.limit):
+                self._backlog_bytes -= len(self._backlog.popleft())
+                dropped += 1
+            if dropped:
+                self.log.warn("session {session}: backlog full, {count} oldest server message(s) dropped",
+                              session=self.session.id, count=dropped)
 
     def session_ended(self, reason: str) -> None:
         for stream in list(self.streams.values()):
@@ -355,6 +453,7 @@ class StreamableEndpoint(Resource):
             self._check_version(request)
             if len(messages) == 1 and messages[0].kind == jsonrpc.REQUEST and messages[0].msg["method"] == "server/discover":
                 id = messages[0].msg["id"]
+                mark_fallback(request)  # the client falls back to initialize: not a session_not_found error
                 request.setResponseCode(404)
                 request.setHeader(b"content-type", b"application/json")
                 return discover_unsupported(id)
@@ -377,10 +476,10 @@ class StreamableEndpoint(Resource):
     def _initialize(self, request: Request, m: Any) -> Any:
         sessions = self._ctx.sessions
         if not sessions.accepting:
-            request.setHeader(b"retry-after", b"5")
-            return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, "gateway is shutting down", m.msg["id"])
+            return refuse_new_session(request, sessions, m.msg["id"])
         try:
-            session = sessions.create(self._server, "streamable", identity_of(request))  # pooled or not: SessionManager
+            # Pooled or not: SessionManager. The principal keys an anonymous client's session quota.
+            session = sessions.create(self._server, "streamable", identity_of(request), principal=principal_of(request))
         except SessionRefused as e:
             request.setHeader(b"retry-after", b"%d" % e.retry_after)
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}", m.msg["id"])

@@ -20,9 +20,18 @@ once per message in ``onMessage`` (``bytes.decode``, for either path) rather
 than by Autobahn's incremental validator.
 
 Close codes: 1003 binary frame, 1007 invalid UTF-8, 1009 message over
-``websocket.maxMessageBytes``, 1011 the MCP server exited, 1001 gateway
-shutdown. A text frame that is not JSON gets a -32700 error frame and the
-connection goes on.
+``websocket.maxMessageBytes``, 1008 ``websocket.maxErrors`` invalid messages in
+a row, 1011 the MCP server exited, 1001 gateway shutdown. A text frame that is
+not JSON (or not JSON-RPC) gets a -32700 (-32600) error frame and the
+connection goes on, up to that budget.
+
+Backpressure (``_Backpressure``): every frame the gateway writes, its own error,
+429 and pong frames included, goes through the transport's write buffer; over
+Twisted's high-water mark (``bufferSize``, 64 KiB) the socket stops being read
+and the session's child stops being read, and both resume once the buffer has
+drained. A peer that sends without reading therefore gets at most one read
+(64 KiB) of frames answered past the mark, and is dropped by the keepalive
+ping timeout (its pong, and any frame that stands in for it, is never read).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from mcpgw.transports.common import (
     GatewayContext,
     HttpError,
     error_reply,
+    not_accepting,
     parse_messages,
     relay,
 )
@@ -104,6 +114,40 @@ class WsConnection:
             self.session.close(reason)
 
 
+class _Backpressure:
+    """The socket's streaming producer: a write buffer over the high-water mark pauses reading.
+
+    Twisted calls ``pauseProducing`` on every write while its buffer holds more than
+    ``bufferSize`` bytes, and ``resumeProducing`` once, when the buffer has drained.
+    Pausing stops reading the peer (``transport.pauseProducing``), so a client that
+    sends and never reads cannot make the gateway queue replies without end, and
+    takes this socket's share in pausing the session (the child's stdout).
+    """
+
+    def __init__(self, protocol: McpWebSocketProtocol, share: _PauseShare):
+        self._protocol = protocol
+        self._share = share
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self._protocol.transport.pauseProducing()
+            self._share.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            if not self._protocol.stopped_reading:
+                self._protocol.transport.resumeProducing()
+            self._share.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The connection is going away (not necessarily the session): give back the session's pause."""
+        self.paused = False
+        self._share.stopProducing()
+
+
 class McpWebSocketProtocol(WebSocketServerProtocol):
     """One client connection: frames in, the session's messages out."""
 
@@ -118,10 +162,16 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
     _waiting = 0
     #: Taken out of mcp_gateway_active_connections (onClose).
     _uncounted = False
+    #: Invalid messages in a row (not JSON, not JSON-RPC), refused or rate limited alike.
+    _errors = 0
+    #: websocket.maxErrors of them close the connection 1008 (set in onOpen).
+    _max_errors = 1 << 62
+    #: The connection failed (RFC 6455 section 7.1.7): nothing more is read from the peer.
+    stopped_reading = False
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         if not self.factory.ctx.sessions.accepting:
-            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "gateway is shutting down")
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, not_accepting(self.factory.ctx.sessions)[0])
         if not request.protocols:
             return None  # wscat and other generic clients ask for no subprotocol
         if SUBPROTOCOL in request.protocols:
@@ -133,10 +183,12 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self._fast_limit = self._fast_path_limit()
+        self._max_errors = self.factory.ctx.config.websocket.maxErrors or 1 << 62
         self._direct = isinstance(self.transport, tcp.Connection) and all(hasattr(self.transport, a) for a in _TWISTED_BUFFER)
         ctx = self.factory.ctx
         try:
-            session = ctx.sessions.create(self.factory.mcp_server, "ws", self.principal.identity if self.principal else None)
+            session = ctx.sessions.create(self.factory.mcp_server, "ws", self.principal.identity if self.principal else None,
+                                          principal=self.principal)
         except SessionRefused as e:
             self.close(CLOSE_TRY_AGAIN_LATER, e.reason)
             return
@@ -147,16 +199,15 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         self.connection = WsConnection(session, self)
         session.outlet = self.connection
         session.metrics.connection_opened()
-        # Backpressure: a full socket buffer pauses reading the child's stdout.
-        # The transport still names the HTTPChannel that served the upgrade request.
-        # Twisted calls pauseProducing on every write while its buffer is full and
-        # resumeProducing once when it drains; the session counts pauses (one per
-        # consumer), so this socket holds at most one of them.
+        # Backpressure: a full socket buffer pauses reading the socket and the child's
+        # stdout (_Backpressure). The transport still names the HTTPChannel that served
+        # the upgrade request. The session counts pauses (one per consumer), so this
+        # socket holds at most one of them.
         transport: Any = self.transport
         if getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()
         self._pause = _PauseShare(session)
-        transport.registerProducer(self._pause, True)
+        transport.registerProducer(_Backpressure(self, self._pause), True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         """Each message is one hit on the rate limiter; messages are handled in order."""
@@ -200,16 +251,21 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         if self.connection is not None:
             self.connection.session.metrics.error("rate_limited")
         id = None
+        invalid = False
         try:
             messages, _ = parse_messages(payload, allow_batch=False)
             if messages[0].kind == jsonrpc.REQUEST:
                 id = messages[0].msg["id"]
-        except HttpError:
-            pass
+        except HttpError as e:
+            invalid = e.code == jsonrpc.PARSE_ERROR or not (len(payload) <= _PING_MAX and _is_ping(payload))
         self.send_text(jsonrpc.error_bytes(
             id, jsonrpc.CONNECTION_CLOSED,
             f"Too Many Requests: more than {decision.limit} messages per {decision.window:g} s; retry after {decision.retry_after} s",
             {"retryAfter": decision.retry_after}))
+        if invalid:
+            self._invalid_message()  # garbage counts whether or not the limiter refused it
+        elif self._errors:
+            self._errors = 0
 
     def _received(self, payload: bytes, isBinary: bool) -> None:
         connection = self.connection
@@ -222,13 +278,39 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         try:
             messages, _ = parse_messages(payload, allow_batch=False)
         except HttpError as e:
-            if len(payload) <= _PING_MAX and _is_ping(payload):
+            if e.code != jsonrpc.PARSE_ERROR and len(payload) <= _PING_MAX and _is_ping(payload):
                 self.send_text(PONG)
             else:
                 session.metrics.error("bad_request")
                 self.send_text(jsonrpc.error_bytes(e.id, e.code, e.message))
+                self._invalid_message()
             return
+        if self._errors:
+            self._errors = 0
         relay(session, messages[0], connection)
+
+    def _invalid_message(self) -> None:
+        """One more invalid message in a row: at websocket.maxErrors the connection fails with 1008.
+
+        A client that sends a few bad messages among good ones gets its -32700 each time
+        and goes on; one that sends nothing else costs the gateway a parse and a reply per
+        frame, so it is refused instead (RFC 6455 section 7.4.1: 1008, policy violation).
+        """
+        self._errors += 1
+        if self._errors >= self._max_errors:
+            self.fail_connection(
+                CLOSE_POLICY_VIOLATION, f"{self._errors} invalid messages in a row (websocket.maxErrors): send JSON-RPC messages")
+
+    def fail_connection(self, code: int, reason: str) -> None:
+        """Fail the WebSocket connection (RFC 6455 section 7.1.7): the Close frame, then nothing more
+        is read from the peer, not even its Close; Autobahn drops the TCP connection when the closing
+        handshake times out (closeHandshakeTimeout)."""
+        self.close(code, reason)
+        self.failedByMe = True  # Autobahn delivers no message it still parses from this read
+        self.stopped_reading = True
+        transport: Any = self.transport
+        if transport is not None:
+            transport.pauseProducing()
 
     # -- receiving: the fast path ------------------------------------------
 
@@ -251,49 +333,57 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         call whose arguments are formatted for every read even when debug is off.
         """
         if self.state != _OPEN or self.data or self.current_frame is not None or self.inside_message:
-            self._dataReceived(data)
+            if not self.stopped_reading:
+                self._dataReceived(data)
             return
         n = len(data)
         pos = 0
         limit = self._fast_limit
-        while n - pos >= 6:
-            b1 = data[pos + 1]
-            if data[pos] != 0x81 or b1 < 0x80:
-                break  # not FIN + text without RSV bits, or unmasked: Autobahn decides
-            length = b1 & 0x7F
-            if length < 126:
-                start = pos + 6
-            elif length == 126:
-                start = pos + 8
-                if start > n:
-                    break
-                length = (data[pos + 2] << 8) | data[pos + 3]
+        # Replies written while this read is parsed (errors, 429s, {"type":"pong"}) go into Twisted's
+        # buffer, out in one send when the reactor next writes, rather than one send each; and
+        # past the high-water mark they pause reading (_Backpressure) within this read.
+        direct, self._direct = self._direct, False
+        try:
+            while n - pos >= 6:
+                b1 = data[pos + 1]
+                if data[pos] != 0x81 or b1 < 0x80:
+                    break  # not FIN + text without RSV bits, or unmasked: Autobahn decides
+                length = b1 & 0x7F
                 if length < 126:
-                    break  # not the minimal length encoding: a protocol error
-            else:
-                start = pos + 14
-                if start > n:
-                    break
-                length = int.from_bytes(data[pos + 2:pos + 10], "big")
-                if length < 65536 or length >> 63:
-                    break  # not minimal, or the reserved top bit: a protocol error
-            end = start + length
-            if end > n or length > limit:
-                break  # a partial frame, or over websocket.maxMessageBytes (1009)
-            mask = data[start - 4:start]
-            if length <= _INT_UNMASK_MAX:
-                q, r = divmod(length, 4)
-                payload = (int.from_bytes(data[start:end], "little")
-                           ^ int.from_bytes(mask * q + mask[:r], "little")).to_bytes(length, "little")
-            else:
-                payload = create_xor_masker(mask, length).process(data[start:end])
-            pos = end
-            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
-                self._cancelAutoPingTimeoutCall()  # as Autobahn's onFrameEnd: any data frame will do
-            self.onMessage(payload, False)
-            if self.state != _OPEN:
-                break  # closing: the rest is Autobahn's
-        if pos < n:
+                    start = pos + 6
+                elif length == 126:
+                    start = pos + 8
+                    if start > n:
+                        break
+                    length = (data[pos + 2] << 8) | data[pos + 3]
+                    if length < 126:
+                        break  # not the minimal length encoding: a protocol error
+                else:
+                    start = pos + 14
+                    if start > n:
+                        break
+                    length = int.from_bytes(data[pos + 2:pos + 10], "big")
+                    if length < 65536 or length >> 63:
+                        break  # not minimal, or the reserved top bit: a protocol error
+                end = start + length
+                if end > n or length > limit:
+                    break  # a partial frame, or over websocket.maxMessageBytes (1009)
+                mask = data[start - 4:start]
+                if length <= _INT_UNMASK_MAX:
+                    q, r = divmod(length, 4)
+                    payload = (int.from_bytes(data[start:end], "little")
+                               ^ int.from_bytes(mask * q + mask[:r], "little")).to_bytes(length, "little")
+                else:
+                    payload = create_xor_masker(mask, length).process(data[start:end])
+                pos = end
+                if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                    self._cancelAutoPingTimeoutCall()  # as Autobahn's onFrameEnd: any data frame will do
+                self.onMessage(payload, False)
+                if self.state != _OPEN:
+                    break  # closing: the rest is Autobahn's
+        finally:
+            self._direct = direct
+        if pos < n and not self.stopped_reading:
             self._dataReceived(data[pos:] if pos else data)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -437,7 +527,9 @@ class McpWebSocketResource(WebSocketResource):
     _factory: McpWebSocketFactory
 
     def render(self, request: Any) -> Any:
-        refused = self._factory.ctx.sessions.room_for(self._factory.mcp_server)
+        principal = principal_of(request)
+        refused = self._factory.ctx.sessions.room_for(
+            self._factory.mcp_server, principal.identity if principal else None, principal)
         if refused is not None:
             request.setHeader(b"retry-after", b"%d" % refused.retry_after)
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {refused.reason}")

@@ -13,6 +13,10 @@ The gateway does not re-initialize behind the client's back: it would have to in
 ``initialize`` the client never sent and hide state the client thinks it has (subscriptions,
 log level, negotiated version).
 
+A request of the remote server's for a client capability (sampling, elicitation, roots) the client
+did not declare in its ``initialize`` never reaches the client: the gateway answers it upstream as
+the client's SDK would (mcpgw.pool ``capability_refusal``).
+
 Credentials: only the configured ``headers`` go upstream; nothing of the client's request
 (its ``Authorization``, cookies, session id) ever does, because only message bytes cross.
 """
@@ -191,6 +195,8 @@ class RemoteUpstream:
         self._stream_open = False
         self._stream_retries = 0
         self._endpoint: str | None = None  # legacy SSE: where messages are POSTed
+        #: The capabilities the client declared in its initialize (what the remote server may ask it for).
+        self.client_capabilities: dict[str, Any] = {}
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -208,6 +214,10 @@ class RemoteUpstream:
             return False
         if not isinstance(msg, dict):
             msg = {}
+        if msg.get("method") == "initialize":
+            params = msg.get("params")
+            declared = params.get("capabilities") if isinstance(params, dict) else None
+            self.client_capabilities = declared if isinstance(declared, dict) else {}
         if self.server.transport == "sse":
             if self._endpoint is None:
                 self._held.append((raw, msg))
@@ -510,6 +520,14 @@ class RemoteUpstream:
             self.delegate.upstreamMessage(raw, msg)
             self._release()
             return
+        if "id" in msg and "method" in msg:
+            from mcpgw.pool import capability_refusal, undeclared
+
+            needed = undeclared(msg["method"], self.client_capabilities)
+            if needed is not None:
+                refusal = capability_refusal(msg["id"], needed)
+                self.send(refusal, jsonrpc.loads(refusal))
+                return
         self.delegate.upstreamMessage(raw, msg)
 
     def _release(self) -> None:

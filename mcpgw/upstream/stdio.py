@@ -6,14 +6,17 @@ chunks in a list so a 16 MiB line costs one join, not a quadratic rebuild.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import os
+import re
 import shutil
 import signal
 import sys
+import tempfile
 from collections import deque
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, Protocol
 
 from twisted.internet import defer, error
@@ -27,6 +30,7 @@ from twisted.python.failure import Failure
 
 from mcpgw import logs
 from mcpgw import jsonrpc
+from mcpgw import procsec
 from mcpgw.config import PRIVATE_ENV, ServerConfig
 from mcpgw.metrics import NULL_BOUND, BoundMetrics
 
@@ -79,9 +83,27 @@ class _LeaderProcess(_process.Process):
 
     def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: Any, args: Any, environment: Any,
                                kwargs: Any) -> bool:
-        if uid is not None or gid is not None or path is not None:
-            return False  # not built for these (StdioUpstream.spawn does not ask)
-        fdmap: dict[int, int] = kwargs["fdmap"]
+        if uid is not None or gid is not None:
+            return False  # posix_spawn cannot switch accounts: Twisted's fork path does (StdioUpstream.spawn)
+        if path is None:
+            self._spawn(executable, args, environment, kwargs["fdmap"])
+            return True
+        # O_PATH: the gateway's directory needs no read permission to be returned to.
+        here = os.open(".", getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # posix_spawn has no chdir action here (Python 3.11): the child inherits the directory
+            # the gateway is in at the spawn, so the gateway stands in ``path`` for the spawn only.
+            # The reactor thread is the only one that spawns or uses relative paths.
+            os.chdir(path)
+            try:
+                self._spawn(executable, args, environment, kwargs["fdmap"])
+            finally:
+                os.fchdir(here)
+        finally:
+            os.close(here)
+        return True
+
+    def _spawn(self, executable: Any, args: Any, environment: Any, fdmap: dict[int, int]) -> None:
         state = [(fd, False) for fd in _inherited_fds()]  # closed in the child (a later entry for a reused number wins)
         for fd in {0, 1, 2, *fdmap.values()}:
             try:
@@ -95,7 +117,6 @@ class _LeaderProcess(_process.Process):
             setsid=True,
         )
         self.status = -1
-        return True
 
 
 #: Bytes per read of a child's stdout. Twisted's ProcessReader reads 8 KiB at a
@@ -165,6 +186,144 @@ def child_environment(server: ServerConfig, environ: Any) -> dict[str, str]:
             env[name] = environ[name]
     env.update(server.env)
     return env
+
+
+#: The directory that holds the children's own working directories (``_fresh_cwd``), made at the
+#: first spawn and removed when the reactor shuts down (twistd ends by re-raising SIGTERM: no
+#: ``atexit``) or, failing that, when the interpreter exits.
+_cwd_parent: str | None = None
+
+
+def _fresh_cwd(owner: tuple[int, int] | None, reactor: Any = None) -> str:
+    """A new empty directory for one child to start in (mode 0700; owned by ``owner`` (uid, gid)
+    when the child runs as another account). Never the gateway's own directory, which may hold
+    its config file and anything else the gateway was started beside."""
+    global _cwd_parent
+    if _cwd_parent is None or not os.path.isdir(_cwd_parent):
+        _cwd_parent = tempfile.mkdtemp(prefix="mcpgw-children-")
+        # Other accounts (``user``) may pass through to their own directory, not list the others.
+        os.chmod(_cwd_parent, 0o711)
+        atexit.register(shutil.rmtree, _cwd_parent, True)
+        if hasattr(reactor, "addSystemEventTrigger"):
+            reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, _cwd_parent, True)
+    path = tempfile.mkdtemp(prefix="cwd-", dir=_cwd_parent)
+    if owner is not None:
+        os.chown(path, *owner)
+    return path
+
+
+@lru_cache(maxsize=64)
+def account(user: str | int | None, group: str | int | None) -> tuple[int, int, str | None]:
+    """(uid, gid, home) of a server's ``user`` / ``group`` (names or numbers); the group defaults
+    to the user's primary group. KeyError for an unknown name."""
+    import grp
+    import pwd
+
+    entry = None
+    if isinstance(user, int) or (isinstance(user, str) and user.isdigit()):
+        uid = int(user)
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            pass
+    else:
+        try:
+            entry = pwd.getpwnam(str(user))
+        except KeyError:
+            raise KeyError(f"user {user!r}") from None
+        uid = entry.pw_uid
+    if group is None:
+        if entry is None:
+            raise KeyError(f"uid {uid} has no passwd entry, so no primary group: name a group")
+        gid = entry.pw_gid
+    elif isinstance(group, int) or group.isdigit():
+        gid = int(group)
+    else:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise KeyError(f"group {group!r}") from None
+    return uid, gid, entry.pw_dir if entry is not None else None
+
+
+# -- a child's line that cannot be parsed --------------------------------------------------------
+
+#: Bytes of an unparsable line's head scanned for its top-level ``id``, ``result``, ``error`` and
+#: ``method`` keys; and bytes of its tail searched for a final ``"id": ...}``.
+HEAD_SCAN = 4096
+TAIL_SCAN = 512
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]|"', re.S)
+_COLON = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
+_ID_VALUE = re.compile(rb'-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_TAIL_ID = re.compile(rb'[,{][ \t\r\n]*"id"[ \t\r\n]*:[ \t\r\n]*(-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|"[^"\\]*(?:\\.[^"\\]*)*")'
+                      rb'[ \t\r\n]*\}[ \t\r\n]*\Z', re.S)
+
+
+class UnreadableReply(dict):  # type: ignore[type-arg]
+    """The JSON-RPC error the gateway answers in place of a child's reply that cannot be parsed
+    (the session counts it as ``upstream_protocol``, not as the server's own ``upstream_error``)."""
+
+
+def _id_value(raw: bytes) -> Any:
+    try:
+        value = jsonrpc.loads(raw)
+    except (jsonrpc.DecodeError, ValueError):
+        return None
+    return value if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+
+
+def reply_id(line: bytes, whole: bool) -> Any:
+    """The request id a line that cannot be parsed answers, or None when it is not recognisably a
+    response (JSON-RPC 2.0 section 5: a top-level ``result`` or ``error`` and no ``method``).
+
+    The top-level members in the first HEAD_SCAN bytes are walked (strings and brackets only, so a
+    nested ``"id"`` is not taken for the reply's); with ``whole`` (the line is complete: it broke
+    on a byte or on nesting depth, not by ending early) an ``"id": ...}`` that closes the line is
+    taken too (serializers that write ``id`` last: the TypeScript SDK's ``{result, jsonrpc, id}``).
+    """
+    head = line[:HEAD_SCAN]
+    start = len(head) - len(head.lstrip())
+    if not head.startswith(b"{", start):
+        return None
+    depth = 0
+    found: Any = None
+    response = False
+    for m in _TOKEN.finditer(head, start):
+        token = m.group()
+        c = token[0]
+        if c == 0x7B or c == 0x5B:
+            depth += 1
+        elif c == 0x7D or c == 0x5D:
+            depth -= 1
+            if depth <= 0:
+                break
+        elif token == b'"':  # a string the head cuts short
+            break
+        elif depth == 1:
+            colon = _COLON.match(head, m.end())
+            if colon is None:
+                continue  # a value, not a member name
+            if token == b'"method"':
+                return None  # a request or notification from the server: not an answer to the client
+            if token == b'"result"' or token == b'"error"':
+                response = True
+            elif token == b'"id"' and found is None:
+                value = _ID_VALUE.match(head, colon.end())
+                if value is not None:
+                    found = _id_value(value.group())
+    if found is None and whole:
+        m = _TAIL_ID.search(line, max(0, len(line) - TAIL_SCAN))
+        if m is not None:
+            found = _id_value(m.group(1))
+    return found if response else None
+
+
+def _whole(line: bytes, exc: Exception) -> bool:
+    """Whether the parser failed inside ``line`` (a bad byte, nesting too deep), not at its end."""
+    if isinstance(exc, UnicodeDecodeError):
+        return True
+    pos = getattr(exc, "pos", None)
+    return isinstance(pos, int) and pos < len(line) - 1
 
 
 class ServerActivity:
@@ -292,6 +451,12 @@ class StdioUpstream(ProcessProtocol):
     spawned = False
     #: The child's stdin (Twisted's ProcessWriter) for direct writes (send); None: only the transport.
     _stdin: Any = None
+    #: The directory made for the child to start in (``_fresh_cwd``), removed when it has ended.
+    _own_cwd: str | None = None
+    #: The child's ``procsec.TAG_VARIABLE`` value (the EscapeGuard finds its escaped helpers by it).
+    _tag: str | None = None
+    #: The child's descendants (``procsec.snapshot``) when it was asked to stop; killed once it has exited.
+    _tree: list[tuple[int, int]] = []
 
     def __init__(self, server: ServerConfig, delegate: UpstreamDelegate, reactor: Any):
         self.server = server
@@ -310,27 +475,75 @@ class StdioUpstream(ProcessProtocol):
     # -- spawning ---------------------------------------------------------
 
     def spawn(self) -> None:
-        """Start the child in its own process group (so stop reaches its whole tree)."""
+        """Start the child in its own process group (so stop reaches its whole tree), in its
+        ``cwd`` or a fresh empty directory, as its ``user`` / ``group`` when they are set."""
         reactor: IReactorProcess = self._reactor
-        argv = [self.server.executable, *self.server.args]
+        executable = self.server.executable
+        # The child starts elsewhere than the gateway: a path relative to the gateway's directory is made whole.
+        argv = [executable if os.path.isabs(executable) else os.path.abspath(executable), *self.server.args]
         env = child_environment(self.server, os.environ)
-        spawned = False
-        if _SPAWN_SETSID and self.server.cwd is None and isinstance(reactor, PosixReactorBase):
-            try:
-                _LeaderProcess(reactor, argv[0], argv, env, None, self)
-                spawned = self._own_group = True
-            except NotImplementedError:  # a C library without POSIX_SPAWN_SETSID (glibc < 2.26)
-                _no_spawn_setsid()
-        if not spawned:  # a cwd (posix_spawn cannot chdir here), another platform, or a test's reactor
-            if _SETSID:
-                argv = [_SETSID, *argv]
-            self._own_group = bool(_SETSID)
-            reactor.spawnProcess(self, argv[0], argv, env=env, path=self.server.cwd)
+        uid = gid = None
+        user = getattr(self.server, "user", None)
+        if user is not None:
+            uid, gid, home = account(user, getattr(self.server, "group", None))
+            if (uid, gid) == (os.geteuid(), os.getegid()):
+                uid = gid = None  # already that account: nothing to switch
+            elif home is not None:
+                env["HOME"] = home
+        guard = procsec.guard()
+        if guard is not None:
+            self._tag = env[procsec.TAG_VARIABLE] = guard.new_tag()
+        cwd = self.server.cwd
+        if cwd is None:
+            cwd = self._own_cwd = _fresh_cwd(None if uid is None else (uid, gid), reactor)
+        try:
+            self._start(reactor, argv, env, cwd, uid, gid)
+        except BaseException:
+            self._remove_cwd()
+            raise
         self.spawned = True
         self._counted = True
         self.metrics.child_started()
         if self.activity is not None:
             self.activity.starts += 1
+
+    def _start(self, reactor: Any, argv: list[str], env: dict[str, str], cwd: str, uid: int | None, gid: int | None) -> None:
+        if _SPAWN_SETSID and uid is None and isinstance(reactor, PosixReactorBase):
+            try:
+                _LeaderProcess(reactor, argv[0], argv, env, cwd, self)
+                self._own_group = True
+                return
+            except NotImplementedError:  # a C library without POSIX_SPAWN_SETSID (glibc < 2.26)
+                _no_spawn_setsid()
+        # Another account (posix_spawn cannot switch: Twisted forks, switches and execs), another
+        # platform, or a test's reactor.
+        if _SETSID:
+            argv = [_SETSID, *argv]
+        self._own_group = bool(_SETSID)
+        if uid is None:
+            reactor.spawnProcess(self, argv[0], argv, env=env, path=cwd)
+        else:
+            reactor.spawnProcess(self, argv[0], argv, env=env, path=cwd, uid=uid, gid=gid)
+
+    def _remove_cwd(self) -> None:
+        """Remove the directory made for the child (what it left there too, off the reactor thread)."""
+        path, self._own_cwd = self._own_cwd, None
+        if path is None:
+            return
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pool = getattr(self._reactor, "getThreadPool", None)
+            if pool is None:
+                shutil.rmtree(path, ignore_errors=True)
+                return
+            from twisted.internet.threads import deferToThreadPool
+
+            d = deferToThreadPool(self._reactor, pool(), shutil.rmtree, path)
+            d.addErrback(lambda f: self.log.warn("child {server}: cannot remove {path}: {error}",
+                                                 server=self.server.name, path=path, error=f.getErrorMessage()))
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -354,16 +567,33 @@ class StdioUpstream(ProcessProtocol):
                 msg = jsonrpc.route_view(line)  # id/method without decoding a large payload
             else:
                 msg = jsonrpc.loads(line)
-        except (jsonrpc.DecodeError, UnicodeDecodeError, ValueError):
-            self.log.warn(
-                "child {server} pid={pid} wrote a line that is not JSON ({size} bytes); dropped",
-                server=self.server.name, pid=self.pid, size=len(line),
-            )
+        except (jsonrpc.DecodeError, UnicodeDecodeError, ValueError) as e:
+            self._unreadable(line, e)
             return
         if not isinstance(msg, dict):
+            self.metrics.error("upstream_protocol")
             self.log.warn("child {server} pid={pid} wrote a non-object message; dropped", server=self.server.name, pid=self.pid)
             return
         self.delegate.upstreamMessage(line, msg)
+
+    def _unreadable(self, line: bytes, exc: Exception) -> None:
+        """A line that is not JSON, not UTF-8 (MCP stdio transport: UTF-8 JSON-RPC) or nested too
+        deep: if it answers a request (``reply_id``), that request gets a JSON-RPC error now
+        rather than at limits.requestTimeout; otherwise it is dropped. Counted as upstream_protocol."""
+        self.metrics.error("upstream_protocol")
+        text = str(exc)
+        why = "invalid UTF-8" if isinstance(exc, UnicodeDecodeError) or "UTF-8" in text else \
+            "nested too deep" if "depth" in text or "recursion" in text else "malformed"
+        id = reply_id(line, _whole(line, exc))
+        if id is None:
+            self.log.warn("child {server} pid={pid} wrote a line that is not JSON ({why}, {size} bytes); dropped",
+                          server=self.server.name, pid=self.pid, why=why, size=len(line))
+            return
+        self.log.warn("child {server} pid={pid} answered a request with a line that is not JSON ({why}, {size} bytes): "
+                      "the request gets an error", server=self.server.name, pid=self.pid, why=why, size=len(line))
+        reply = UnreadableReply(jsonrpc.error(
+            id, jsonrpc.INTERNAL_ERROR, f"the MCP server's reply could not be read: {why} JSON"))
+        self.delegate.upstreamMessage(jsonrpc.dumps(reply), reply)
 
     def _outOverflow(self, length: int) -> None:
         reason = f"message from the MCP server exceeds {self.server.maxMessageBytes} bytes"
@@ -432,6 +662,8 @@ class StdioUpstream(ProcessProtocol):
         self._waiters.append(d)
         if not self._stopping:
             self._stopping = True
+            # Its descendants now, wherever they moved (setsid): killed with it (processExited).
+            self._tree = procsec.snapshot(self.pid)
             if self._counted:
                 self.metrics.child_stopping()
             try:
@@ -466,6 +698,7 @@ class StdioUpstream(ProcessProtocol):
         Output already in the pipes is still read.
         """
         self._kill_group()
+        self._kill_escaped()
 
     def processEnded(self, reason: Failure) -> None:
         self._out.flush()
@@ -476,6 +709,8 @@ class StdioUpstream(ProcessProtocol):
                 t.cancel()
         # Grandchildren (npm exec -> sh -> node) may outlive the leader.
         self._kill_group()
+        self._kill_escaped()
+        self._remove_cwd()
         value = reason.value
         if isinstance(value, error.ProcessDone):
             self.exit_reason = "exited with status 0"
@@ -505,3 +740,17 @@ class StdioUpstream(ProcessProtocol):
                 os.killpg(self.pid, signal.SIGKILL)
             except OSError:
                 pass
+
+    def _kill_escaped(self) -> None:
+        """Kill what left the child's process group: the descendants listed when it was asked to
+        stop, and the processes re-parented to the gateway that carry its tag (mcpgw.procsec)."""
+        tree, self._tree = self._tree, []
+        killed = procsec.kill_snapshot(tree) if tree else 0
+        guard = procsec.guard()
+        if guard is not None and self._tag is not None:
+            killed += guard.kill_tagged(self._tag)
+            if killed:
+                guard.reap_soon()
+        if killed:
+            self.log.info("child {server} pid={pid}: killed {count} process(es) outside its group",
+                          server=self.server.name, pid=self.pid, count=killed)

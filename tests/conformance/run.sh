@@ -9,8 +9,11 @@
 # @modelcontextprotocol/conformance from the npm registry with the machine's
 # npm, then runs `conformance server --url URL --suite $CONFORMANCE_SUITE`
 # under that Node 22.  Prints the CLI's output, then a table of every
-# scenario with its passed/failed/warning check counts and failure messages.
-# Exits non-zero if any scenario has a failed check (or the CLI fails).
+# scenario with its passed/failed/warning check counts and the message of
+# every failure and warning; a scenario without a single passed check shows
+# as EMPTY.  Exits non-zero if any scenario has a failed check (or the CLI
+# fails).  The tests (tests/conformance/results.py) also require the exact
+# scenario set, no warnings and no EMPTY scenario but those they allow.
 #
 # Environment:
 #   CONFORMANCE_DIR      install cache (default ~/.cache/mcpgw-conformance)
@@ -87,13 +90,16 @@ const width = Math.max(8, ...rows.map((r) => r.scenario.length));
 console.log('\n=== CONFORMANCE RESULTS ===');
 console.log(`${'scenario'.padEnd(width)}  result  passed  failed  warnings`);
 for (const r of rows) {
-  const result = r.failed ? 'FAIL' : 'PASS';
+  const result = r.failed ? 'FAIL' : (r.passed ? 'PASS' : 'EMPTY');
   console.log(`${r.scenario.padEnd(width)}  ${result.padEnd(6)}  ${String(r.passed).padStart(6)}  ` +
               `${String(r.failed).padStart(6)}  ${String(r.warnings).padStart(8)}`);
   for (const p of r.problems) console.log(`    ${p}`);
 }
 const failed = rows.filter((r) => r.failed).length;
-console.log(`\nscenarios: ${rows.length - failed} passed, ${failed} failed`);
+const warned = rows.filter((r) => r.warnings).length;
+const empty = rows.filter((r) => !r.failed && !r.passed).length;
+console.log(`\nscenarios: ${rows.length - failed} passed, ${failed} failed ` +
+            `(${warned} with warnings, ${empty} with no passed check)`);
 process.exit(failed ? 1 : 0);
 EOF
 table_status=$?

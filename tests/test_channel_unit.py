@@ -1,0 +1,398 @@
+"""mcpgw.channel in memory (issue 15, findings 1-3): head and body deadlines on a Clock, bodies
+refused before they are read, the Guard on the head, pipelining bounded, obs-fold, connection caps
+and shedding under descriptor pressure. No sockets: StringTransport and task.Clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from mcpgw.auth import Authenticator
+from mcpgw.channel import ChannelLimits, Connections, GatewayChannel
+from mcpgw.config import AuthConfig, GatewayConfig, ServerConfig, StaticToken
+from mcpgw.ratelimit import Decision
+from mcpgw.transports.common import GatewayContext
+from mcpgw.web import Guard, GatewaySite
+
+TOKEN = "a-token-of-sixteen-chars"
+
+
+class Echo(Resource):
+    """The body back, and what it saw of it."""
+
+    isLeaf = True
+    seen: list[bytes]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = []
+
+    def render(self, request: Any) -> bytes:
+        body = request.content.getvalue()
+        self.seen.append(body)
+        return b"ok:%d" % len(body)
+
+
+class Later(Resource):
+    """Answers when the test says (a request still being answered)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Any] = []
+
+    def render(self, request: Any) -> Any:
+        self.waiting.append(request)
+        return NOT_DONE_YET
+
+
+class LaterLimiter:
+    limit = 1
+    window = 60.0
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[Decision]] = []
+
+    def hit(self, key: str) -> defer.Deferred[Decision]:
+        d: defer.Deferred[Decision] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+def head(method: str = "GET", path: str = "/mcp", body: bytes | None = None, token: bool = True,
+         extra: str = "") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1:3000"]
+    if token:
+        lines.append(f"Authorization: Bearer {TOKEN}")
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    text = "\r\n".join(lines) + "\r\n" + extra + "\r\n"
+    return text.encode() + (body or b"")
+
+
+class ChannelTestCase(SynchronousTestCase):
+    limits = ChannelLimits(max_body_bytes=1000, header_timeout=10.0, body_timeout=30.0, max_pipelined=4)
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.echo = Echo()
+        self.later = Later()
+        self.limiter: Any = None
+        root = Resource()
+        root.putChild(b"open", self.echo)
+        root.putChild(b"later", self.later)
+        self.root = root
+        self.site = GatewaySite(root, reactor=self.clock)
+        self.site.limits = self.limits
+        self.site.connections = Connections(self.clock, nofile=100000)
+        self.guard()
+
+    def guard(self, limiter: Any = None) -> None:
+        config = GatewayConfig(servers={"fx": ServerConfig(name="fx", command="fx")}, host="0.0.0.0")
+        auth = Authenticator(AuthConfig(enabled=True, bearerTokens=(StaticToken("alice", TOKEN),)), self.clock)
+        ctx = GatewayContext(config=config, sessions=None, heartbeat=None, reactor=self.clock,  # type: ignore[arg-type]
+                             auth=auth, limiter=limiter)
+        guard = Guard(self.echo, ctx)
+        guard.head_guard = guard  # as mcpgw.web._guarded marks it
+        self.root.putChild(b"mcp", guard)
+
+    def connect(self, host: str = "127.0.0.1", port: int = 40000) -> tuple[GatewayChannel, StringTransport]:
+        address = IPv4Address("TCP", host, port)
+        channel = self.site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        channel.makeConnection(transport)
+        return channel, transport
+
+
+class HeadDeadlineTests(ChannelTestCase):
+    def test_whole_head_within_header_timeout_not_reset_by_bytes(self) -> None:
+        """Slowloris: a byte a second keeps the idle timeout alive but not the head deadline."""
+        channel, transport = self.connect()
+        for byte in b"GET /open HTTP/1.1\r\nX-A: ":
+            channel.dataReceived(bytes([byte]))
+            self.clock.advance(0.3)
+            if self.clock.seconds() >= 9.5:
+                break
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(10.0 - self.clock.seconds())
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n"), transport.value())
+        self.assertIn(b"limits.headerTimeout", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_silent_connection_closed_without_an_answer(self) -> None:
+        channel, transport = self.connect()
+        self.clock.advance(10)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
+    def test_prompt_requests_never_see_the_deadline(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(head("POST", "/open", b"{}"))
+        self.assertIn(b"ok:2", transport.value())
+        self.clock.advance(9)
+        channel.dataReceived(head("POST", "/open", b"{}"))
+        self.clock.advance(30)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(transport.value().count(b"ok:2"), 2)
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime() - self.clock.seconds() <= 60, True)
+
+    def test_keep_alive_head_deadline_starts_with_its_first_byte(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(head("GET", "/open"))
+        self.clock.advance(20)  # idle between requests: the idle timeout's business, not the head's
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"GET /open HT")
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_body_deadline(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(head("POST", "/open", b"x" * 10)[:-5])
+        self.clock.advance(29)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertIn(b"408 Request Timeout", transport.value())
+        self.assertIn(b"limits.bodyTimeout", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.echo.seen, [])
+
+
+class BodyTests(ChannelTestCase):
+    def test_declared_length_over_the_limit_is_413_before_the_body(self) -> None:
+        """The 413 is written with the head alone; 100-continue is never sent."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + TOKEN.encode()
+                             + b"\r\nExpect: 100-continue\r\nContent-Length: 209715200\r\n\r\n")
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 413 "), out)
+        self.assertNotIn(b"100 Continue", out)
+        self.assertIn(b"request body of 209715200 bytes exceeds the limit of 1000 bytes", out)
+        self.assertIn(b"Connection: close", out)
+        channel.dataReceived(b"x" * 5000)  # what the client still sends is dropped
+        self.assertEqual(self.echo.seen, [])
+
+    def test_chunked_body_cut_when_it_passes_the_limit(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /open HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(b"258\r\n" + b"a" * 600 + b"\r\n")
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"258\r\n" + b"a" * 600 + b"\r\n")
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 413 "), out)
+        self.assertIn(b"request body exceeds the limit of 1000 bytes", out)
+        self.assertEqual(self.echo.seen, [])
+        channel.dataReceived(b"258\r\n" + b"a" * 600 + b"\r\n0\r\n\r\n")
+        self.assertEqual(self.echo.seen, [])
+
+    def test_chunked_body_under_the_limit(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /open HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"3e8\r\n" + b"a" * 1000 + b"\r\n0\r\n\r\n")
+        self.assertIn(b"ok:1000", transport.value())
+        self.assertEqual(self.site.getContentFile(10**9).__class__.__name__, "BytesIO")
+
+    def test_unauthenticated_body_never_accepted(self) -> None:
+        """401 on the head, the same answer as before, then close: no body byte reaches the endpoint."""
+        channel, transport = self.connect()
+        channel.dataReceived(head("POST", "/mcp", None, token=False, extra="Content-Length: 900\r\nExpect: 100-continue\r\n"))
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 401 "), out)
+        self.assertIn(b'WWW-Authenticate: Bearer realm="mcpgw"', out)
+        self.assertNotIn(b"100 Continue", out)
+        self.assertIn(b"Connection: close", out)
+        channel.dataReceived(b"x" * 900)
+        self.assertEqual(self.echo.seen, [])
+        self.assertTrue(transport.disconnecting)
+
+    def test_unauthenticated_get_keeps_the_connection(self) -> None:
+        """No body to refuse: the 401 is what it was, on a connection that stays open."""
+        channel, transport = self.connect()
+        channel.dataReceived(head("GET", "/mcp", token=False))
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 401 "), out)
+        self.assertNotIn(b"Connection: close", out)
+        self.assertFalse(transport.disconnecting)
+
+    def test_authenticated_body_read_after_100_continue(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(head("POST", "/mcp", None, extra="Content-Length: 2\r\nExpect: 100-continue\r\n"))
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        channel.dataReceived(b"{}")
+        self.assertIn(b"ok:2", transport.value())
+
+    def test_reading_paused_until_the_limiter_answers(self) -> None:
+        limiter = LaterLimiter()
+        self.guard(limiter)
+        channel, transport = self.connect()
+        channel.dataReceived(head("POST", "/mcp", None, extra="Content-Length: 500\r\n"))
+        self.assertEqual(transport.producerState, "paused")
+        limiter.pending[0].callback(Decision(True, 1, 0, 30.0, 60.0))
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(b"x" * 500)
+        self.assertIn(b"ok:500", transport.value())
+
+    def test_limiter_refusal_answers_without_the_body(self) -> None:
+        limiter = LaterLimiter()
+        self.guard(limiter)
+        channel, transport = self.connect()
+        channel.dataReceived(head("POST", "/mcp", None, extra="Content-Length: 500\r\n") + b"x" * 10)
+        limiter.pending[0].callback(Decision(False, 1, 0, 30.0, 60.0))
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 429 "), out)
+        self.assertIn(b"Retry-After: 30", out)
+        self.assertEqual(self.echo.seen, [])
+
+    def test_obs_fold_is_400(self) -> None:
+        """RFC 9112 section 5.2: an Authorization header folded over two lines is refused, not joined."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /mcp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer\r\n " + TOKEN.encode() + b"\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request"))
+        self.assertTrue(transport.disconnecting)
+
+
+class PipeliningTests(ChannelTestCase):
+    def test_at_most_max_pipelined_a_turn(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(head("GET", "/open") * 10)
+        self.assertEqual(transport.value().count(b"ok:0"), 4)
+        self.assertEqual(transport.producerState, "paused")
+        self.clock.calls[0].func()  # the next turn of the reactor
+        self.assertEqual(transport.value().count(b"ok:0"), 8)
+        self.clock.advance(0)
+        self.assertEqual(transport.value().count(b"ok:0"), 10)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_nothing_parsed_while_the_answers_do_not_go_out(self) -> None:
+        """A client that never reads: once the write buffer is full (the transport pauses the
+        channel) no more pipelined requests are parsed, and no more bytes are read."""
+        channel, transport = self.connect()
+        self.site.resource.putChild(b"later", self.later)
+        channel.dataReceived(head("GET", "/later") + head("GET", "/open") * 50)
+        self.assertEqual(len(self.later.waiting), 1)
+        channel.pauseProducing()  # the transport: my write buffer is full
+        request = self.later.waiting[0]
+        request.write(b"x")
+        request.finish()
+        self.clock.advance(0)
+        self.assertEqual(transport.value().count(b"ok:0"), 0)
+        self.assertEqual(transport.producerState, "paused")
+        channel.resumeProducing()  # drained
+        self.assertEqual(transport.value().count(b"ok:0"), 0)
+        self.clock.advance(0)
+        self.assertEqual(transport.value().count(b"ok:0"), 50)
+
+    def test_buffered_input_bounded_while_a_request_is_answered(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(head("GET", "/later"))
+        channel.pauseProducing()  # write buffer full while the request is answered
+        channel.resumeProducing()
+        channel.pauseProducing()
+        channel.dataReceived(head("GET", "/open") * 2000)
+        self.assertEqual(transport.producerState, "paused")
+
+
+class FakeChannel:
+    def __init__(self, ip: str = "127.0.0.1"):
+        self._ip = ip
+        self.was_shed = False
+
+    def shed(self) -> None:
+        self.was_shed = True
+
+
+class FakeTransport:
+    connected = 1
+
+
+class ConnectionsTests(SynchronousTestCase):
+    def test_per_ip_cap(self) -> None:
+        c = Connections(Clock(), max_per_ip=2, nofile=1000)
+        a, b, x = FakeChannel("10.0.0.1"), FakeChannel("10.0.0.1"), FakeChannel("10.0.0.1")
+        self.assertIsNone(c.opened(a, "10.0.0.1", 5))
+        self.assertIsNone(c.opened(b, "10.0.0.1", 6))
+        self.assertIn("maxConnectionsPerIp", c.opened(x, "10.0.0.1", 7))
+        self.assertIsNone(c.opened(FakeChannel("10.0.0.2"), "10.0.0.2", 7))
+        c.closed(a)
+        self.assertIsNone(c.opened(x, "10.0.0.1", 5))
+
+    def test_max_connections_and_websockets_counted_until_closed(self) -> None:
+        c = Connections(Clock(), max_connections=2, nofile=1000)
+        a, b = FakeChannel(), FakeChannel()
+        c.opened(a, "1.1.1.1", 5)
+        c.opened(b, "1.1.1.2", 6)
+        socket = FakeTransport()
+        c.upgraded(a, socket)
+        self.assertIn("maxConnections", c.opened(FakeChannel(), "1.1.1.3", 7))
+        socket.connected = 0  # the WebSocket closed
+        self.assertIsNone(c.opened(FakeChannel(), "1.1.1.3", 7))
+        self.assertEqual(c.count, 2)
+
+    def test_pressure_sheds_oldest_waiting_heads_first(self) -> None:
+        """Past 80 % of RLIMIT_NOFILE: connections without a complete head, oldest first; one
+        answering a request (head complete) is never shed."""
+        in_use = {"n": 0}
+        c = Connections(Clock(), nofile=100, descriptors=lambda fallback: in_use["n"])
+        channels = [FakeChannel() for _ in range(10)]
+        for i, ch in enumerate(channels):
+            c.opened(ch, "127.0.0.1", 10 + i)
+        c.head_complete(channels[0])  # busy: a live request
+        c.waiting(channels[1])  # answered a request: now the youngest waiting
+        in_use["n"] = 83
+        self.assertIsNone(c.opened(FakeChannel(), "127.0.0.1", 82))
+        shed = [i for i, ch in enumerate(channels) if ch.was_shed]
+        self.assertEqual(shed, [2, 3, 4])
+        self.assertFalse(channels[0].was_shed)
+
+    def test_reserve_refuses_when_nothing_can_be_shed(self) -> None:
+        c = Connections(Clock(), nofile=100, descriptors=lambda fallback: 96)
+        busy = FakeChannel()
+        c.opened(busy, "127.0.0.1", 10)
+        c.head_complete(busy)
+        refusal = c.opened(FakeChannel(), "127.0.0.1", 95)
+        self.assertIn("descriptors", refusal)
+        self.assertFalse(busy.was_shed)
+
+    def test_refused_connection_gets_503(self) -> None:
+        clock = Clock()
+        site = GatewaySite(Resource(), reactor=clock)
+        site.connections = Connections(clock, max_per_ip=1, nofile=1000)
+        first = site.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1))
+        first.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 1)))
+        second = site.buildProtocol(IPv4Address("TCP", "10.0.0.9", 2))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 2))
+        second.makeConnection(transport)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
+        self.assertIn(b"maxConnectionsPerIp 1", transport.value())
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(site.connections.count, 1)
+
+
+class LimitsConfigTests(SynchronousTestCase):
+    def parse(self, **limits: Any) -> Any:
+        from mcpgw.config import parse
+
+        return parse({"mcpServers": {"s": {"command": "/bin/sh"}}, "limits": limits}, {}).limits
+
+    def test_defaults(self) -> None:
+        limits = self.parse()
+        self.assertEqual((limits.headerTimeout, limits.bodyTimeout, limits.maxPipelined, limits.maxConnections,
+                          limits.maxConnectionsPerIp), (10.0, 60.0, 16, 0, 0))
+
+    def test_errors_name_the_key(self) -> None:
+        from mcpgw.config import ConfigError
+
+        for key, value in [("headerTimeout", 0), ("bodyTimeout", "1s"), ("maxPipelined", 0),
+                           ("maxConnections", -1), ("maxConnectionsPerIp", True)]:
+            e = self.assertRaises(ConfigError, self.parse, **{key: value})
+            self.assertIn(f"limits.{key}", str(e))
