@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from twisted.internet import process as _twisted_process
+from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -90,7 +91,6 @@ def harden(reactor: Any) -> EscapeGuard | None:
              subreaper=subreaper)
     if subreaper and _guard is None:
         _guard = EscapeGuard(reactor)
-        _guard.start()
     return _guard
 
 
@@ -175,6 +175,22 @@ def has_tag(pid: int, tag: bytes) -> bool:
 # -- the guard ----------------------------------------------------------------------------------
 
 
+class GuardService(Service):
+    """Runs an EscapeGuard's sweep while the gateway's service runs (so building the service in a
+    test starts no timer)."""
+
+    def __init__(self, guard: EscapeGuard):
+        self._guard = guard
+
+    def startService(self) -> None:
+        super().startService()
+        self._guard.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._guard.stop_sweeping()
+
+
 class EscapeGuard:
     """The processes re-parented to this (subreaper) gateway: killed by tag when their child ends,
     reaped when they exit, all killed at shutdown."""
@@ -191,9 +207,15 @@ class EscapeGuard:
         self.reaped = 0
 
     def start(self) -> None:
+        if self._sweeper.running:
+            return
         d = self._sweeper.start(SWEEP_INTERVAL, now=False)
         d.addErrback(lambda f: log.failure("escaped-process sweep stopped", f))
         self._reactor.addSystemEventTrigger("after", "shutdown", self.shutdown)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
 
     def new_tag(self) -> str:
         """A tag for one child's environment (``TAG_VARIABLE``), unique in this gateway's life."""

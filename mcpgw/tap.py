@@ -210,8 +210,10 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     # and the subreaper of whatever its children leave behind (mcpgw.procsec).
     from mcpgw import procsec
 
-    procsec.harden(reactor)
+    guard = procsec.harden(reactor)
     top = build_service(config, reactor, options["listen"], options["metrics-listen"])
+    if guard is not None:
+        procsec.GuardService(guard).setServiceParent(top)
     warn_if_open(config, options["listen"])
     # Text or JSON, behind logLevel and the cleaning of client-controlled fields (mcpgw.logs).
     top.log_observer = logs.observer_for(getattr(options, "parent", None), options["log-format"] or config.logFormat)
