@@ -54,8 +54,9 @@ _guard: EscapeGuard | None = None
 
 
 def guard() -> EscapeGuard | None:
-    """The process's EscapeGuard (the subreaper is a property of the whole process), or None."""
-    return _guard
+    """The process's EscapeGuard while it runs (the subreaper is a property of the whole process;
+    a gateway service built but never started, as in tests, tags nothing), or None."""
+    return _guard if _guard is not None and _guard.running else None
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -186,9 +187,8 @@ class GuardService(Service):
         super().startService()
         self._guard.start()
 
-    def stopService(self) -> None:
-        super().stopService()
-        self._guard.stop_sweeping()
+    # No stopService of its own: children end while the other services stop, and their escaped
+    # helpers are still found by tag until the reactor's shutdown trigger (EscapeGuard.shutdown).
 
 
 class EscapeGuard:
@@ -213,9 +213,9 @@ class EscapeGuard:
         d.addErrback(lambda f: log.failure("escaped-process sweep stopped", f))
         self._reactor.addSystemEventTrigger("after", "shutdown", self.shutdown)
 
-    def stop_sweeping(self) -> None:
-        if self._sweeper.running:
-            self._sweeper.stop()
+    @property
+    def running(self) -> bool:
+        return self._sweeper.running
 
     def new_tag(self) -> str:
         """A tag for one child's environment (``TAG_VARIABLE``), unique in this gateway's life."""

@@ -268,6 +268,7 @@ class RecordingReactor(FakeProcessReactor):
 
 
 class FakeGuard:
+    running = True
     def __init__(self) -> None:
         self.killed: list[str] = []
 
