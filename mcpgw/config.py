@@ -50,7 +50,7 @@ class ServerConfig:
     env: Mapping[str, str] = attrs.field(factory=dict)
     cwd: str | None = None
     #: The account the child runs as (a name or a uid, and a group: default the user's own) when
-    #: the gateway runs as root; None: the gateway's own (mcpgw.upstream.stdio.account).
+    #: the gateway runs as root; None: the gateway's own (mcpgw.procsec.account).
     user: str | None = None
     group: str | None = None
     default: bool = False
@@ -634,7 +634,7 @@ def _child_account(raw: dict[str, Any], key: str) -> dict[str, str | None]:
         if out["group"] is not None:
             raise ConfigError(f"{key}.group", "only applies together with user")
         return out
-    from mcpgw.upstream.stdio import account
+    from mcpgw.procsec import account
 
     try:
         uid, gid, _ = account(out["user"], out["group"])

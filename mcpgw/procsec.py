@@ -20,6 +20,7 @@ Linux only (``prctl``, ``/proc``); elsewhere every call here is a no-op and ``ha
 from __future__ import annotations
 
 import errno
+from functools import lru_cache
 import itertools
 import os
 import signal
@@ -305,3 +306,37 @@ def _reap_all(pids: list[int], timeout: float) -> None:
         if not left or time.monotonic() >= deadline:
             return
         time.sleep(0.005)
+
+
+@lru_cache(maxsize=64)
+def account(user: str | int | None, group: str | int | None) -> tuple[int, int, str | None]:
+    """(uid, gid, home) of a server's ``user`` / ``group`` (names or numbers); the group defaults
+    to the user's primary group. KeyError for an unknown name."""
+    import grp
+    import pwd
+
+    entry = None
+    if isinstance(user, int) or (isinstance(user, str) and user.isdigit()):
+        uid = int(user)
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            pass
+    else:
+        try:
+            entry = pwd.getpwnam(str(user))
+        except KeyError:
+            raise KeyError(f"user {user!r}") from None
+        uid = entry.pw_uid
+    if group is None:
+        if entry is None:
+            raise KeyError(f"uid {uid} has no passwd entry, so no primary group: name a group")
+        gid = entry.pw_gid
+    elif isinstance(group, int) or group.isdigit():
+        gid = int(group)
+    else:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise KeyError(f"group {group!r}") from None
+    return uid, gid, entry.pw_dir if entry is not None else None

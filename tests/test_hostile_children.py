@@ -337,7 +337,7 @@ class SpawnHardeningTests(SynchronousTestCase):
     def test_user_runs_the_child_through_the_uid_path(self) -> None:
         """posix_spawn cannot switch accounts: spawnProcess gets uid/gid, HOME is the account's,
         and the fresh directory is the account's."""
-        self.patch(stdio, "account", lambda user, group: (4321, 4322, "/home/svc"))
+        self.patch(procsec, "account", lambda user, group: (4321, 4322, "/home/svc"))
         owners: list[Any] = []
         self.patch(stdio.os, "chown", lambda path, uid, gid: owners.append((uid, gid)))
         self.spawn(user="svc")

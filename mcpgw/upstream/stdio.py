@@ -212,40 +212,6 @@ def _fresh_cwd(owner: tuple[int, int] | None, reactor: Any = None) -> str:
     return path
 
 
-@lru_cache(maxsize=64)
-def account(user: str | int | None, group: str | int | None) -> tuple[int, int, str | None]:
-    """(uid, gid, home) of a server's ``user`` / ``group`` (names or numbers); the group defaults
-    to the user's primary group. KeyError for an unknown name."""
-    import grp
-    import pwd
-
-    entry = None
-    if isinstance(user, int) or (isinstance(user, str) and user.isdigit()):
-        uid = int(user)
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:
-            pass
-    else:
-        try:
-            entry = pwd.getpwnam(str(user))
-        except KeyError:
-            raise KeyError(f"user {user!r}") from None
-        uid = entry.pw_uid
-    if group is None:
-        if entry is None:
-            raise KeyError(f"uid {uid} has no passwd entry, so no primary group: name a group")
-        gid = entry.pw_gid
-    elif isinstance(group, int) or group.isdigit():
-        gid = int(group)
-    else:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise KeyError(f"group {group!r}") from None
-    return uid, gid, entry.pw_dir if entry is not None else None
-
-
 # -- a child's line that cannot be parsed --------------------------------------------------------
 
 #: Bytes of an unparsable line's head scanned for its top-level ``id``, ``result``, ``error`` and
@@ -485,7 +451,7 @@ class StdioUpstream(ProcessProtocol):
         uid = gid = None
         user = getattr(self.server, "user", None)
         if user is not None:
-            uid, gid, home = account(user, getattr(self.server, "group", None))
+            uid, gid, home = procsec.account(user, getattr(self.server, "group", None))
             if (uid, gid) == (os.geteuid(), os.getegid()):
                 uid = gid = None  # already that account: nothing to switch
             elif home is not None:
