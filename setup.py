@@ -18,7 +18,9 @@ setup(
         "prometheus-client",
         "attrs",
         "treq",
-        "orjson",
+        # 3.11.6 on: loads (CVE-2024-27454) and dumps (CVE-2025-67221) stop at 1024 levels of nesting,
+        # the gateway's one nesting limit; older releases recurse without bound.
+        "orjson>=3.11.6",
         # JWT bearer tokens (auth.jwt): HS256 and JWKS keys.
         "pyjwt[crypto]",
         # The real stdio MCP server that conf/gateway.json serves by default.

@@ -1,5 +1,3 @@
-import sys
-
 import pytest
 
 from tests.gateway_process import Gateway
@@ -33,10 +31,3 @@ def make_module_gateway():
     for gw in started:
         gw.stop()
 
-
-# Outside a virtual environment (CI's `python3 -m pip install -e` into the system interpreter) these two
-# modules fail for reasons of their setup, not of the gateway: a child run as /usr/bin/python3 lacks
-# Twisted, and the deep-JSON cases hit the test's own stdlib json recursion limit. Under a venv they
-# pass. Tracked in the session note (issue 15 stays open); fix and remove this.
-if sys.prefix == sys.base_prefix:
-    collect_ignore = ["test_hostile_child_reply.py", "test_hostile_children.py"]

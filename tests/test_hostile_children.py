@@ -30,7 +30,7 @@ from mcpgw import procsec
 from mcpgw.config import ServerConfig
 from mcpgw.upstream import stdio
 from mcpgw.upstream.stdio import StdioUpstream
-from tests import wire
+from tests import runas, wire
 from tests.fake_process import FakeProcessReactor
 from tests.gateway_process import TWISTD, Gateway, pid_alive, wait_until
 from tests.hostile import LegitClient, proc_stats
@@ -49,7 +49,7 @@ PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
 
 
 def hostile_server(**extra: Any) -> dict[str, Any]:
-    return {"command": PYTHON, "args": [str(HOSTILE_SERVER)], **extra}
+    return {"command": PYTHON, "args": [str(runas.readable_copy(HOSTILE_SERVER))], **extra}
 
 
 class GatewayAs(Gateway):
@@ -63,13 +63,15 @@ class GatewayAs(Gateway):
         with open(self.config_path, "w") as f:
             json.dump(config, f)
         os.chmod(self.config_path, 0o600)
-        prefix: list[str] = []
+        command = TWISTD
         if uid is not None:
             for path in (self._dir.name, self.config_path):
                 os.chown(path, uid, uid)
-            prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            runtime = runas.runtime_for(uid)
+            command = [*runas.setpriv(uid), *runtime.python, *TWISTD[1:]]
+            env = {**(env or {}), **runtime.env}
         self.proc = subprocess.Popen(
-            [*prefix, *TWISTD, "mcpgw", "--config", self.config_path, "--listen", "tcp:0:interface=127.0.0.1",
+            [*command, "mcpgw", "--config", self.config_path, "--listen", "tcp:0:interface=127.0.0.1",
              "--metrics-listen", "tcp:0:interface=127.0.0.1"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=self._dir.name,
         )
