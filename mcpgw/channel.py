@@ -29,8 +29,11 @@ import resource as _rlimit
 from typing import Any
 
 import attrs
+from twisted.internet import tcp
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
+from twisted.protocols.basic import LineReceiver
+from twisted.web.http import HTTPChannel, _MalformedChunkedDataError, _parseRequestLine
+from twisted.web.iweb import INonQueuedRequestFactory
 
 from mcpgw import jsonrpc, logs
 
@@ -58,6 +61,16 @@ _BUSY = 3  # the request is being answered
 _GONE = 4  # closed, refused, or taken over (a WebSocket)
 
 _log = Logger(namespace="mcpgw.channel", observer=logs.observer)
+
+#: Twisted private: the name-mangled line state of HTTPChannel.lineReceived (Twisted 24.3-26.10),
+#: which GatewayChannel._line_received keeps; without it, the public override runs instead.
+_LINE_STATE = all(hasattr(HTTPChannel, name) for name in ("_HTTPChannel__first_line", "_HTTPChannel__header"))
+
+#: Twisted private: a plain TCP transport's send buffers (FileDescriptor.dataBuffer, offset,
+#: _tempDataLen) and its socket, read to send a whole response at once when nothing is queued
+#: before it (GatewayChannel.write). MCPGW_FAST_PATHS=0 turns it off.
+_WRITE_THROUGH = os.environ.get("MCPGW_FAST_PATHS", "1") != "0" and all(
+    hasattr(tcp.Server, name) for name in ("dataBuffer", "offset", "connected", "disconnecting", "_writeDisconnected"))
 
 
 @attrs.frozen
@@ -158,6 +171,16 @@ class GatewayChannel(HTTPChannel):
     _pipelined = 0
     _tracked = False
     _ip = "local"
+    #: While no complete request head is in: when this connection began waiting for one (Connections.serial).
+    waiting_since: int | None = None
+    #: A request has been answered on this connection (Connections sheds these last).
+    kept_alive = False
+    #: The response head written by writeHeaders and not sent yet (it goes out with the body).
+    _head: list[bytes] | None = None
+    #: The transport is a plain TCP connection whose socket may be written directly (_WRITE_THROUGH).
+    _through = False
+    _host_address: Any = None
+    _peer_address: Any = None
 
     # -- connection --------------------------------------------------------------------------
 
@@ -171,7 +194,10 @@ class GatewayChannel(HTTPChannel):
         self._gate = _ReadGate(self._networkProducer)
         self._networkProducer = self._gate
         self._socket = self.transport  # kept for the accounting when a WebSocket takes the transport over
-        self._ip = getattr(self.transport.getPeer(), "host", None) or "local"
+        transport = self.transport
+        self._through = _WRITE_THROUGH and type(transport) is tcp.Server and hasattr(transport, "_tempDataLen") \
+            and hasattr(transport, "socket")
+        self._ip = getattr(self.getPeer(), "host", None) or "local"
         refusal = self._connections.opened(self, self._ip, _fileno(self.transport))
         if refusal is not None:
             self._refuse_connection(refusal)
@@ -204,6 +230,71 @@ class GatewayChannel(HTTPChannel):
                 if call.active():
                     call.cancel()
 
+    # -- addresses ---------------------------------------------------------------------------
+
+    def getHost(self) -> Any:
+        """The connection's local address, asked of the socket once (Request.__init__ asks per
+        request, and a TCP transport makes a getsockname call each time)."""
+        if self._host_address is None:
+            self._host_address = self.transport.getHost()
+        return self._host_address
+
+    def getPeer(self) -> Any:
+        if self._peer_address is None:
+            self._peer_address = self.transport.getPeer()
+        return self._peer_address
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """HTTPChannel.writeHeaders, except that the head waits for the body's first bytes (or for
+        the end of Request.write) and goes out with them."""
+        if not self._through:
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self._head = head
+
+    def write(self, data: bytes) -> None:
+        """Response bytes (a body of known length; a chunked body comes by writeSequence). When
+        nothing is queued before them they are sent at once, with the head: the reactor's write
+        cycle (two epoll_ctl calls and a doWrite) is for what the socket does not take."""
+        head = self._head
+        if head is not None:
+            self._head = None
+            head.append(data)
+            data = b"".join(head)
+        transport = self.transport
+        if self._through and transport is not None and not transport._tempDataLen \
+                and transport.offset == len(transport.dataBuffer) and transport.connected \
+                and not transport.disconnecting and not transport._writeDisconnected:
+            try:
+                sent = transport.socket.send(data)
+            except OSError:  # EAGAIN, or an error the transport's own write path meets and reports
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            iovec = head + list(iovec)
+        self.transport.writeSequence(iovec)
+
+    def flush_head(self) -> None:
+        """GatewayRequest.write: a head written without body bytes (an SSE stream's start) goes now."""
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.transport.writeSequence(head)
+
     # -- reading -----------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -216,7 +307,8 @@ class GatewayChannel(HTTPChannel):
             return
         if self._phase == _WAIT and data:
             self._phase = _HEAD
-        super().dataReceived(data)
+        self.resetTimeout()  # HTTPChannel.dataReceived, without its frame
+        LineReceiver.dataReceived(self, data)
         # One timer per phase, armed only when a head or body spans reads (most arrive whole).
         if self._deadline is None and not self.paused:
             if self._phase == _HEAD:
@@ -224,19 +316,65 @@ class GatewayChannel(HTTPChannel):
             elif self._phase == _BODY:
                 self._deadline = self.callLater(self._limits.body_timeout, self._body_late)
 
-    def lineReceived(self, line: bytes) -> None:
+    def _line_received_checked(self, line: bytes) -> None:
+        """Fallback when HTTPChannel's private line state is not what _line_received expects: the
+        obs-fold check in front of Twisted's own lineReceived (a frame more per line)."""
         if line and line[0] in (0x20, 0x09):
-            # obs-fold (RFC 9112 section 5.2: a server MUST reject it or replace it; an
-            # Authorization folded over two lines is not one the gateway guesses at), or a
-            # request line that starts with whitespace.
             self._respondToBadRequestAndDisconnect()  # Twisted private: 400 and close
             return
-        super().lineReceived(line)
+        HTTPChannel.lineReceived(self, line)
+
+    def _line_received(self, line: bytes) -> None:
+        """HTTPChannel.lineReceived of Twisted 24.3-26.10 (its name-mangled state probed in
+        _LINE_STATE), except that a continuation line (obs-fold, RFC 9112 section 5.2: a server MUST
+        reject it or replace it; an Authorization folded over two lines is not one the gateway
+        guesses at) is 400 and close. The check sits where Twisted joins continuation lines, so the
+        other lines pay nothing for it."""
+        self._receivedHeaderSize += len(line)
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self._respondToBadRequestAndDisconnect()
+            return
+        if self._HTTPChannel__first_line:
+            if not self.persistent:
+                self.dataReceived = self.lineReceived = lambda *args: None
+                return
+            if not line and self._HTTPChannel__first_line == 1:
+                self._HTTPChannel__first_line = 2  # one empty line before a request is tolerated
+                return
+            if INonQueuedRequestFactory.providedBy(self.requestFactory):
+                request = self.requestFactory(self)
+            else:
+                request = self.requestFactory(self, len(self.requests))
+            self.requests.append(request)
+            self._HTTPChannel__first_line = 0
+            try:
+                self._command, self._path, self._version = _parseRequestLine(line)
+            except ValueError:
+                self._respondToBadRequestAndDisconnect()
+        elif line == b"":
+            header = self._HTTPChannel__header
+            if header and not self.headerReceived(header):
+                return  # answered 400
+            self._HTTPChannel__header = b""
+            self.allHeadersReceived()
+            if self.length == 0:
+                self.allContentReceived()
+            else:
+                self.setRawMode()
+        elif line[0] in b" \t":
+            self._respondToBadRequestAndDisconnect()
+        else:
+            header = self._HTTPChannel__header
+            if header:
+                self.headerReceived(header)
+            self._HTTPChannel__header = line
+
+    lineReceived = _line_received if _LINE_STATE else _line_received_checked
 
     def allHeadersReceived(self) -> None:
         """HTTPChannel.allHeadersReceived (persistence, length, 100-continue), with the head
         routed and its Guard asked before any byte of the body is read."""
-        self._end_phase(_BODY if self.length != 0 else _BUSY)
+        self._end_phase(_BODY if self.length != 0 else _BUSY)  # (before the Guard: an answer may end the request)
         request = self.requests[-1]
         request.parseCookies()
         # Twisted private: _command, _path, _version are the request line HTTPChannel parsed.
@@ -252,6 +390,10 @@ class GatewayChannel(HTTPChannel):
             self._gate.hold(_VERDICT)
             pending.addCallback(self._decided, request)
             pending.addErrback(lambda f: _log.failure("head decision failed", f))
+            return
+        if request.head_reply is None and (self.length is None or self.length <= self._limits.max_body_bytes):
+            if request.requestHeaders.getRawHeaders(b"expect"):
+                self._invite_body(request)
             return
         self._admit_body(request, in_head=True)
 
@@ -269,6 +411,10 @@ class GatewayChannel(HTTPChannel):
         if request.head_reply is not None:
             self._answer_without_body(request, in_head)
             return
+        self._invite_body(request)
+
+    def _invite_body(self, request: Any) -> None:
+        """``Expect: 100-continue`` is answered only once the head is admitted (RFC 9110 section 10.1.1)."""
         expect = request.requestHeaders.getRawHeaders(b"expect")
         if expect and expect[0].lower() == b"100-continue" and self._version == b"HTTP/1.1":
             self._send100Continue()  # Twisted private: writes "HTTP/1.1 100 Continue"
@@ -295,6 +441,8 @@ class GatewayChannel(HTTPChannel):
             self.allContentReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
+        """HTTPChannel.rawDataReceived: a body to its transfer decoder, or later requests' bytes
+        buffered while one is answered (bounded here)."""
         if self._discarding:
             return
         # Twisted private: _handlingRequest, _dataBuffer (input buffered while a request is answered).
@@ -306,7 +454,11 @@ class GatewayChannel(HTTPChannel):
             if self._buffered > EAGER_READ:
                 self._gate.hold(_BUFFERED)
             return
-        super().rawDataReceived(data)
+        try:
+            self._transferDecoder.dataReceived(data)  # Twisted private: the body's transfer decoder
+        except _MalformedChunkedDataError:
+            self._respondToBadRequestAndDisconnect()
+            return
         if self._cut_body:
             self._cut_body = False
             if not self._handlingRequest and self._body_request is not None:
@@ -314,10 +466,30 @@ class GatewayChannel(HTTPChannel):
             else:
                 self._discarding = True
 
-    def allContentReceived(self) -> None:
+    def _all_content_received(self) -> None:
+        """HTTPChannel.allContentReceived of Twisted 24.3-26.10 (its name-mangled line state
+        probed in _LINE_STATE), with the body's deadline ended: the request is handled."""
         self._body_request = None
         self._end_phase(_BUSY)
-        super().allContentReceived()
+        command, path, version = self._command, self._path, self._version
+        self.length = 0
+        self._receivedHeaderCount = 0
+        self._receivedHeaderSize = 0
+        self._HTTPChannel__first_line = 1
+        self._transferDecoder = None
+        del self._command, self._path, self._version
+        if self.timeOut:
+            self._savedTimeOut = self.setTimeout(None)  # no idle timeout while the answer is made
+        self._handlingRequest = True
+        self.setRawMode()  # later requests' bytes are buffered until requestDone
+        self.requests[-1].requestReceived(command, path, version)
+
+    def _all_content_received_public(self) -> None:
+        self._body_request = None
+        self._end_phase(_BUSY)
+        HTTPChannel.allContentReceived(self)
+
+    allContentReceived = _all_content_received if _LINE_STATE else _all_content_received_public
 
     def requestDone(self, request: Any) -> None:
         """HTTPChannel.requestDone, except that buffered pipelined input is parsed only while the
@@ -334,7 +506,10 @@ class GatewayChannel(HTTPChannel):
         if self._savedTimeOut:  # Twisted private: the idle timeout, off while a request is answered
             self.setTimeout(self._savedTimeOut)
         self._phase = _WAIT
-        self._connections.waiting(self)
+        connections = self._connections
+        connections.serial += 1
+        self.waiting_since = connections.serial
+        self.kept_alive = True
         self._buffered = 0
         data = b"".join(self._dataBuffer) if self._dataBuffer else b""
         self._dataBuffer = []
@@ -373,8 +548,7 @@ class GatewayChannel(HTTPChannel):
             self._replay_call = self.callLater(0, self._replay)
 
     def _end_phase(self, phase: int) -> None:
-        if self._phase <= _HEAD:
-            self._connections.head_complete(self)
+        self.waiting_since = None
         self._phase = phase
         call = self._deadline
         if call is not None:
@@ -505,8 +679,10 @@ class Connections:
         self.reserve = max(8, nofile // 20)
         self.count = 0
         self._per_ip: dict[str, int] = {}
-        #: Connections without a complete request head, the longest waiting first.
-        self._waiting: dict[Any, None] = {}
+        #: Every counted connection. The ones without a complete request head have a
+        #: ``waiting_since`` (a serial number, set by the channel): the smallest has waited longest.
+        self._open: set[Any] = set()
+        self.serial = 0
         #: WebSockets: the transport and its address, counted until the socket is seen closed.
         self._upgraded: dict[Any, str] = {}
         self.shed_total = 0
@@ -534,23 +710,29 @@ class Connections:
             return refusal
         self.count += 1
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        self._waiting[channel] = None
+        self._open.add(channel)
+        self.serial += 1
+        channel.waiting_since = self.serial
         return None
 
     def closed(self, channel: Any) -> None:
-        self._waiting.pop(channel, None)
+        self._open.discard(channel)
         self._forget(channel._ip)
 
     def waiting(self, channel: Any) -> None:
-        """``channel`` answered a request and waits for the next head: the youngest in line."""
-        self._waiting.pop(channel, None)
-        self._waiting[channel] = None
+        """``channel`` answered a request and waits for the next head: the youngest in line, and
+        shed only after every connection that has not completed a request. (GatewayChannel does
+        the same inline, once per request.)"""
+        self.serial += 1
+        channel.waiting_since = self.serial
+        channel.kept_alive = True
 
-    def head_complete(self, channel: Any) -> None:
-        self._waiting.pop(channel, None)
+    @staticmethod
+    def head_complete(channel: Any) -> None:
+        channel.waiting_since = None
 
     def upgraded(self, channel: Any, transport: Any) -> None:
-        self._waiting.pop(channel, None)
+        self._open.discard(channel)
         self._upgraded[transport] = channel._ip
 
     # -- limits ------------------------------------------------------------------------------
@@ -577,13 +759,14 @@ class Connections:
         if excess <= 0:
             return None
         self._prune_upgraded()
-        victims = []
-        for channel in self._waiting:
-            if len(victims) >= excess:
-                break
-            victims.append(channel)
+        # A kept-alive connection, idle between a client's requests, goes after every connection
+        # that never completed a request (nginx, too, closes idle keep-alive connections last):
+        # a client whose request crosses the close would see it fail.
+        waiting = [channel for channel in self._open if channel.waiting_since is not None]
+        waiting.sort(key=lambda channel: (getattr(channel, "kept_alive", False), channel.waiting_since))
+        victims = waiting[:excess]
         for channel in victims:
-            del self._waiting[channel]
+            channel.waiting_since = None
             channel.shed()
         self.shed_total += len(victims)
         if victims:

@@ -90,31 +90,19 @@ class Guard(Resource):
         a Host that is the gateway's own (HostPolicy.origin_allowed)."""
         return self._policy.origin_allowed(origin, request.getHeader(b"host"))
 
-    def head(self, request: Request) -> Deferred[Any] | None:
-        """Decide on the request head (mcpgw.channel.GatewayChannel, before a byte of the body is
-        read). A refusal's status and headers are set on ``request`` and its body kept in
-        ``request.head_reply``; a limiter that answers later gives a Deferred that fires once decided."""
-        verdict = self.check(request)
-        if isinstance(verdict, Deferred):
-            request.guard_verdict = verdict
-            return verdict.addCallback(self._decided, request)
-        request.guard_verdict = verdict
-        if verdict is not ADMIT:
-            request.head_reply = verdict
-        return None
-
     @staticmethod
-    def _decided(verdict: Any, request: Any) -> Any:
+    def decided(verdict: Any, request: Any) -> Any:
+        """A limiter that answered later decided on ``request``'s head (GatewaySite.head_received)."""
         request.guard_verdict = verdict
         if verdict is not ADMIT:
             request.head_reply = verdict
         return verdict
 
     def render(self, request: Request) -> Any:
+        verdict = getattr(request, "guard_verdict", None)
         reply = getattr(request, "head_reply", None)
         if reply is not None:
             return reply  # refused on the head (or its body was over maxBodyBytes)
-        verdict = getattr(request, "guard_verdict", None)
         if verdict is None:
             verdict = self.check(request)  # a request that did not come through GatewayChannel
         if verdict is ADMIT:
@@ -423,6 +411,12 @@ class GatewayRequest(Request):
         if content.tell() > self.max_body:
             self.channel.body_too_large(self)  # a chunked body (a declared length is checked on the head)
 
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        channel = self.channel
+        if getattr(channel, "_head", None) is not None:
+            channel.flush_head()  # the head of a response started without body bytes (GatewayChannel.writeHeaders)
+
     def refuse_too_large(self, length: int | None, limit: int) -> None:
         """413 before (Content-Length) or the moment (chunked) the body passes ``maxBodyBytes``."""
         size = f" of {length} bytes" if length is not None else ""
@@ -470,14 +464,21 @@ class GatewaySite(Site):
         if path == b"*":
             return None
         request.prepath = []
-        request.postpath = [unquote_to_bytes(p) for p in path[1:].split(b"/")]
+        segments = path[1:].split(b"/")
+        request.postpath = [unquote_to_bytes(p) for p in segments] if b"%" in path else segments
         resource = Site.getResourceFor(self, request)
         request.head_route = (resource, request.prepath, request.postpath)
         guard = getattr(resource, "head_guard", None)
         if guard is None:
             return None
         request.head_guard = guard
-        return guard.head(request)
+        verdict = request.guard_verdict = guard.check(request)
+        if verdict is ADMIT:
+            return None
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(Guard.decided, request)
+        request.head_reply = verdict
+        return None
 
     def getResourceFor(self, request: Any) -> Any:
         route = getattr(request, "head_route", None)

@@ -353,6 +353,27 @@ class ConnectionsTests(SynchronousTestCase):
         self.assertEqual(shed, [2, 3, 4])
         self.assertFalse(channels[0].was_shed)
 
+    def test_kept_alive_connections_shed_after_those_that_never_completed_a_request(self) -> None:
+        """A client's idle keep-alive connection (between two of its requests) is older than the
+        slow heads opened since, but is shed only once none of those is left: a request that
+        crosses the close would fail."""
+        in_use = {"n": 0}
+        c = Connections(Clock(), nofile=100, descriptors=lambda fallback: in_use["n"])
+        legit = FakeChannel()
+        c.opened(legit, "127.0.0.1", 10)
+        c.waiting(legit)  # answered a request; idle now
+        slow = [FakeChannel() for _ in range(5)]
+        for i, ch in enumerate(slow):
+            c.opened(ch, "127.0.0.1", 11 + i)
+        in_use["n"] = 85
+        self.assertIsNone(c.opened(FakeChannel(), "127.0.0.1", 84))
+        self.assertEqual([ch.was_shed for ch in slow], [True] * 5)
+        self.assertFalse(legit.was_shed)
+        newcomer = next(ch for ch in c._open if ch not in slow and ch is not legit)
+        in_use["n"] = 87  # more than are waiting: the newcomer, then the kept-alive connection too
+        c.opened(FakeChannel(), "127.0.0.1", 86)
+        self.assertTrue(newcomer.was_shed and legit.was_shed)
+
     def test_reserve_refuses_when_nothing_can_be_shed(self) -> None:
         c = Connections(Clock(), nofile=100, descriptors=lambda fallback: 96)
         busy = FakeChannel()
@@ -396,3 +417,130 @@ class LimitsConfigTests(SynchronousTestCase):
                            ("maxConnections", -1), ("maxConnectionsPerIp", True)]:
             e = self.assertRaises(ConfigError, self.parse, **{key: value})
             self.assertIn(f"limits.{key}", str(e))
+
+
+class Json(Resource):
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+
+    def render(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return self.body
+
+
+class Stream(Resource):
+    """An SSE-like response: the head now, the body later (chunked)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Any] = []
+
+    def render(self, request: Any) -> Any:
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.write(b"")
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class WriteThroughTests(SynchronousTestCase):
+    """GatewayChannel.write on a real TCP transport (a socketpair; the reactor in memory): a whole
+    response is sent at once when nothing is queued before it, and what the socket does not take
+    is left to the transport, in order."""
+
+    def setUp(self) -> None:
+        import socket
+
+        from twisted.internet import tcp
+        from twisted.internet.testing import MemoryReactorClock
+
+        self.reactor = MemoryReactorClock()
+        root = Resource()
+        self.big = b"x" * (4 * 1024 * 1024)
+        root.putChild(b"small", Json(b'{"ok":true}'))
+        root.putChild(b"big", Json(self.big))
+        self.stream = Stream()
+        root.putChild(b"stream", self.stream)
+        site = GatewaySite(root, reactor=self.reactor)
+        site.connections = Connections(self.reactor, nofile=100000)
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.peer = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+        listener.close()
+        ours.setblocking(False)
+        self.peer.settimeout(5)
+        self.addCleanup(self.peer.close)
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        self.channel = site.buildProtocol(address)
+        self.transport = tcp.Server(ours, self.channel, ("127.0.0.1", 40000), None, 1, self.reactor)
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.addCleanup(lambda: hasattr(self.transport, "socket") and self.transport.connectionLost(Failure(ConnectionDone())))
+        self.channel.makeConnection(self.transport)
+
+    def request(self, path: str) -> None:
+        self.transport.protocol.dataReceived(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+    def received(self, at_least: int) -> bytes:
+        data = b""
+        while len(data) < at_least:
+            chunk = self.peer.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def test_whole_response_sent_without_the_reactor(self) -> None:
+        self.assertTrue(self.channel._through)
+        self.request("/small")
+        self.assertNotIn(self.transport, self.reactor.getWriters())
+        data = self.received(1)
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertIn(b"Content-Length: 11", head)
+        self.assertEqual(body, b'{"ok":true}')
+
+    def test_what_the_socket_does_not_take_goes_through_the_transport_in_order(self) -> None:
+        self.request("/big")
+        self.request("/small")  # pipelined behind it: queued after the rest of the big one
+        self.assertIn(self.transport, self.reactor.getWriters())
+        data = b""
+        expected = len(self.big) + 200
+        while len(data) < expected:
+            self.transport.doWrite()
+            try:
+                data += self.peer.recv(1 << 20)
+            except TimeoutError:
+                break
+        first, _, rest = data.partition(b"\r\n\r\n")
+        self.assertIn(b"Content-Length: %d" % len(self.big), first)
+        self.assertEqual(rest[: len(self.big)], self.big)
+        self.assertTrue(rest[len(self.big):].startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertTrue(rest.endswith(b'{"ok":true}'))
+
+    def test_a_stream_head_and_chunks_go_through_the_transport(self) -> None:
+        self.request("/stream")
+        self.transport.doWrite()
+        head = self.received(1)
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n"))
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        self.stream.requests[0].write(b"data: 1\n\n")
+        self.assertIn(self.transport, self.reactor.getWriters())  # chunks keep the transport's write cycle
+        self.transport.doWrite()
+        self.assertEqual(self.received(1), b"9\r\ndata: 1\n\n\r\n")
+
+    def test_fast_paths_off_writes_through_the_transport(self) -> None:
+        from mcpgw import channel as channel_module
+
+        self.patch(channel_module, "_WRITE_THROUGH", False)
+        self.setUp()
+        self.assertFalse(self.channel._through)
+        self.request("/small")
+        self.assertIn(self.transport, self.reactor.getWriters())
+        self.transport.doWrite()
+        self.assertTrue(self.received(1).endswith(b'{"ok":true}'))
