@@ -26,6 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpgw import jsonrpc, logs
+from mcpgw.channel import ADMIT
 from mcpgw.config import ConfigError, check_server_name
 from mcpgw.control import ServerConflict, ServerControl, UnknownServer
 from mcpgw.stats import StatsSampler
@@ -85,11 +86,25 @@ class AdminResource(Resource):
         self._control = control
         self._stats = stats
         self._auth = auth
+        #: Asked on the request head (mcpgw.web.GatewaySite.head_received): a request without the
+        #: token is answered 401 before a byte of its body is read.
+        self.head_guard = self
+
+    def check(self, request: Request) -> Any:
+        """ADMIT with the admin token, else the 401 body."""
+        if self._auth.allows(request):
+            return ADMIT
+        request.setHeader(b"www-authenticate", b'Bearer realm="mcpgw-admin"')
+        return _error(request, 401, "admin token required (Authorization: Bearer <admin.token>)")
 
     def render(self, request: Request) -> Any:
-        if not self._auth.allows(request):
-            request.setHeader(b"www-authenticate", b'Bearer realm="mcpgw-admin"')
-            return _error(request, 401, "admin token required (Authorization: Bearer <admin.token>)")
+        reply = getattr(request, "head_reply", None)
+        if reply is not None:
+            return reply  # refused on the head (or its body was over maxBodyBytes)
+        if getattr(request, "guard_verdict", None) is not ADMIT:
+            verdict = self.check(request)  # a request that did not come through GatewayChannel
+            if verdict is not ADMIT:
+                return verdict
         request.setHeader(b"x-content-type-options", b"nosniff")
         parts = [p.decode("utf-8", "replace") for p in (request.postpath or []) if p]
         method = request.method.decode("ascii", "replace")

@@ -62,6 +62,10 @@ _GONE = 4  # closed, refused, or taken over (a WebSocket)
 
 _log = Logger(namespace="mcpgw.channel", observer=logs.observer)
 
+#: A head check's verdict for a request that may go on (``site.head_received``: a resource's
+#: ``head_guard.check(request)`` returns it, or the body of its refusal, or a Deferred of either).
+ADMIT = object()
+
 #: Twisted private: the name-mangled line state of HTTPChannel.lineReceived (Twisted 24.3-26.10),
 #: which GatewayChannel._line_received keeps; without it, the public override runs instead.
 _LINE_STATE = all(hasattr(HTTPChannel, name) for name in ("_HTTPChannel__first_line", "_HTTPChannel__header"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Union
 
 import prometheus_client
 from twisted.application import service, strports
@@ -29,12 +30,22 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["config", "c", "conf/gateway.json", "Path to the gateway's JSON config file."],
-        ["listen", "l", None, "Endpoint to listen on, overriding host/port (e.g. tcp:3000:interface=127.0.0.1)."],
         ["metrics-listen", None, None,
          "Endpoint for /metrics, overriding host/metrics.port (e.g. tcp:9091:interface=127.0.0.1); "
          "metrics.enabled: false still turns metrics off."],
         ["log-format", None, None, "Log lines as text or json (overrides logFormat / LOG_FORMAT)."],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Endpoint to listen on, overriding host/port (e.g. tcp:3000:interface=127.0.0.1); give it
+        again to listen on several (Host and Origin are checked against every one)."""
+        self["listen"].append(description)
+
+    opt_l = opt_listen
 
     def postOptions(self) -> None:
         if self["log-format"] is not None and self["log-format"] not in LOG_FORMATS:
@@ -61,8 +72,24 @@ _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 _log = Logger(namespace="mcpgw.tap", observer=logs.observer)
 
 
-def listens_on_loopback_only(config: GatewayConfig, listen: str | None) -> bool:
-    """True when the gateway can be reached from this machine only (or a Unix socket)."""
+#: ``--listen``: one strports description, several, or None (host/port from the config).
+Listens = Union[str, Sequence[str], None]
+
+
+def listens_of(listen: Listens) -> list[str]:
+    """The ``--listen`` descriptions as a list (empty: host/port from the config)."""
+    if listen is None:
+        return []
+    return [listen] if isinstance(listen, str) else list(listen)
+
+
+def listens_on_loopback_only(config: GatewayConfig, listen: Listens) -> bool:
+    """True when the gateway can be reached from this machine only (or a Unix socket), on every
+    endpoint it listens on."""
+    return all(_on_loopback(config, one) for one in listens_of(listen) or [None])
+
+
+def _on_loopback(config: GatewayConfig, listen: str | None) -> bool:
     if listen is None:
         host = config.host
     elif listen.startswith("unix:"):
@@ -73,7 +100,7 @@ def listens_on_loopback_only(config: GatewayConfig, listen: str | None) -> bool:
     return host in _LOOPBACK or host.startswith("127.")
 
 
-def check_secrets(config: GatewayConfig, listen: str | None, insecure_dev: bool) -> None:
+def check_secrets(config: GatewayConfig, listen: Listens, insecure_dev: bool) -> None:
     """Refuse an example secret (docs, .env.example) unless on loopback or ``--insecure-dev``."""
     if insecure_dev or listens_on_loopback_only(config, listen):
         return
@@ -100,7 +127,7 @@ def metrics_endpoint_for(config: GatewayConfig) -> str:
 
 
 def build_service(
-    config: GatewayConfig, reactor: Any, listen: str | None = None, metrics_listen: str | None = None,
+    config: GatewayConfig, reactor: Any, listen: Listens = None, metrics_listen: str | None = None,
     serve: bool = True,
 ) -> GatewayService:
     """Everything one gateway runs: sessions (and their children), keepalive, the web endpoint,
@@ -137,16 +164,16 @@ def build_service(
             rl = config.rateLimit
             ctx.limiter = RedisRateLimiter(cluster.redis, cluster.keys, rl.max, rl.window_seconds, reactor, rl.maxKeys)
     top.context = ctx  # type: ignore[attr-defined]
-    web_listen = listen or endpoint_for(config)
+    web_listens = listens_of(listen) or [endpoint_for(config)]
     # Host and Origin are judged by where the site really listens (--listen wins over host/port).
-    ctx.hosts = HostPolicy.for_listens(config, [web_listen] if serve else None)
+    ctx.hosts = HostPolicy.for_listens(config, web_listens if serve else None)
     site = build_site(ctx)
     top.site = site  # type: ignore[attr-defined]
     _control(top, ctx, site, reactor)
     if not serve:
         return top
-    web = strports.service(web_listen, site)
-    web.setServiceParent(top)
+    for web_listen in web_listens:
+        strports.service(web_listen, site).setServiceParent(top)
     if metrics.enabled:
         m_listen = metrics_listen or metrics_endpoint_for(config)
         strports.service(m_listen, _host_checked(metrics.site(), config, m_listen)).setServiceParent(top)
@@ -180,11 +207,11 @@ def _control(top: GatewayService, ctx: GatewayContext, site: Any, reactor: Any) 
         admin_api.install(site.resource, control, sampler, admin.token)
 
 
-def warn_if_open(config: GatewayConfig, listen: str | None, log: Logger = _log) -> None:
+def warn_if_open(config: GatewayConfig, listen: Listens, log: Logger = _log) -> None:
     """One warning line when anyone who reaches the port may start the servers' children."""
     if config.auth.enabled or listens_on_loopback_only(config, listen):
         return
-    address = listen or f"{config.host}:{config.port}"
+    address = ", ".join(listens_of(listen)) or f"{config.host}:{config.port}"
     log.warn("listening on {address} without authentication: anyone who can reach it can start "
              "every configured server's children (set auth, or bind 127.0.0.1 / MCPGW_HOST=127.0.0.1)",
              address=address)

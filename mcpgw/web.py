@@ -16,7 +16,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site, UnsupportedMethod
 
 from mcpgw import __version__, jsonrpc, logs
 from mcpgw.auth import Authenticator, Unauthorized, principal_of
-from mcpgw.channel import ChannelLimits, Connections, GatewayChannel
+from mcpgw.channel import ADMIT, ChannelLimits, Connections, GatewayChannel
 from mcpgw.config import ServerConfig
 from mcpgw.origin import HostPolicy
 from mcpgw.ratelimit import Decision, MemoryRateLimiter
@@ -25,8 +25,6 @@ from mcpgw.transports.legacy import MessagesEndpoint, SseEndpoint
 from mcpgw.transports.streamable import StreamableEndpoint
 from mcpgw.transports.websocket import websocket_resource
 
-#: Guard.check's verdict for a request that passed every check.
-ADMIT = object()
 ALLOW_HEADERS = b"Content-Type, Authorization, Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID, Mcp-Method, Mcp-Name"
 
 

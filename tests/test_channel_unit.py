@@ -214,6 +214,22 @@ class BodyTests(ChannelTestCase):
         self.assertEqual(self.echo.seen, [])
         self.assertTrue(transport.disconnecting)
 
+    def test_admin_without_its_token_is_401_before_the_body(self) -> None:
+        """/admin has its own token, checked on the head as the Guard's are: a POST without it is
+        answered 401 and none of its (here 1 GB) body is read."""
+        from mcpgw.admin import AdminAuth, AdminResource
+
+        self.root.putChild(b"admin", AdminResource(None, None, AdminAuth("an-admin-token-0123456789")))  # type: ignore[arg-type]
+        channel, transport = self.connect()
+        channel.dataReceived(head("POST", "/admin/servers", None, token=False, extra="Content-Length: 1000000000\r\n"))
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 401 "), out)
+        self.assertIn(b'WWW-Authenticate: Bearer realm="mcpgw-admin"', out)
+        self.assertIn(b"Connection: close", out)
+        channel.dataReceived(b"x" * 100000)
+        self.assertEqual(channel.requests, [])
+        self.assertTrue(transport.disconnecting)
+
     def test_unauthenticated_get_keeps_the_connection(self) -> None:
         """No body to refuse: the 401 is what it was, on a connection that stays open."""
         channel, transport = self.connect()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -156,6 +157,35 @@ class PolicyMatrixTests(SynchronousTestCase):
         self.assertEqual(host_name("evil@127.0.0.1"), "")
         self.assertEqual(host_name("127.0.0.1 evil"), "")
         self.assertEqual(host_name("127.0.0.1/x"), "")
+
+    def test_every_listen_endpoint_counts(self) -> None:
+        """``--listen`` given twice: the site listens on both, and Host is judged against both."""
+        from twisted.application.internet import StreamServerEndpointService
+        from twisted.internet.task import Clock
+
+        from mcpgw import tap
+        from mcpgw.config import parse
+
+        config = parse({"mcpServers": {"fx": {"command": sys.executable}}, "metrics": {"enabled": False}}, {})
+
+        def built(*listens: str) -> tuple[int, HostPolicy]:
+            options = tap.Options()
+            options.parseOptions([arg for listen in listens for arg in ("--listen", listen)])
+            top = tap.build_service(config, Clock(), options["listen"])
+            services = [s for s in top if isinstance(s, StreamServerEndpointService)]
+            return len(services), top.context.hosts  # type: ignore[attr-defined]
+
+        count, both_loopback = built("tcp:0:interface=127.0.0.1", "tcp6:0:interface=\\:\\:1")
+        self.assertEqual(count, 2)
+        self.assertTrue(both_loopback.loopback)
+        self.assertTrue(both_loopback.host_allowed(b"[::1]:3000") and both_loopback.host_allowed(b"127.0.0.1:3000"))
+        self.assertFalse(both_loopback.host_allowed(b"rebind.evil:3000"))
+        self.assertTrue(tap.listens_on_loopback_only(config, ["tcp:0:interface=127.0.0.1", "unix:/tmp/x.sock"]))
+        count, mixed = built("tcp:0:interface=127.0.0.1", "tcp:0:interface=10.0.0.5")
+        self.assertEqual(count, 2)
+        self.assertFalse(mixed.loopback)  # reachable from the network: no longer a loopback-only gateway
+        self.assertTrue(mixed.own_name("10.0.0.5"))
+        self.assertFalse(tap.listens_on_loopback_only(config, ["tcp:0:interface=127.0.0.1", "tcp:0:interface=10.0.0.5"]))
 
     def test_without_listens_the_config_host_decides(self) -> None:
         """A Guard built without build_service (an embedded gateway, a unit test): config.host."""

@@ -175,6 +175,24 @@ def test_unreachable_remote_answers_with_a_jsonrpc_error(make_gateway):
     assert httpx.get(f"{gw.url}/health").status_code == 200
 
 
+def test_connection_failures_tell_the_client_their_kind_not_the_internal_address():
+    """Issue 15: error bodies never carry internal host names or addresses (Twisted's messages do:
+    'Connection was refused by other side: 111' with the address, 'address internal.corp not found')."""
+    from twisted.internet import error
+    from twisted.python.failure import Failure
+
+    from mcpgw.upstream.remote import public_reason
+
+    cases = {
+        error.ConnectionRefusedError("10.1.2.3:8080"): "connection refused",
+        error.DNSLookupError("address 'mcp.internal.corp' not found"): "name lookup failed",
+        error.TimeoutError("connecting to 10.1.2.3 timed out"): "timed out",
+        RuntimeError("anything about 10.1.2.3"): "connection failed",
+    }
+    for exc, kind in cases.items():
+        assert public_reason(Failure(exc)) == kind
+
+
 # -- unit: RemoteUpstream against an in-memory Streamable HTTP server ----------------------
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from treq.client import HTTPClient
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,6 +40,27 @@ from mcpgw import jsonrpc, logs
 from mcpgw.config import ServerConfig
 from mcpgw.metrics import NULL_BOUND, BoundMetrics
 from mcpgw.upstream.stdio import UpstreamDelegate
+
+#: What a client is told of a connection failure: its kind, never the error's own text, which
+#: can name an internal host, address or certificate (the log keeps the whole reason).
+_FAILURE_KINDS = (
+    (error.ConnectionRefusedError, "connection refused"),
+    (error.DNSLookupError, "name lookup failed"),
+    (error.TimeoutError, "timed out"),
+    (defer.TimeoutError, "timed out"),
+    (error.ConnectionLost, "connection lost"),
+    (error.ConnectionDone, "connection closed"),
+)
+
+
+def public_reason(failure: Failure) -> str:
+    """``failure`` as the client may read it (``_FAILURE_KINDS``)."""
+    for kind, text in _FAILURE_KINDS:
+        if failure.check(kind):
+            return text
+    if "SSL" in failure.type.__name__ or "TLS" in failure.type.__name__:
+        return "TLS handshake failed"
+    return "connection failed"
 
 ACCEPT_POST = b"application/json, text/event-stream"
 _INITIALIZED = object()  # the gate while notifications/initialized is on its way
@@ -387,7 +408,7 @@ class RemoteUpstream:
         reason = failure.getErrorMessage() or failure.type.__name__
         self.log.warn("remote {server}: {method} not delivered: {reason}", server=self.server.name,
                       method=msg.get("method"), reason=reason)
-        self._answer_error(msg, f"the remote MCP server is unreachable: {reason}")
+        self._answer_error(msg, f"the remote MCP server is unreachable: {public_reason(failure)}")
         self._ungate(msg)
 
     def _ungate(self, msg: dict[str, Any]) -> None:
@@ -441,12 +462,14 @@ class RemoteUpstream:
         if self.ended or self._stopping:
             return
         reason = failure.getErrorMessage() or failure.type.__name__
+        self.log.warn("remote {server}: GET stream failed: {reason}", server=self.server.name, reason=reason)
+        public = public_reason(failure)
         if self.server.transport == "sse" and self._endpoint is None:
-            self._fail(f"the remote SSE endpoint is unreachable: {reason}")
+            self._fail(f"the remote SSE endpoint is unreachable: {public}")
             for raw, msg in self._held:
-                self._answer_error(msg, f"the remote MCP server is unreachable: {reason}")
+                self._answer_error(msg, f"the remote MCP server is unreachable: {public}")
             return
-        self._stream_lost(reason, None)
+        self._stream_lost(public, None)
 
     def _stream_lost(self, reason: str, last_id: str | None) -> None:
         """The GET stream ended: legacy SSE ends the session (its stream is the session); else reconnect."""
@@ -476,7 +499,10 @@ class RemoteUpstream:
             if stream:
                 self._stream_open = False
                 if not self.ended and not self._stopping:
-                    why = result.getErrorMessage() if isinstance(result, Failure) else "closed"
+                    why = public_reason(result) if isinstance(result, Failure) else "closed"
+                    if isinstance(result, Failure):
+                        self.log.info("remote {server}: stream ended: {reason}", server=self.server.name,
+                                      reason=result.getErrorMessage())
                     self._stream_lost(why, parser.last_id)
 
         d.addBoth(done)
