@@ -5,15 +5,17 @@ setup(
     version="0.1.0",
     description="An event-driven MCP gateway on Twisted: stdio MCP servers over Streamable HTTP and HTTP+SSE.",
     python_requires=">=3.11",
-    packages=["mcpgw", "mcpgw.upstream", "mcpgw.store", "mcpgw.transports", "twisted.plugins"],
+    packages=["mcpgw", "mcpgw._fast", "mcpgw.upstream", "mcpgw.store", "mcpgw.transports", "twisted.plugins"],
     # A static .pth (not a finder hook) for `pip install -e .`, so twistd sees twisted/plugins/.
     package_dir={"": "."},
     # The web console's static files (mcpgw.admin serves them at /console/).
     package_data={"mcpgw": ["console/*.html", "console/*.js", "console/*.css"]},
     include_package_data=True,
     install_requires=[
-        "twisted>=24.3",
-        "autobahn",
+        # mcpgw/_fast reads private parts of these two (probed at import, with a public fallback):
+        # bounded to the major versions tested; constraints.txt pins the exact versions CI ran.
+        "twisted>=24.3,<27",
+        "autobahn<27",
         "txredisapi",
         "prometheus-client",
         "attrs",
@@ -31,6 +33,8 @@ setup(
             "pytest",
             "pytest-twisted",
             "pytest-timeout",
+            # The README's command spreads the suite over workers (`pytest -n 3`).
+            "pytest-xdist",
             "mcp>=2",
             "sseclient-py",
             # sseclient-py's own way to follow a stream, SSEClient(requests.get(url, stream=True)), needs it.
@@ -43,6 +47,12 @@ setup(
             "websockets",
             # tests/test_bench_smoke.py drives the bench, whose WebSocket client is aiohttp.
             "aiohttp",
+        ],
+        # .ci/run's code checks (pyproject.toml configures both).
+        "lint": [
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "mypy-zope==1.0.17",
         ],
         # python3 -m bench (docs/performance.md); --peers installs supergateway and mcp-proxy itself.
         "bench": [

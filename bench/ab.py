@@ -58,7 +58,7 @@ async def amain(args: argparse.Namespace) -> None:
             print(f"round {i + 1}/{args.rounds} done", file=sys.stderr)
         keys = list(results["before"][0])
         print(f"\n{args.transport}, medians of {args.rounds} alternating rounds\n")
-        print(f"| figure | before | after | change |\n|---|---|---|---|")
+        print("| figure | before | after | change |\n|---|---|---|---|")
         for k in keys:
             b = statistics.median(r[k] for r in results["before"])
             a = statistics.median(r[k] for r in results["after"])

@@ -146,7 +146,7 @@ class DirectClient(BenchClient):
             self.proc.stdin.close()
             try:
                 await asyncio.wait_for(self.proc.wait(), 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
 
@@ -235,7 +235,7 @@ class StreamableClient(BenchClient):
             if self.delete and self.sid is not None:
                 try:
                     await asyncio.wait_for(self.conn.request(b"DELETE", self.path, self._headers), 5)
-                except Exception:
+                except Exception:  # noqa: BLE001 - best effort: the connection closes below whatever happened
                     pass
             self.conn.close()
 
@@ -389,7 +389,7 @@ class WsClient(BenchClient):
         if self.ws is not None:
             try:
                 await asyncio.wait_for(self.ws.close(), 5)
-            except Exception:
+            except Exception:  # noqa: BLE001 - best effort: the HTTP session closes below whatever happened
                 pass
         if self.http is not None:
             await self.http.close()

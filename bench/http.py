@@ -10,7 +10,7 @@ body is handed to a callback as it arrives.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILER, UNTIL_CLOSE, IDLE = range(8)
 
@@ -50,7 +50,7 @@ class HttpConnection(asyncio.Protocol):
         self.close_waiter: asyncio.Future | None = None
 
     @classmethod
-    async def open(cls, host: str, port: int) -> "HttpConnection":
+    async def open(cls, host: str, port: int) -> HttpConnection:
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(lambda: cls(f"{host}:{port}"), host, port)
         return conn
@@ -80,7 +80,7 @@ class HttpConnection(asyncio.Protocol):
         buf += data
         try:
             self._parse(buf)
-        except Exception as e:  # a parse error ends the connection
+        except Exception as e:  # noqa: BLE001 - a parse error (or a body callback's) ends the connection, reported to its waiters
             for fut in (self.head_waiter, self.done_waiter):
                 if fut is not None and not fut.done():
                     fut.set_exception(e)

@@ -75,7 +75,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("WebSocket framing (autobahn)", ("autobahn",)),
     ("socket and pipe syscalls", ("writeToFD", "readFromFD", "_getsockname", "Connection.doRead", "writeSomeData",
                                   "untilConcludes", "doWrite")),
-    ("reactor loop and dispatch (per-event log context without fastpoll)", ("callWithLogger", "callWithContext", "_doReadOrWrite", "doPoll", "mainLoop",
+    ("reactor loop and dispatch (per-event log context without the mcpgw-epoll reactor)", ("callWithLogger", "callWithContext", "_doReadOrWrite", "doPoll", "mainLoop",
                                              "runUntilCurrent")),
 ]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from bench import report, workloads
 from bench.clients import DirectClient
-from bench.targets import Direct, McpProxy, Mcpgw, Supergateway, Target, install_peers, mkworkdir, raise_nofile
+from bench.targets import Direct, Mcpgw, McpProxy, Supergateway, Target, install_peers, mkworkdir, raise_nofile
 from bench.workloads import Row
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,7 +50,7 @@ async def measure_target(t: Target, p: dict[str, Any], args: argparse.Namespace,
         t0 = time.perf_counter()
         try:
             result = await asyncio.wait_for(coro_fn(), timeout)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever fails one workload is that row's result; the next runs
             msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             log(f"  {t.name} {desc}: FAILED {msg[:300]}")
             if args.verbose:
@@ -78,34 +78,40 @@ async def measure_target(t: Target, p: dict[str, Any], args: argparse.Namespace,
                 await asyncio.wait_for(c.connect(), timeout)
                 await c.close()
                 pid = t.pid(wire)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a target that cannot open a session is a failed row, not a crash
                 log(f"  {t.name} {tr}: cannot start a session: {e!r:.300}")
                 rows.append(Row(t.name, tr, "sequential", ok=False, errors=1, note=f"no session: {e!r:.200}"))
                 continue
         if getattr(t, "setup_only", False):  # a variant measured for session setup only (mcpgw-warm)
             # Back to back: the sustained rate, where the pool refills no faster than a child starts;
             # spaced: what a session gets while the pool has children (sessions no faster than spawns).
-            await guarded(f"{tr} setup", lambda: workloads.setup(make, t.name, tr, pid, p["setup"], args.setup_gap), tr, "setup")
+            await guarded(f"{tr} setup", lambda tr=tr, pid=pid: workloads.setup(make, t.name, tr, pid, p["setup"], args.setup_gap),
+                          tr, "setup")
             if not args.setup_gap:
                 await guarded(f"{tr} setup, {WARM_GAP * 1000:g} ms apart",
-                              lambda: workloads.setup(make, t.name, tr, pid, p["setup"], WARM_GAP, workload="setup-spaced"),
+                              lambda tr=tr, pid=pid: workloads.setup(make, t.name, tr, pid, p["setup"], WARM_GAP,
+                                                                     workload="setup-spaced"),
                               tr, "setup-spaced")
             continue
-        await guarded(f"{tr} sequential", lambda: workloads.sequential(make, t.name, tr, pid, p["seq"], p["warmup"], progress),
+        await guarded(f"{tr} sequential", lambda tr=tr, pid=pid, progress=progress: workloads.sequential(
+                          make, t.name, tr, pid, p["seq"], p["warmup"], progress),
                       tr, "sequential", 1)
         for s in p["sessions"]:
             if progress and s != max(p["sessions"]):
                 continue
             calls = max(p["calls"], p["min_calls"] // s)
             await guarded(f"{tr} throughput {s}x{calls}",
-                          lambda s=s, calls=calls: workloads.throughput(make, t.name, tr, pid, s, calls, progress),
+                          lambda s=s, calls=calls, tr=tr, pid=pid, progress=progress: workloads.throughput(
+                              make, t.name, tr, pid, s, calls, progress),
                           tr, "throughput", s)
         if progress or getattr(t, "throughput_only", False):  # mcpgw-pooled: the shared-children rate only
             continue
         # Each session after a bare spawn of the fixture at the same moment (the floor, paired).
-        await guarded(f"{tr} setup", lambda: workloads.setup(make, t.name, tr, pid, p["setup"], args.setup_gap,
-                                                             paired=None if tr == "pipe" else DirectClient), tr, "setup")
-        await guarded(f"{tr} large", lambda: workloads.large(make, t.name, tr, pid, args.large_bytes, p["large"]), tr, "large")
+        await guarded(f"{tr} setup", lambda tr=tr, pid=pid: workloads.setup(
+                          make, t.name, tr, pid, p["setup"], args.setup_gap,
+                          paired=None if tr == "pipe" else DirectClient), tr, "setup")
+        await guarded(f"{tr} large", lambda tr=tr, pid=pid: workloads.large(make, t.name, tr, pid, args.large_bytes, p["large"]),
+                      tr, "large")
 
     if t.name != "direct" and not getattr(t, "setup_only", False) and not getattr(t, "throughput_only", False) and p["idle"] and not args.no_idle and (not args.transports or "sse" in args.transports):
         # Each idle stream costs the gateway ``fds_per_idle_stream`` descriptors
@@ -220,7 +226,7 @@ async def amain(args: argparse.Namespace) -> int:
         try:
             t.start()
             await measure_target(t, p, args, rows)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a target that cannot start is a failed row; the others still run
             log(f"  {t.name}: FAILED {e!r:.400}")
             rows.append(Row(t.name, "-", "start", ok=False, errors=1, note=f"{e!r:.300}"))
         finally:

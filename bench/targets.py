@@ -18,8 +18,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.clients import DirectClient, LegacySseClient, StreamableClient, WsClient, echo_command
 

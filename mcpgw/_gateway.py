@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet import defer
@@ -13,6 +13,17 @@ from twisted.web.server import Site
 
 from mcpgw.config import ConfigError, GatewayConfig, ServerConfig, load, parse
 from mcpgw.metrics import Metrics
+
+if TYPE_CHECKING:
+    from mcpgw.control import ServerControl
+
+
+class _Built(Protocol):
+    """What ``mcpgw.tap.build_service`` sets on the service it returns, besides the service itself."""
+
+    site: Site
+    metrics: Metrics
+    control: ServerControl
 
 
 class Gateway:
@@ -44,7 +55,9 @@ class Gateway:
 
         self._reactor = reactor
         self._top = build_service(config, reactor, serve=False)
-        self._control = self._top.control  # type: ignore[attr-defined]
+        # The attributes are assigned in build_service, not declared on GatewayService: the cast names them.
+        self._built = cast(_Built, self._top)
+        self._control = self._built.control
 
     @classmethod
     def from_config(cls, config: GatewayConfig | Mapping[str, Any], reactor: Any = None) -> Gateway:
@@ -69,19 +82,19 @@ class Gateway:
     @property
     def config(self) -> GatewayConfig:
         """The current configuration (a new value after each add_server / remove_server)."""
-        return self._control._ctx.config  # type: ignore[no-any-return]
+        return self._control.config
 
     @property
     def resource(self) -> Resource:
         """The root ``Resource``: ``mcp``, ``sse``, ``messages``, ``ws``, ``servers/NAME/...``,
         ``health``, ``ready`` (and ``admin``, ``console`` with an admin token). Mount it with
         ``putChild``; its paths work under any prefix."""
-        return self.site.resource  # type: ignore[no-any-return]
+        return self.site.resource
 
     @property
     def site(self) -> Site:
         """A ``Site`` of :attr:`resource` with the gateway's request handling (405s, body and header limits)."""
-        return self._top.site  # type: ignore[attr-defined, no-any-return]
+        return self._built.site
 
     @property
     def service(self) -> MultiService:
@@ -90,7 +103,7 @@ class Gateway:
 
     @property
     def metrics(self) -> Metrics:
-        return self._top.metrics  # type: ignore[attr-defined, no-any-return]
+        return self._built.metrics
 
     def listen(self, endpoint: str) -> None:
         """Also serve :attr:`site` on ``endpoint`` (``"tcp:3000:interface=127.0.0.1"``), as a child
@@ -115,7 +128,7 @@ class Gateway:
 
     @property
     def servers(self) -> Mapping[str, ServerConfig]:
-        return self._control.servers  # type: ignore[no-any-return]
+        return self._control.servers
 
     def add_server(self, name: str, command: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
                    **options: Any) -> ServerConfig:
@@ -125,7 +138,7 @@ class Gateway:
 
         Raises ConfigError (a bad value, a command that is not found) or ValueError (the name is taken).
         """
-        return self._control.add_server(name, command, args=args, env=env, **options)  # type: ignore[no-any-return]
+        return self._control.add_server(name, command, args=args, env=env, **options)
 
     def remove_server(self, name: str) -> defer.Deferred[int]:
         """Stop serving ``name``: its paths answer 404 from now on, its sessions end and its children
@@ -134,11 +147,11 @@ class Gateway:
         Raises KeyError for an unknown name, ValueError for the default server (it is also served
         at the root paths).
         """
-        return self._control.remove_server(name)  # type: ignore[no-any-return]
+        return self._control.remove_server(name)
 
     def restart_server(self, name: str) -> defer.Deferred[int]:
         """End every session of ``name`` and stop its children; clients re-initialize and get new ones."""
-        return self._control.restart_server(name)  # type: ignore[no-any-return]
+        return self._control.restart_server(name)
 
     def drain(self) -> None:
         """Take no new sessions (503, ``/ready`` 503); the current ones go on."""
@@ -149,4 +162,4 @@ class Gateway:
 
     def sessions(self) -> list[dict[str, Any]]:
         """The live sessions, as the admin API lists them."""
-        return self._control.describe_sessions()  # type: ignore[no-any-return]
+        return self._control.describe_sessions()

@@ -29,6 +29,7 @@ from mcpgw import jsonrpc, logs
 from mcpgw.channel import ADMIT
 from mcpgw.config import ConfigError, check_server_name
 from mcpgw.control import ServerConflict, ServerControl, UnknownServer
+from mcpgw.responding import gone
 from mcpgw.stats import StatsSampler
 
 CONSOLE_DIR = Path(__file__).resolve().parent / "console"
@@ -221,13 +222,13 @@ class AdminResource(Resource):
         """Answer once ``d`` fires (children stopped), unless the client has gone."""
 
         def done(result: Any) -> None:
-            if not request.finished and not getattr(request, "_disconnected", False):
+            if not gone(request):
                 request.write(_json(request, body(result)))
                 request.finish()
 
         def failed(f: Failure) -> None:
             self.log.failure("admin: {path} failed", f, path=request.path.decode("latin-1"))
-            if not request.finished and not getattr(request, "_disconnected", False):
+            if not gone(request):
                 request.write(_error(request, 500, "internal error"))
                 request.finish()
 

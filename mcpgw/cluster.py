@@ -29,6 +29,7 @@ Messages between instances are ``<JSON header>\\n<payload>`` on the channel
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from mcpgw import jsonrpc, logs
 from mcpgw.config import GatewayConfig
+from mcpgw.responding import gone
 from mcpgw.store.redis import (
     InstanceRegistry,
     Keys,
@@ -473,6 +475,8 @@ class Cluster(MultiService):
         self.pipes: dict[int, _Pipe] = {}
         self._acks: dict[int, defer.Deferred[str]] = {}
         self._looking: dict[str, list[tuple[Request, Callable[[Request], Any]]]] = {}
+        #: Requests rendered again after a lookup: a second miss for one of them is a 404, not another lookup.
+        self._rendered_again: weakref.WeakSet[Request] = weakref.WeakSet()
         # owning side
         self.routes_out: dict[tuple[str, int], RemoteRoute] = {}
         self.lives_out: dict[tuple[str, int], RemoteLive] = {}
@@ -624,7 +628,7 @@ class Cluster(MultiService):
             return remote
         if not session_id or not self.sessions.ids.valid(session_id):
             return None  # forged: never looked up
-        if getattr(request, "_mcpgw_looked_up", False) or session_id in self.sessions.sessions:
+        if request in self._rendered_again or session_id in self.sessions.sessions:
             return None  # looked up already, or ours (and another identity's): 404
         if not self.redis.available:
             raise _unavailable("cannot look the session up")
@@ -677,7 +681,7 @@ class Cluster(MultiService):
                           error=result.getErrorMessage())
             e = _unavailable("cannot look the session up")
             for request, _ in waiters:
-                if not (request.finished or request._disconnected):
+                if not gone(request):
                     self._reply(request, e)
             return
         if result is not None:
@@ -686,9 +690,9 @@ class Cluster(MultiService):
             self._render_again(request, render)
 
     def _render_again(self, request: Request, render: Callable[[Request], Any]) -> None:
-        if request.finished or request._disconnected:
+        if gone(request):
             return
-        request._mcpgw_looked_up = True  # type: ignore[attr-defined]
+        self._rendered_again.add(request)
         try:
             body = render(request)
         except Exception:  # noqa: BLE001 - what twisted.web does for a render that raises
@@ -834,7 +838,7 @@ class Cluster(MultiService):
         d = self.call(session.instance, {"t": "get", "s": session.id, "f": self.instance, "r": rid})
 
         def answered(status: str) -> None:
-            if request.finished or request._disconnected:
+            if gone(request):
                 if status == "ok":
                     self.forward(session, "gx", rid, b"")
                 return
@@ -858,11 +862,11 @@ class Cluster(MultiService):
             else:
                 e = HttpError(503, jsonrpc.CONNECTION_CLOSED, "Service Unavailable: the gateway instance that owns "
                               "this session is not reachable now; try again", headers={b"retry-after": b"1"})
-            if not (request.finished or request._disconnected):
+            if not gone(request):
                 self._reply(request, e)
 
         def failed(f: Any) -> None:
-            if not (request.finished or request._disconnected):
+            if not gone(request):
                 self._reply(request, HttpError(503, jsonrpc.CONNECTION_CLOSED,
                                                f"Service Unavailable: {f.getErrorMessage()}", headers={b"retry-after": b"2"}))
 
@@ -906,7 +910,7 @@ class Cluster(MultiService):
             self.log.info("cluster: holder {holder} of stream {number} did not answer: {error}", holder=holder,
                           number=number, error=str(e))
             status = "unreachable"
-        if request.finished or request._disconnected:
+        if gone(request):
             self.pipes.pop(rid, None)
             if status == "ok":
                 self.tell(holder, {"t": "lx", "f": self.instance, "r": rid})
@@ -1042,6 +1046,8 @@ class Cluster(MultiService):
         if outlet.get_stream is not None and outlet.get_stream.live is not None:
             self.tell(frm, {"t": "ack", "r": rid, "status": "conflict"})
             return
+        # RemoteGet stands in for the EventStream (live, done, emit, close); streamable.py declares
+        # get_stream as an EventStream only.
         outlet.get_stream = RemoteGet(self, frm, rid)  # type: ignore[assignment]
         self.tell(frm, {"t": "ack", "r": rid, "status": "ok"})
         outlet.get_attached()

@@ -13,7 +13,8 @@ import os
 import re
 import shutil
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import jwt
@@ -74,7 +75,7 @@ class ServerConfig:
     connectTimeout: float = 10.0
     requestTimeout: float = 300.0
     #: Tool filtering (``tools.allow`` / ``tools.deny``); None: every tool.
-    tools: "ToolFilter | None" = None
+    tools: ToolFilter | None = None
     #: "per-client" (one child per client session) or "pooled" (mcpgw.pool: poolSize shared children).
     sessions: str = "per-client"
     #: Children of a pooled server, and the most requests in flight on each (more: 503 + Retry-After).
@@ -85,7 +86,7 @@ class ServerConfig:
     #: Pre-spawned children of a per-client stdio server that new sessions take (mcpgw.upstream.warm); 0: off.
     warmPool: int = 0
     #: The aggregated server (top-level ``aggregate``): its member servers.
-    aggregate: "AggregateConfig | None" = None
+    aggregate: AggregateConfig | None = None
 
     @property
     def kind(self) -> str:
@@ -284,6 +285,9 @@ class GatewayConfig:
     #: Host names (or ``*.domain``) the MCP endpoints answer to besides those of the listen
     #: interfaces; when set, every other Host is 403 (DNS rebinding, mcpgw.origin).
     allowedHosts: tuple[str, ...] = ()
+    #: Shortcuts past Twisted's and Autobahn's public APIs (mcpgw._fast); false, or the environment's
+    #: MCPGW_FAST_PATHS=0, serves everything through the public paths.
+    fastPaths: bool = True
 
     @property
     def default_server(self) -> ServerConfig:
@@ -601,13 +605,15 @@ def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
     if executable is None:
         where = "" if os.sep in command else f" on PATH or in {_interpreter_dir()} (beside the running Python),"
         raise ConfigError(f"{key}.command", f"{command!r} was not found{where} or is not executable")
+    user, group = _child_account(raw, key)
     return ServerConfig(
         name=name,
         command=command,
         args=args,
         env=dict(env),
         cwd=cwd,
-        **_child_account(raw, key),
+        user=user,
+        group=group,
         default=default,
         maxMessageBytes=_positive(raw.get("maxMessageBytes", DEFAULT_MAX_MESSAGE_BYTES), f"{key}.maxMessageBytes"),
         stopGrace=_positive(raw.get("stopGrace", 0.5), f"{key}.stopGrace", (int, float)),
@@ -619,8 +625,8 @@ def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
     )
 
 
-def _child_account(raw: dict[str, Any], key: str) -> dict[str, str | None]:
-    """``user`` / ``group`` of a stdio server: names or numeric ids that exist, and a gateway that
+def _child_account(raw: dict[str, Any], key: str) -> tuple[str | None, str | None]:
+    """``(user, group)`` of a stdio server: names or numeric ids that exist, and a gateway that
     can switch to them (root), or that already runs as them."""
     out: dict[str, str | None] = {}
     for option in ("user", "group"):
@@ -633,7 +639,7 @@ def _child_account(raw: dict[str, Any], key: str) -> dict[str, str | None]:
     if out["user"] is None:
         if out["group"] is not None:
             raise ConfigError(f"{key}.group", "only applies together with user")
-        return out
+        return None, None
     from mcpgw.procsec import account
 
     try:
@@ -644,7 +650,7 @@ def _child_account(raw: dict[str, Any], key: str) -> dict[str, str | None]:
     if os.geteuid() != 0 and (uid, gid) != (os.geteuid(), os.getegid()):
         raise ConfigError(f"{key}.user", f"running a child as uid {uid} gid {gid} needs the gateway to start as root "
                                          f"(it runs as uid {os.geteuid()})")
-    return out
+    return out["user"], out["group"]
 
 
 def _interpreter_dir() -> str:
@@ -749,7 +755,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     top = {
         "port", "host", "logLevel", "logFormat", "cors", "rateLimit", "session", "sse", "websocket", "redis",
         "metrics", "auth", "mcpServers", "maxBodyBytes", "limits", "trustedProxies", "aggregate",
-        "admin", "allowedHosts",
+        "admin", "allowedHosts", "fastPaths",
     }
     _object(raw, "", top)
     raw = dict(raw)
@@ -774,12 +780,12 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         raise ConfigError("REDIS_PASSWORD", "is set but neither redis (in the config file) nor REDIS_URL is: "
                                             "set one of them to use Redis, or unset REDIS_PASSWORD")
     if ("REDIS_URL" in environ or "REDIS_PASSWORD" in environ) and isinstance(raw.get("redis") or {}, dict):
-        redis = dict(raw.get("redis") or {})
+        redis_raw = dict(raw.get("redis") or {})
         if "REDIS_URL" in environ:
-            redis["url"] = environ["REDIS_URL"]
+            redis_raw["url"] = environ["REDIS_URL"]
         if "REDIS_PASSWORD" in environ:
-            redis["password"] = environ["REDIS_PASSWORD"]
-        raw["redis"] = redis
+            redis_raw["password"] = environ["REDIS_PASSWORD"]
+        raw["redis"] = redis_raw
 
     level = _expect(raw.get("logLevel", "info"), str, "logLevel", "a string")
     level = {"warning": "warn"}.get(level.lower(), level.lower())
@@ -829,7 +835,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         maxMessageBytes=_positive(ws_raw.get("maxMessageBytes", DEFAULT_MAX_MESSAGE_BYTES), "websocket.maxMessageBytes"),
         maxErrors=_optional_positive(ws_raw.get("maxErrors", 100), "websocket.maxErrors"),
     )
-    redis = None
+    redis: RedisConfig | None = None
     if raw.get("redis") is not None:
         r_raw = _object(raw["redis"], "redis", {"url", "password", "timeout", "heartbeat", "keyPrefix"})
         url = _expect(r_raw.get("url", "redis://127.0.0.1:6379/0"), str, "redis.url", "a string")
@@ -905,6 +911,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         trustedProxies=trusted,
         admin=admin,
         allowedHosts=allowed_hosts,
+        fastPaths=_expect(raw.get("fastPaths", True), bool, "fastPaths", "true or false"),
     )
 
 

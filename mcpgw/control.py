@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from mcpgw import logs
-from mcpgw.config import ServerConfig, parse_server
+from mcpgw.config import GatewayConfig, ServerConfig, parse_server
 from mcpgw.session import Session
 from mcpgw.transports.common import GatewayContext
 
@@ -48,6 +48,11 @@ class ServerControl:
         self.started = ctx.reactor.seconds()
 
     # -- servers ------------------------------------------------------------
+
+    @property
+    def config(self) -> GatewayConfig:
+        """The current configuration (a new value after each add_server / remove_server)."""
+        return self._ctx.config
 
     @property
     def servers(self) -> Mapping[str, ServerConfig]:

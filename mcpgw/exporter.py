@@ -19,7 +19,8 @@ from __future__ import annotations
 import re
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import attrs
 import prometheus_client
@@ -36,6 +37,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from mcpgw import jsonrpc, logs
 from mcpgw.config import LOG_FORMATS, ConfigError, GatewayConfig, load
 from mcpgw.metrics import MetricsSite, _Index
+from mcpgw.responding import gone
 from mcpgw.store.redis import Keys, RedisConnection, parse_url
 from mcpgw.tap import GatewayService
 
@@ -232,7 +234,7 @@ class ExporterResource(Resource):
         encoder, content_type = prometheus_client.exposition.choose_encoder(accept.decode("latin-1") if accept else "")
 
         def answer(_: Snapshot) -> None:
-            if request.finished or request._disconnected:
+            if gone(request):
                 return
             body = encoder(self._registry)
             request.setHeader(b"content-type", content_type.encode("ascii"))
@@ -255,19 +257,25 @@ def metrics_endpoint_for(config: GatewayConfig) -> str:
     return f"tcp:{config.metrics.port}:interface={host}"
 
 
-def build_exporter(config: GatewayConfig, reactor: Any, listen: str | None = None) -> GatewayService:
+class ExporterService(GatewayService):
+    """The exporter's service tree; ``reader`` is its view of the cluster."""
+
+    reader: ClusterReader
+
+
+def build_exporter(config: GatewayConfig, reactor: Any, listen: str | None = None) -> ExporterService:
     """The Redis connection and the ``/metrics`` endpoint (``metrics.port``, or ``listen``)."""
     if config.redis is None:
         raise ConfigError("redis", "the exporter reads the cluster from Redis: configure redis.url (or REDIS_URL)")
     logs.set_level(config.logLevel)
-    top = GatewayService()
+    top = ExporterService()
     redis = RedisConnection(parse_url(config.redis.url, config.redis.password), reactor, timeout=config.redis.timeout)
     redis.setServiceParent(top)
     reader = ClusterReader(redis, Keys(config.redis.keyPrefix), config.redis.heartbeat, reactor)
     registry = CollectorRegistry()
-    registry.register(ClusterCollector(reader))  # type: ignore[arg-type]
+    registry.register(ClusterCollector(reader))
     ProcessCollector(registry=registry)
-    top.reader = reader  # type: ignore[attr-defined]
+    top.reader = reader
     strports.service(listen or metrics_endpoint_for(config), exporter_site(reader, registry)).setServiceParent(top)
     return top
 
@@ -284,7 +292,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {self['log-format']!r}")
 
 
-def makeService(options: Options, reactor: Any = None) -> GatewayService:
+def makeService(options: Options, reactor: Any = None) -> ExporterService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
@@ -295,7 +303,7 @@ def makeService(options: Options, reactor: Any = None) -> GatewayService:
     except (ConfigError, ValueError) as e:
         sys.stderr.write(f"mcpgw-exporter: config error: {e}\n")
         sys.stderr.flush()
-        raise SystemExit(2)
+        raise SystemExit(2) from e
     prometheus_client.disable_created_metrics()
     top.log_observer = logs.observer_for(getattr(options, "parent", None), options["log-format"] or config.logFormat)
     return top

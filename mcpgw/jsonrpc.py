@@ -15,7 +15,7 @@ try:  # orjson is ~5 us faster per small message and much faster per MiB
     def dumps(obj: Any) -> bytes:
         return orjson.dumps(obj)
 
-    def loads(data: bytes | str) -> Any:
+    def loads(data: bytes | bytearray | memoryview | str) -> Any:
         return orjson.loads(data)
 
     DecodeError: type[Exception] = orjson.JSONDecodeError
@@ -25,9 +25,9 @@ except ImportError:  # pragma: no cover - orjson is a dependency
     def dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
-    def loads(data: bytes | str) -> Any:
-        if isinstance(data, bytes):
-            data = data.decode("utf-8")
+    def loads(data: bytes | bytearray | memoryview | str) -> Any:
+        if not isinstance(data, str):
+            data = bytes(data).decode("utf-8")
         return json.loads(data)
 
     DecodeError = ValueError

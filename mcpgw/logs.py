@@ -33,15 +33,16 @@ import hashlib
 import re
 import sys
 import time
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any, cast
 
 import orjson
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    LegacyLogObserverWrapper,
     LogLevel,
     LogLevelFilterPredicate,
-    LegacyLogObserverWrapper,
     formatEvent,
     globalLogPublisher,
     textFileLogObserver,
@@ -140,7 +141,8 @@ def _publish_clean(event: dict[str, Any]) -> None:
 
 level_filter = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 #: Every mcpgw Logger's observer: below the level, nothing is built or published; the rest is cleaned.
-observer = FilteringLogObserver(_publish_clean, [level_filter])
+#: (A plain function taking an event is an ILogObserver to Twisted; the cast says so to mypy.)
+observer = FilteringLogObserver(cast(ILogObserver, _publish_clean), [level_filter])
 
 #: Keys of legacy (twisted.python.log) events that are not fields worth a JSON key.
 _SKIP = frozenset({"message", "isError", "format", "why", "failure", "time"})
@@ -205,7 +207,7 @@ def json_event(event: dict[str, Any]) -> dict[str, Any]:
 def _text(value: Any) -> str:
     try:
         text = str(value)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any object's __str__ may raise anything; the log line still gets written
         text = f"<unprintable {type(value).__name__}>"
     return text if len(text) <= _MAX_REPR else text[:_MAX_REPR] + "..."
 
@@ -226,8 +228,8 @@ class JsonLinesObserver:
             else:
                 self._out.write(line.decode("utf-8"))
             self._out.flush()
-        except Exception:
-            pass  # a log line must never raise into the code that logged
+        except Exception:  # noqa: BLE001 - a log line must never raise into the code that logged
+            pass
 
 
 def observer_for(twistd_options: Any, log_format: str) -> GatewayObserver:
@@ -241,11 +243,16 @@ def text_observer_for(twistd_options: Any) -> Callable[[dict[str, Any]], None]:
     """The text observer twistd would have made from its own options (file, stdout, syslog)."""
     if twistd_options is None:
         return textFileLogObserver(sys.stdout)
+    from twisted.application.app import AppLogger
+
+    logger: type[AppLogger]
     try:
-        from twisted.scripts._twistd_unix import UnixAppLogger as AppLogger
+        from twisted.scripts._twistd_unix import UnixAppLogger
+
+        logger = UnixAppLogger
     except ImportError:  # not POSIX
-        from twisted.application.app import AppLogger  # type: ignore[assignment]
-    made = AppLogger(twistd_options)._getLogObserver()
+        logger = AppLogger
+    made = logger(twistd_options)._getLogObserver()
     return made if ILogObserver.providedBy(made) else LegacyLogObserverWrapper(made)
 
 

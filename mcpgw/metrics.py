@@ -33,14 +33,16 @@ rest. ``NoMetrics`` has the same surface and does nothing (``metrics.enabled: fa
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.utils import floatToGoString
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -323,7 +325,7 @@ class Metrics:
         self.redis_operations = Counter(
             "mcp_gateway_redis_operations", "Redis operations by outcome (ok, error, timeout).",
             ["op", "outcome"], registry=r)
-        r.register(_HotCollector(self))  # type: ignore[arg-type]
+        r.register(_HotCollector(self))
         self.rate_limited_requests = Counter(
             "mcp_gateway_rate_limited_requests", "Requests refused by the rate limiter.",
             ["transport", "server"], registry=r)
@@ -531,7 +533,7 @@ class _Index(Resource):
 class MetricsSite(Site):
     """The metrics port's Site: ``/metrics`` only, no access log line per scrape."""
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 

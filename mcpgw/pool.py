@@ -336,6 +336,8 @@ class ChildPool:
     """``poolSize`` initialized children of one server, and the requests in flight on them."""
 
     log = Logger(observer=logs.observer)
+    #: The Session class this pool's sessions are made from (``pooled_session_factory``); None until asked for.
+    _session_class: Callable[..., Any] | None = None
 
     def __init__(self, server: ServerConfig, reactor: Any, request_timeout: float | None = None,
                  secret: str | None = None):
@@ -472,7 +474,7 @@ class ChildPool:
         out = dict(msg)
         out["id"] = gid
         meta = params.get("_meta") if isinstance(params, dict) else None
-        if isinstance(meta, dict) and "progressToken" in meta:
+        if isinstance(params, dict) and isinstance(meta, dict) and "progressToken" in meta:
             pending.token = meta["progressToken"]
             out["params"] = {**params, "_meta": {**meta, "progressToken": gid}}
         pending.raw = jsonrpc.dumps(out)
@@ -913,9 +915,9 @@ class _SessionRoute:
 
 def pooled_session_factory(pool: ChildPool) -> Callable[..., Any]:
     """A SessionManager.create factory whose sessions are served by ``pool`` (one class per pool)."""
-    made = getattr(pool, "_session_class", None)
+    made = pool._session_class
     if made is None:
-        made = pool._session_class = _pooled_session_class(pool)  # type: ignore[attr-defined]
+        made = pool._session_class = _pooled_session_class(pool)
     return made
 
 
@@ -935,7 +937,7 @@ def _pooled_session_class(pool: ChildPool) -> Callable[..., Any]:
 
         def __init__(self, *args: Any, **kw: Any):
             super().__init__(*args, **kw)
-            self.upstream = _NoChild()  # type: ignore[assignment]
+            self.upstream = _NoChild()
             self.pool = pool
             self._inflight: dict[Any, Pending] = {}
             self._uris: set[str] = set()
@@ -1028,7 +1030,8 @@ def _pooled_session_class(pool: ChildPool) -> Callable[..., Any]:
             (initialized, roots/list_changed) stop here."""
             self.last_seen = self._reactor.seconds()
             if "method" not in msg:
-                asked = self._asked.pop(msg.get("id"), None) if isinstance(msg.get("id"), str) else None
+                mid = msg.get("id")
+                asked = self._asked.pop(mid, None) if isinstance(mid, str) else None
                 if asked is not None:
                     child, child_id = asked
                     child.upstream.send(jsonrpc.dumps({**msg, "id": child_id}))

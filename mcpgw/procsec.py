@@ -20,16 +20,16 @@ Linux only (``prctl``, ``/proc``); elsewhere every call here is a no-op and ``ha
 from __future__ import annotations
 
 import errno
-from functools import lru_cache
 import itertools
 import os
 import signal
 import sys
 import time
+from functools import lru_cache
 from typing import Any
 
-from twisted.internet import process as _twisted_process
 from twisted.application.service import Service
+from twisted.internet import process as _twisted_process
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 

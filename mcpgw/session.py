@@ -11,22 +11,22 @@ import base64
 import hashlib
 import hmac
 import secrets
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mcpgw import logs
-from mcpgw import jsonrpc
+from mcpgw import jsonrpc, logs
 from mcpgw.config import GatewayConfig, ServerConfig
 from mcpgw.metrics import NULL_BOUND, BoundMetrics, Metrics, NoMetrics
 from mcpgw.pool import pooled_session_factory
 from mcpgw.store import SessionRecord
 from mcpgw.store.memory import MemorySessionStore
-from mcpgw.upstream.stdio import ServerActivity, StdioUpstream, UnreadableReply, tune_allocator
 from mcpgw.upstream import make_upstream
+from mcpgw.upstream.stdio import ServerActivity, StdioUpstream, UnreadableReply, tune_allocator
 from mcpgw.upstream.warm import WarmChildren, warmable
 
 
@@ -111,7 +111,7 @@ class Session:
     #: limits.maxPendingRequests and limits.requestTimeout (set by the SessionManager).
     max_pending: int | None = None
     #: Called once the child's initialize result names the protocol version (the store records it).
-    on_version: Callable[["Session"], None] | None = None
+    on_version: Callable[[Session], None] | None = None
     #: Called once the client has said ``notifications/initialized`` (the handshake is over: a warm
     #: pool refills then, off the session's setup path).
     on_initialized: Callable[[], None] | None = None
@@ -119,7 +119,7 @@ class Session:
     recorded: defer.Deferred[None] | None = None
     request_timeout: float | None = None
 
-    def __init__(self, id: str, server: ServerConfig, transport: str, reactor: Any, on_end: Callable[["Session"], None],
+    def __init__(self, id: str, server: ServerConfig, transport: str, reactor: Any, on_end: Callable[[Session], None],
                  metrics: BoundMetrics = NULL_BOUND, upstream: Any = None):
         self.id = id
         self.metrics = metrics
@@ -169,7 +169,7 @@ class Session:
             return None
         try:
             start()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a spawn fails in many ways (OSError, exec, setuid); each is the session's error reply
             self.metrics.error("spawn")
             reason = f"MCP server {self.server.name} could not be started: {e}"
             self.log.error("session {session}: {reason}", session=self.id, reason=reason, server=self.server.name)
@@ -270,9 +270,9 @@ class Session:
             params = jsonrpc.decoded(msg.get("params"))
             if isinstance(params, dict):
                 token = params.get("progressToken")
-                route = self._token_route.get(token) if _routable(token) else None
-                if route is not None:
-                    route.deliver(raw)
+                progress_route = self._token_route.get(token) if _routable(token) else None
+                if progress_route is not None:
+                    progress_route.deliver(raw)
                     return
         if self.outlet is not None:
             self.outlet.unbound(raw, msg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import prometheus_client
 from twisted.application import service, strports
@@ -13,7 +13,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 
-from mcpgw import fastpoll, logs
+from mcpgw import _fast, logs
 from mcpgw.config import EXAMPLE_SECRETS, LOG_FORMATS, ConfigError, GatewayConfig, load
 from mcpgw.metrics import Metrics, NoMetrics
 from mcpgw.origin import HostChecked, HostPolicy, listen_interface
@@ -50,6 +50,29 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["log-format"] is not None and self["log-format"] not in LOG_FORMATS:
             raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {self['log-format']!r}")
+        install_default_reactor(self)
+
+
+def install_default_reactor(options: usage.Options) -> bool:
+    """Under ``twistd mcpgw`` without ``--reactor``: install mcpgw's epoll reactor (mcpgw._fast.reactor)
+    in place of Twisted's default; True if it did.
+
+    twistd installs the reactor named by ``--reactor`` while it parses its own options, before this
+    subcommand's; without one, the first ``from twisted.internet import reactor`` installs Twisted's
+    default, which twistd does only after every option is parsed. So the global reactor is still
+    free here exactly when the user chose none. An Options parsed outside twistd (an embedding
+    application, a test) has no twistd parent and installs nothing.
+    """
+    from twisted.application.app import ServerOptions
+
+    if not isinstance(getattr(options, "parent", None), ServerOptions):
+        return False
+    if "twisted.internet.reactor" in sys.modules or not sys.platform.startswith("linux"):
+        return False
+    from mcpgw._fast import reactor as fast_reactor
+
+    fast_reactor.install()
+    return True
 
 
 class GatewayService(service.MultiService):
@@ -73,7 +96,7 @@ _log = Logger(namespace="mcpgw.tap", observer=logs.observer)
 
 
 #: ``--listen``: one strports description, several, or None (host/port from the config).
-Listens = Union[str, Sequence[str], None]
+Listens = str | Sequence[str] | None
 
 
 def listens_of(listen: Listens) -> list[str]:
@@ -86,7 +109,8 @@ def listens_of(listen: Listens) -> list[str]:
 def listens_on_loopback_only(config: GatewayConfig, listen: Listens) -> bool:
     """True when the gateway can be reached from this machine only (or a Unix socket), on every
     endpoint it listens on."""
-    return all(_on_loopback(config, one) for one in listens_of(listen) or [None])
+    listens: list[str | None] = [*listens_of(listen)] or [None]
+    return all(_on_loopback(config, one) for one in listens)
 
 
 def _on_loopback(config: GatewayConfig, listen: str | None) -> bool:
@@ -229,10 +253,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         # One clear line, a non-zero exit, nothing listening.
         sys.stderr.write(f"mcpgw: config error: {e}\n")
         sys.stderr.flush()
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     # This process is twistd's own: no ``*_created`` series (they double a scrape and no panel uses them).
     prometheus_client.disable_created_metrics()
-    fastpoll.install(reactor)  # twistd's own reactor: no per-event log context (mcpgw.fastpoll)
+    # Before anything is built: the config's fastPaths decides which paths the service takes (mcpgw._fast).
+    _fast.configure(config.fastPaths)
     # The process is the gateway's alone: non-dumpable (a child cannot read its environ or memory)
     # and the subreaper of whatever its children leave behind (mcpgw.procsec).
     from mcpgw import procsec

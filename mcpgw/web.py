@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web import http
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site, UnsupportedMethod
 
 from mcpgw import __version__, jsonrpc, logs
@@ -20,6 +21,7 @@ from mcpgw.channel import ADMIT, ChannelLimits, Connections, GatewayChannel
 from mcpgw.config import ServerConfig
 from mcpgw.origin import HostPolicy
 from mcpgw.ratelimit import Decision, MemoryRateLimiter
+from mcpgw.responding import gone
 from mcpgw.transports.common import GatewayContext, error_reply
 from mcpgw.transports.legacy import MessagesEndpoint, SseEndpoint
 from mcpgw.transports.streamable import StreamableEndpoint
@@ -71,9 +73,9 @@ class Guard(Resource):
     log = Logger(observer=logs.observer)
     #: The endpoint's labels for mcp_gateway_rate_limited_requests_total (set by ServerResource).
     transport = "other"
-    server = "other"
+    server_name = "other"
 
-    def __init__(self, inner: Resource, ctx: GatewayContext):
+    def __init__(self, inner: IResource, ctx: GatewayContext):
         super().__init__()
         self._inner = inner
         self._metrics = ctx.metrics
@@ -173,7 +175,7 @@ class Guard(Resource):
             for name, value in outcome.headers():
                 request.setHeader(name, value)
             if not outcome.allowed:
-                self._metrics.rate_limited(self.transport, self.server)
+                self._metrics.rate_limited(self.transport, self.server_name)
                 body = error_reply(
                     request, 429, jsonrpc.CONNECTION_CLOSED,
                     f"Too Many Requests: more than {outcome.limit} per {outcome.window:g} s; retry after {outcome.retry_after} s",
@@ -185,7 +187,7 @@ class Guard(Resource):
         return ADMIT
 
     def _render_later(self, verdict: Any, request: Request) -> Any:
-        if request.finished or getattr(request, "_disconnected", False):
+        if gone(request):
             return verdict
         try:
             body = self._inner.render(request) if verdict is ADMIT else verdict
@@ -215,12 +217,12 @@ class ServerResource(Resource):
         return NotFound().render(request)
 
 
-def _guarded(inner: Resource, ctx: GatewayContext, transport: str, server: str) -> Resource:
+def _guarded(inner: IResource, ctx: GatewayContext, transport: str, server: str) -> Resource:
     """``inner`` behind its Guard, with its error replies counted (``Metrics.wrap``; as is without metrics)."""
     guard = Guard(inner, ctx)
-    guard.transport, guard.server = transport, server
+    guard.transport, guard.server_name = transport, server
     wrapped = ctx.metrics.wrap(guard, transport, server)
-    wrapped.head_guard = guard  # what GatewaySite.head_received asks on the request head
+    cast(Any, wrapped).head_guard = guard  # what GatewaySite.head_received asks on the request head
     return wrapped
 
 
@@ -404,14 +406,14 @@ class GatewayRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.head_reply is not None:
             return  # answered without its body; what still arrives is dropped
-        content = self.content
+        content = cast(io.BytesIO, self.content)
         content.write(data)
         if content.tell() > self.max_body:
-            self.channel.body_too_large(self)  # a chunked body (a declared length is checked on the head)
+            cast(GatewayChannel, self.channel).body_too_large(self)  # a chunked body (a declared length is checked on the head)
 
     def write(self, data: bytes) -> None:
         super().write(data)
-        channel = self.channel
+        channel = cast(GatewayChannel, self.channel)
         if getattr(channel, "_head", None) is not None:
             channel.flush_head()  # the head of a response started without body bytes (GatewayChannel.writeHeaders)
 
@@ -448,7 +450,7 @@ class GatewaySite(Site):
         #: Connection caps and descriptor pressure (build_site sets them from limits).
         self.connections = Connections(self.reactor)
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
     def head_received(self, request: GatewayRequest, method: bytes, uri: bytes, version: bytes) -> Deferred[Any] | None:

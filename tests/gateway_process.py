@@ -7,6 +7,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,33 @@ HERE = Path(__file__).resolve().parent
 FIXTURE_SERVER = HERE / "fixtures" / "conformance_server.py"
 #: ``twistd -n --pidfile=`` run by this interpreter (so a venv's plugins are found).
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+
+
+#: ``--listen`` for a socket handed over as systemd hands one over (socket activation). The gateway cannot tell
+#: which address it is bound to, so it treats it as a public bind (mcpgw.tap.listens_on_loopback_only,
+#: mcpgw.origin.listen_interface: like ``interface=0.0.0.0``), while the test binds it to 127.0.0.1: the public-bind
+#: rules are checked without a public bind.
+ACTIVATED_LISTEN = "systemd:domain=INET:index=0"
+#: The environment systemd sets beside LISTEN_PID (which ``socket_activated`` sets: it is the child's own pid).
+ACTIVATION_ENV = {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "activated"}
+#: Moves the socket numbered argv[1] to descriptor 3, sets LISTEN_PID to this process, then becomes argv[2:]
+#: (the same pid, so the LISTEN_PID check passes).
+_ACTIVATE = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+             "os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def loopback_listener() -> socket.socket:
+    """A listening socket on 127.0.0.1 and a free port, for ``socket_activated``."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(128)
+    return s
+
+
+def socket_activated(sock: socket.socket, argv: list[str]) -> list[str]:
+    """``argv`` started with ``sock`` as systemd's first socket: run it with ``pass_fds=(sock.fileno(),)`` and
+    ACTIVATION_ENV in its environment, and ``--listen ACTIVATED_LISTEN`` among its arguments."""
+    return [sys.executable, "-c", _ACTIVATE, str(sock.fileno()), *argv]
 
 
 def fixture_server(**extra: Any) -> dict[str, Any]:
@@ -126,7 +154,7 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError("gateway did not exit within 15 s of SIGTERM")
+                raise AssertionError("gateway did not exit within 15 s of SIGTERM") from None
         self._dir.cleanup()
         return self.proc.returncode
 

@@ -168,7 +168,7 @@ def read_until_closed(s: socket.socket, timeout: float) -> tuple[bytes, str]:
             got += data
     except ConnectionResetError:
         return got, "reset"
-    except socket.timeout:
+    except TimeoutError:
         return got, "open"
     except OSError as e:
         if e.errno == errno.ECONNRESET:

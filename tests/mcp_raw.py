@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -113,7 +114,7 @@ class LegacySession:
         self.session_id = ""
         self._cm: Any = None
 
-    async def __aenter__(self) -> "LegacySession":
+    async def __aenter__(self) -> LegacySession:
         self._cm = self.client.stream("GET", self.base_url + self.path, headers={"accept": "text/event-stream"})
         response = await self._cm.__aenter__()
         assert response.status_code == 200, response.status_code
@@ -138,7 +139,7 @@ class LegacySession:
 
     async def until_response(self, id: Any) -> list[dict[str, Any]]:
         """Every message on the stream up to and including the response to ``id``."""
-        seen = []
+        seen: list[dict[str, Any]] = []
         while True:
             msg = await self.stream.next_message()
             assert msg is not None, f"stream ended before the response to {id!r}; saw {seen}"

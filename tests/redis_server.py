@@ -134,6 +134,38 @@ class RedisServer:
                 pass
             return b"".join(chunks)
 
+    def wait_for_key(self, pattern: str, timeout: float) -> bool:
+        """Block until a key matching ``pattern`` exists on database 0, at most ``timeout`` seconds: woken by a
+        keyspace notification (Redis tells when the key is written), never by polling."""
+        assert not self.tls, "plain connections only"
+        self.command("CONFIG", "SET", "notify-keyspace-events", "KA")
+        deadline = time.monotonic() + timeout
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            if self.password:
+                s.sendall(self._command("AUTH", self.password))
+                s.recv(256)
+            s.sendall(self._command("PSUBSCRIBE", f"__keyspace@0__:{pattern}"))
+            received = b""
+            while not received.endswith(b":1\r\n"):  # the subscription's confirmation
+                received += s.recv(4096)
+            # Written before the subscription: already there (KEYS answers "*0" when nothing matches).
+            if not self.command("KEYS", pattern).startswith(b"*0\r\n"):
+                return True
+            received = b""
+            while b"pmessage" not in received:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                s.settimeout(remaining)
+                try:
+                    chunk = s.recv(4096)
+                except TimeoutError:
+                    return False
+                if not chunk:
+                    return False
+                received += chunk
+            return True
+
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

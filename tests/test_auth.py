@@ -12,6 +12,7 @@ import base64
 import hmac
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,14 @@ from mcpgw.config import (
 )
 from mcpgw.upstream.stdio import child_environment
 from tests import wire
-from tests.gateway_process import TWISTD, fixture_server
+from tests.gateway_process import (
+    ACTIVATED_LISTEN,
+    ACTIVATION_ENV,
+    TWISTD,
+    fixture_server,
+    loopback_listener,
+    socket_activated,
+)
 from tests.wire import POST_HEADERS, session_headers
 
 ALICE = "alice-token-0123456789"
@@ -382,20 +390,25 @@ class ExampleSecretTests(SynchronousTestCase):
 # -- integration ------------------------------------------------------------------------------
 
 
-def run_twistd(config: dict[str, Any], *args: str, env: dict[str, str] | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "gateway.json")
-        with open(path, "w") as f:
-            json.dump(config, f)
-        return subprocess.run([*TWISTD, "mcpgw", "--config", path, *args], capture_output=True, text=True, check=False,
-                              timeout=timeout, env={**os.environ, **(env or {})}, cwd=d)
+def activated_twistd(sock: socket.socket, config_path: str, *args: str) -> list[str]:
+    """``twistd -n mcpgw`` listening on ``sock`` only, handed over as systemd does: a bind the gateway cannot know
+    to be loopback, as ``interface=0.0.0.0`` (tests bind 127.0.0.1 only); metrics on a free loopback port."""
+    return socket_activated(sock, [*TWISTD, "mcpgw", "--config", config_path, "--listen", ACTIVATED_LISTEN,
+                                   "--metrics-listen", "tcp:0:interface=127.0.0.1", *args])
+
+
+EXAMPLE_SECRET_ENV = {**ACTIVATION_ENV, "SESSION_SECRET": "change-this-secret"}
 
 
 @pytest.mark.integration
-def test_example_secret_stops_startup():
-    """One line naming session.secret, exit status 2, nothing listening."""
-    result = run_twistd({"mcpServers": {"fx": fixture_server()}}, "--listen", "tcp:0:interface=0.0.0.0",
-                        env={"SESSION_SECRET": "change-this-secret"})
+def test_example_secret_stops_startup(tmp_path):
+    """On an endpoint that is not (known to be) loopback: one line naming session.secret, exit status 2, nothing
+    listening."""
+    path = tmp_path / "gateway.json"
+    path.write_text(json.dumps({"mcpServers": {"fx": fixture_server()}}))
+    with loopback_listener() as sock:
+        result = subprocess.run(activated_twistd(sock, str(path)), pass_fds=(sock.fileno(),), capture_output=True,
+                                text=True, check=False, timeout=20, cwd=tmp_path, env={**os.environ, **EXAMPLE_SECRET_ENV})
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert lines == [lines[-1]] and lines[0].startswith("mcpgw: config error: session.secret: "), result.stderr
@@ -405,21 +418,26 @@ def test_example_secret_stops_startup():
 
 @pytest.mark.integration
 def test_example_secret_with_insecure_dev(tmp_path):
-    """--insecure-dev starts on every interface even with the example secret."""
+    """--insecure-dev starts on an endpoint that is not (known to be) loopback even with the example secret, and
+    serves there."""
     path = tmp_path / "gateway.json"
     path.write_text(json.dumps({"mcpServers": {"fx": fixture_server()}}))
-    proc = subprocess.Popen([*TWISTD, "mcpgw", "--config", str(path), "--insecure-dev", "--listen", "tcp:0:interface=0.0.0.0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
-                            env={**os.environ, "SESSION_SECRET": "change-this-secret"})
+    with loopback_listener() as sock:
+        proc = subprocess.Popen(activated_twistd(sock, str(path), "--insecure-dev"), pass_fds=(sock.fileno(),),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                env={**os.environ, **EXAMPLE_SECRET_ENV})
+        port = sock.getsockname()[1]
+    assert proc.stdout is not None
     try:
         seen = b""
         deadline = time.monotonic() + 30
-        while b"starting on" not in seen and time.monotonic() < deadline:
+        while b"GatewaySite starting on" not in seen and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
             seen += line
-        assert b"starting on" in seen, seen
+        assert b"GatewaySite starting on" in seen, seen
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
     finally:
         proc.terminate()
         proc.wait(15)

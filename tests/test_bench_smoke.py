@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_bench_smoke_runs_and_isolation_is_zero(tmp_path):
-    pytest.importorskip("aiohttp")  # the WebSocket client
+    import aiohttp  # noqa: F401  (the bench's WebSocket client, in the test extra: missing, this fails)
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--pooled", "1", "--no-chart", "--out", str(tmp_path), "--name", "smoke"],
         cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -14,44 +15,42 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from mcpgw import _fast
 from mcpgw.auth import Authenticator
 from mcpgw.channel import ChannelLimits, Connections, GatewayChannel
 from mcpgw.config import AuthConfig, GatewayConfig, ServerConfig, StaticToken
 from mcpgw.ratelimit import Decision
 from mcpgw.transports.common import GatewayContext
-from mcpgw.web import Guard, GatewaySite
+from mcpgw.web import GatewaySite, Guard
 
 TOKEN = "a-token-of-sixteen-chars"
 
 
-class Echo(Resource):
-    """The body back, and what it saw of it."""
-
-    isLeaf = True
-    seen: list[bytes]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = []
-
-    def render(self, request: Any) -> bytes:
-        body = request.content.getvalue()
-        self.seen.append(body)
-        return b"ok:%d" % len(body)
-
-
-class Later(Resource):
-    """Answers when the test says (a request still being answered)."""
+class Reply(Resource):
+    """Answers now with ``body`` (by default what it saw of the request body), or, ``later``, when
+    the test says (a request still being answered); ``start`` writes the head first (an SSE-like
+    response: the head now, the body later, chunked)."""
 
     isLeaf = True
 
-    def __init__(self) -> None:
+    def __init__(self, body: bytes | None = None, later: bool = False, content_type: bytes | None = None,
+                 start: bool = False) -> None:
         super().__init__()
+        self.body, self.later, self.content_type, self.start = body, later, content_type, start
+        self.seen: list[bytes] = []
         self.waiting: list[Any] = []
 
     def render(self, request: Any) -> Any:
-        self.waiting.append(request)
-        return NOT_DONE_YET
+        if self.content_type is not None:
+            request.setHeader(b"content-type", self.content_type)
+        if self.later:
+            if self.start:
+                request.write(b"")
+            self.waiting.append(request)
+            return NOT_DONE_YET
+        body = request.content.getvalue()
+        self.seen.append(body)
+        return self.body if self.body is not None else b"ok:%d" % len(body)
 
 
 class LaterLimiter:
@@ -78,13 +77,25 @@ def head(method: str = "GET", path: str = "/mcp", body: bytes | None = None, tok
     return text.encode() + (body or b"")
 
 
+def fast_paths(case: SynchronousTestCase, on: bool) -> None:
+    """mcpgw._fast's switch for this test (``fastPaths`` in the config), restored after it."""
+    case.addCleanup(setattr, _fast, "_enabled", _fast.enabled())
+    _fast.configure(on)
+
+
 class ChannelTestCase(SynchronousTestCase):
+    """Run once with the fast paths as configured; tests/test_fast_web.py runs them again with them off."""
+
     limits = ChannelLimits(max_body_bytes=1000, header_timeout=10.0, body_timeout=30.0, max_pipelined=4)
+    #: None: the fast paths as the environment says; False: off (the public paths).
+    fast: bool | None = None
 
     def setUp(self) -> None:
+        if self.fast is not None:
+            fast_paths(self, self.fast)
         self.clock = Clock()
-        self.echo = Echo()
-        self.later = Later()
+        self.echo = Reply()
+        self.later = Reply(later=True)
         self.limiter: Any = None
         root = Resource()
         root.putChild(b"open", self.echo)
@@ -318,9 +329,13 @@ class PipeliningTests(ChannelTestCase):
 
 
 class FakeChannel:
+    """What Connections reads and writes of a GatewayChannel."""
+
     def __init__(self, ip: str = "127.0.0.1"):
         self._ip = ip
         self.was_shed = False
+        self.kept_alive = False
+        self.waiting_since: int | None = None
 
     def shed(self) -> None:
         self.was_shed = True
@@ -435,34 +450,6 @@ class LimitsConfigTests(SynchronousTestCase):
             self.assertIn(f"limits.{key}", str(e))
 
 
-class Json(Resource):
-    isLeaf = True
-
-    def __init__(self, body: bytes) -> None:
-        super().__init__()
-        self.body = body
-
-    def render(self, request: Any) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        return self.body
-
-
-class Stream(Resource):
-    """An SSE-like response: the head now, the body later (chunked)."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[Any] = []
-
-    def render(self, request: Any) -> Any:
-        request.setHeader(b"content-type", b"text/event-stream")
-        request.write(b"")
-        self.requests.append(request)
-        return NOT_DONE_YET
-
-
 class WriteThroughTests(SynchronousTestCase):
     """GatewayChannel.write on a real TCP transport (a socketpair; the reactor in memory): a whole
     response is sent at once when nothing is queued before it, and what the socket does not take
@@ -477,9 +464,9 @@ class WriteThroughTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         root = Resource()
         self.big = b"x" * (4 * 1024 * 1024)
-        root.putChild(b"small", Json(b'{"ok":true}'))
-        root.putChild(b"big", Json(self.big))
-        self.stream = Stream()
+        root.putChild(b"small", Reply(b'{"ok":true}', content_type=b"application/json"))
+        root.putChild(b"big", Reply(self.big, content_type=b"application/json"))
+        self.stream = Reply(later=True, content_type=b"text/event-stream", start=True)
         root.putChild(b"stream", self.stream)
         site = GatewaySite(root, reactor=self.reactor)
         site.connections = Connections(self.reactor, nofile=100000)
@@ -511,6 +498,7 @@ class WriteThroughTests(SynchronousTestCase):
             data += chunk
         return data
 
+    @pytest.mark.fast_paths
     def test_whole_response_sent_without_the_reactor(self) -> None:
         self.assertTrue(self.channel._through)
         self.request("/small")
@@ -545,15 +533,13 @@ class WriteThroughTests(SynchronousTestCase):
         head = self.received(1)
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n"))
         self.assertIn(b"Transfer-Encoding: chunked", head)
-        self.stream.requests[0].write(b"data: 1\n\n")
+        self.stream.waiting[0].write(b"data: 1\n\n")
         self.assertIn(self.transport, self.reactor.getWriters())  # chunks keep the transport's write cycle
         self.transport.doWrite()
         self.assertEqual(self.received(1), b"9\r\ndata: 1\n\n\r\n")
 
     def test_fast_paths_off_writes_through_the_transport(self) -> None:
-        from mcpgw import channel as channel_module
-
-        self.patch(channel_module, "_WRITE_THROUGH", False)
+        fast_paths(self, False)
         self.setUp()
         self.assertFalse(self.channel._through)
         self.request("/small")

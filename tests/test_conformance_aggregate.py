@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway_process import fixture_server
 from tests.conformance.results import run_handshake_suite
+from tests.gateway_process import fixture_server
 
 HERE = Path(__file__).resolve().parent
 NAMES_SERVER = HERE / "fixtures" / "names_server.py"

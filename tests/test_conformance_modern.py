@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import cache_lock
 from tests.conformance import results
 from tests.gateway_process import fixture_server
 
@@ -61,17 +62,19 @@ WARNINGS_OK: dict[str, str] = {}
 EMPTY_OK: dict[str, str] = {}
 
 
-def _installed() -> bool:
-    return CLI.is_file() and NODE.is_file() and \
-        json.loads((CLI.parent.parent / "package.json").read_text()).get("version") == VERSION
+def _installed(directory: Path) -> bool:
+    cli, node = directory / CLI.relative_to(DIR), directory / NODE.relative_to(DIR)
+    return cli.is_file() and node.is_file() and \
+        json.loads((cli.parent.parent / "package.json").read_text()).get("version") == VERSION
 
 
-def _install() -> None:
-    DIR.mkdir(parents=True, exist_ok=True)
-    (DIR / "package.json").write_text('{"private": true, "allowScripts": {"node": true}}\n')
-    subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--save-exact", "--loglevel=error",
-                    f"@modelcontextprotocol/conformance@{VERSION}", f"node@{NODE_MAJOR}"],
-                   cwd=DIR, check=True, capture_output=True, timeout=600)
+def _install(directory: Path) -> None:
+    """npm install into ``directory`` (a fresh one: tests/cache_lock.py renames it to DIR); an npm failure fails."""
+    (directory / "package.json").write_text('{"private": true, "allowScripts": {"node": true}}\n')
+    done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--save-exact", "--loglevel=error",
+                           f"@modelcontextprotocol/conformance@{VERSION}", f"node@{NODE_MAJOR}"],
+                          cwd=directory, check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"npm cannot install the conformance suite: {done.stderr.strip()[-2000:]}"
 
 
 #: The checks that need the fixture's ``_meta["mcpgw/inputKey"]`` hint, because the scenario names the
@@ -87,8 +90,7 @@ NEEDS_INPUT_KEY = {
 def run_requirements(make_gateway, **env: str) -> tuple[int, dict[str, list[dict]]]:
     """``conformance server --requirements 2026-07-28`` against a pooled fixture (``env``: the fixture's): the
     CLI's exit code and the saved results."""
-    if not _installed():
-        _install()
+    cache_lock.cached(DIR, _installed, _install)  # one installer at a time (pytest -n, two checkouts)
     # Several scenarios never retry an InputRequiredResult (streaming elicitation, missing / invalid
     # inputResponses, the tampered retry): their calls stay parked in the children (poolInputWait), which must not
     # keep the later scenarios' requests on the same children from being bridged. Two children.

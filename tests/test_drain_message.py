@@ -8,7 +8,6 @@ gateway that is really stopping (RFC 9110 §15.6.4: 503 is temporary, Retry-Afte
 
 from __future__ import annotations
 
-import httpx
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest

@@ -17,7 +17,7 @@ class Collector:
         self.overflows: list[int] = []
         self.framer = LineFramer(max_length, self.lines.append, self.overflows.append)
 
-    def feed(self, *chunks: bytes) -> "Collector":
+    def feed(self, *chunks: bytes) -> Collector:
         for chunk in chunks:
             self.framer.feed(chunk)
         return self

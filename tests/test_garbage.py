@@ -2,16 +2,19 @@
 forged session ids, and a Hypothesis fuzzer, against /mcp and /messages.
 
 Every answer must be a 4xx (never a 5xx, never a hang), sessions must survive their clients'
-mistakes, and no child process may outlive its session. One gateway for the module (plus one
-with a 1 MiB body limit).
+mistakes, and no child process may outlive its session. Each test gets its own gateway (one with
+a 1 MiB body limit for the 413 test).
+
+Layer: unit (in process, no marker): tests/harness.py serves the gateway's real site and channel
+(so Twisted's header limits and the gateway's body limits are the production ones) on a Clock,
+its children played by FakeMcpServer. Raw requests are bytes written on that channel; "within 5 s"
+is virtual time, never slept.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-import socket
-import time
 from collections import Counter
 
 import pytest
@@ -19,27 +22,26 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests import wire
-from tests.gateway_process import wait_until
+from tests.harness import Harness
 from tests.wire import POST_HEADERS, assert_jsonrpc_error, messages_of, session_headers
-
-pytestmark = pytest.mark.integration
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 
 
-@pytest.fixture(scope="module")
-def gw(make_module_gateway):
-    return make_module_gateway(wire.config())
+@pytest.fixture
+def gw():
+    with Harness(wire.config()) as h:
+        yield h
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(gw):
-    with wire.http_client(gw.url) as c:
+    with gw.client() as c:
         yield c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sid(client):
     """A live Streamable HTTP session negotiated at 2025-03-26 (so batches reach the parser)."""
     sid = wire.open_session(client, "2025-03-26")
@@ -47,10 +49,10 @@ def sid(client):
     wire.delete_session(client, sid)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def legacy(gw):
-    """A live HTTP+SSE session whose stream a thread drains."""
-    stream = wire.RawSseStream(gw.port)
+    """A live HTTP+SSE session whose stream is held open (everything it carries is kept)."""
+    stream = gw.open_sse()
     yield stream
     stream.close()
 
@@ -58,14 +60,21 @@ def legacy(gw):
 @pytest.fixture(params=["mcp-new", "mcp-session", "messages"])
 def post(request, client, sid, legacy):
     """POST raw bytes where a message may go: /mcp before a session, /mcp in one, /messages."""
-    def send(body: bytes, **headers):
-        if request.param == "messages":
-            return client.post(legacy.endpoint, headers={"content-type": "application/json", **headers}, content=body)
-        base = POST_HEADERS if request.param == "mcp-new" else session_headers(sid, "2025-03-26")
-        return client.post("/mcp", headers={**base, **headers}, content=body)
+    return Poster(request.param, client, sid, legacy)
 
-    send.target = request.param
-    return send
+
+class Poster:
+    """``post(body, **headers)``: the answer to ``body`` POSTed to ``target``."""
+
+    def __init__(self, target: str, client, sid: str, legacy):
+        self.target, self.client, self.sid, self.legacy = target, client, sid, legacy
+
+    def __call__(self, body: bytes, **headers):
+        if self.target == "messages":
+            return self.client.post(self.legacy.endpoint, headers={"content-type": "application/json", **headers},
+                                    content=body)
+        base = POST_HEADERS if self.target == "mcp-new" else session_headers(self.sid, "2025-03-26")
+        return self.client.post("/mcp", headers={**base, **headers}, content=body)
 
 
 def assert_alive(client, sid, legacy):
@@ -74,8 +83,8 @@ def assert_alive(client, sid, legacy):
     assert messages_of(r) == [{"jsonrpc": "2.0", "id": "alive", "result": {}}]
     r = client.post(legacy.endpoint, headers=POST_HEADERS, json=wire.request("alive", "ping"))
     assert r.status_code == 202
-    assert wait_until(lambda: b'{"jsonrpc":"2.0","id":"alive","result":{}}' in legacy.received, timeout=5)
-    del legacy.received[:]
+    assert legacy.harness.run_until(lambda: b'{"jsonrpc":"2.0","id":"alive","result":{}}' in legacy.received, timeout=5)
+    legacy.clear()
 
 
 # -- malformed and mistyped JSON-RPC ---------------------------------------------------------
@@ -86,7 +95,7 @@ def assert_alive(client, sid, legacy):
     b'{"jsonrpc":"2.0","id":1,"method":"ping"', b"NaN", b"1e400", b'{"id":1,"method":"ping","jsonrpc":"2.0"}\x00',
     b"<xml/>", b"jsonrpc=2.0&method=ping",
 ], ids=repr)
-def test_malformed_json_is_parse_error(post, client, sid, legacy, body):
+def test_malformed_json_is_parse_error_transports_2025_11_25_sending_messages(post, client, sid, legacy, body):
     """2025-11-25 basic/transports §Sending Messages to the Server, 4 (input the server cannot
     accept gets an HTTP error status, 400, with a JSON-RPC error) and JSON-RPC 2.0 §5.1: -32700."""
     error = assert_jsonrpc_error(post(body), 400, PARSE_ERROR)
@@ -120,7 +129,7 @@ WRONG_TYPES = {
 
 
 @pytest.mark.parametrize("name", list(WRONG_TYPES))
-def test_wrong_types_are_invalid_request(post, client, sid, legacy, name):
+def test_wrong_types_are_invalid_request_basic_2025_11_25_messages(post, client, sid, legacy, name):
     """2025-11-25 basic/index §Messages (requests: string or integer id, string method; params an
     object) and JSON-RPC 2.0 §4-5: a mistyped message is 400 with -32600, its id echoed when valid."""
     msg = WRONG_TYPES[name]
@@ -139,7 +148,7 @@ def test_wrong_types_are_invalid_request(post, client, sid, legacy, name):
     json.dumps(wire.request(1, "ping")).encode("utf-16"),
     b"\xff\xfe\xfd",
 ], ids=repr)
-def test_non_utf8_is_parse_error(post, client, sid, legacy, body):
+def test_non_utf8_is_parse_error_transports_2025_11_25(post, client, sid, legacy, body):
     """2025-11-25 basic/transports (JSON-RPC messages MUST be UTF-8 encoded): bytes that are not
     UTF-8 JSON text are refused with 400 / -32700 before anything reaches a child."""
     assert_jsonrpc_error(post(body), 400, PARSE_ERROR)
@@ -147,7 +156,7 @@ def test_non_utf8_is_parse_error(post, client, sid, legacy, body):
 
 
 @pytest.mark.parametrize("body", [b"", b" ", b"\r\n", b"\t\n  \n"], ids=repr)
-def test_empty_body_is_400(post, client, sid, legacy, body):
+def test_empty_body_is_400_transports_2025_11_25_sending_messages(post, client, sid, legacy, body):
     """2025-11-25 basic/transports §Sending Messages to the Server, 3: the body MUST be a JSON-RPC
     message; an empty one is a parse error (400 / -32700)."""
     assert_jsonrpc_error(post(body), 400, PARSE_ERROR)
@@ -163,7 +172,7 @@ DEEP = 300  # deeper than the encoder's limit (255): such a message cannot be re
     [json.loads("[" * DEEP + "]" * DEEP)],
     [{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"deep": json.loads("[" * DEEP + "]" * DEEP)}}],
 ], ids=lambda b: repr(b)[:40])
-def test_json_array_of_garbage_is_400(post, client, sid, legacy, batch):
+def test_json_array_of_garbage_is_400_transports_2025_03_26_sending_messages(post, client, sid, legacy, batch):
     """2025-03-26 basic/transports §Sending Messages, 3 and JSON-RPC 2.0 §6 (batch): an array
     that is empty or holds anything but valid messages is 400, and none of it is relayed."""
     r = post(json.dumps(batch).encode())
@@ -171,7 +180,7 @@ def test_json_array_of_garbage_is_400(post, client, sid, legacy, batch):
     assert_alive(client, sid, legacy)
 
 
-def test_multiline_message_too_deep_to_reencode_is_400(post, client, sid, legacy):
+def test_multiline_message_too_deep_to_reencode_is_400_transports_2025_11_25_stdio(post, client, sid, legacy):
     """2025-11-25 basic/transports §stdio (messages MUST NOT contain embedded newlines): a pretty-
     printed message is re-encoded onto one line for the child; one nested too deeply for that is
     a 400, not a 500."""
@@ -188,9 +197,9 @@ def test_multiline_message_too_deep_to_reencode_is_400(post, client, sid, legacy
 # -- size ------------------------------------------------------------------------------------
 
 
-def test_ten_megabyte_body_round_trips(client, sid):
+def test_ten_megabyte_body_round_trips_transports_2025_11_25_sending_messages(client, sid):
     """2025-11-25 basic/transports §Sending Messages to the Server: a 10 MB message is under the
-    default maxBodyBytes (16 MiB); the fixture's echo of a 10 MB text comes back intact."""
+    default maxBodyBytes (16 MiB); the server's echo of a 10 MB text comes back intact."""
     text = (secrets.token_hex(512) * 10240)[: 10 * 1024 * 1024]
     body = json.dumps(wire.tool_call("big", "echo", {"text": text})).encode()
     assert len(body) > 10 * 1024 * 1024
@@ -201,12 +210,11 @@ def test_ten_megabyte_body_round_trips(client, sid):
     assert reply["result"]["content"][0]["text"] == text
 
 
-def test_body_over_max_body_bytes_is_413(make_gateway):
+def test_body_over_max_body_bytes_is_413_transports_2025_11_25_sending_messages():
     """2025-11-25 basic/transports §Sending Messages to the Server, 4 (input the server cannot
     accept gets an HTTP error status): with maxBodyBytes 1 MiB a 2 MiB body is 413 on /mcp and
     /messages; a body under the limit still goes through, and nothing is started for the big one."""
-    gw = make_gateway(wire.config(maxBodyBytes=1024 * 1024))
-    with wire.http_client(gw.url) as client:
+    with Harness(wire.config(maxBodyBytes=1024 * 1024)) as gw, gw.client() as client:
         pad = "x" * (2 * 1024 * 1024)
         before = set(gw.child_pids())
         init = wire.initialize()
@@ -219,7 +227,7 @@ def test_body_over_max_body_bytes_is_413(make_gateway):
         small = wire.tool_call(2, "echo", {"text": pad[: 512 * 1024]})
         r = client.post("/mcp", headers=session_headers(sid), json=small)
         assert messages_of(r)[-1]["result"]["content"][0]["text"] == pad[: 512 * 1024]
-        legacy = wire.RawSseStream(gw.port)
+        legacy = gw.open_sse()
         try:
             r = client.post(legacy.endpoint, headers=POST_HEADERS, json=big)
             assert_jsonrpc_error(r, 413)
@@ -242,9 +250,9 @@ def test_huge_headers_are_refused_cleanly(gw, client, sid, legacy, extra):
     """RFC 9110 §15.5 (4xx for a request the server will not process) / RFC 6585 §5: huge request
     headers get a 4xx or a closed connection (never a 5xx or a hang); the gateway keeps serving."""
     body = json.dumps(wire.request(1, "ping")).encode()
-    answer = wire.raw_http(gw.port, b"POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-                                    b"accept: application/json, text/event-stream\r\n" + extra +
-                           b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+    answer = gw.exchange(b"POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                         b"accept: application/json, text/event-stream\r\n" + extra +
+                         b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
     status = wire.raw_status(answer)
     # Twisted answers 400 for too many header bytes, and drops the connection outright (no
     # answer at all) for one header line over 16 KiB.
@@ -255,13 +263,13 @@ def test_huge_headers_are_refused_cleanly(gw, client, sid, legacy, extra):
 
 FORGED = [
     "", "null", "undefined", "0", "../../etc/passwd", "' OR 1=1 --", "a" * 8192,
-    "A" * 22 + "." + "B" * 22, f"{secrets.token_urlsafe(16)}.{secrets.token_urlsafe(16)}",
+    "A" * 22 + "." + "B" * 22, "xxHmu1jnIkOZSt76sg23Jw.tu9nCbQ2tJ9mNw0KqLdA8g",  # shaped like a real id, never issued
     "x.y.z", ".", "..", "sid with spaces",
 ]
 
 
 @pytest.mark.parametrize("forged", FORGED, ids=lambda s: repr(s)[:30])
-def test_forged_session_ids_are_404(client, gw, forged):
+def test_forged_session_ids_are_404_transports_2025_11_25_session_management(client, gw, forged):
     """2025-11-25 basic/transports §Session Management, 3 (unknown ids get 404) and
     security_best_practices §Session Hijacking: no guessed id reaches a session."""
     before = set(gw.child_pids())
@@ -280,18 +288,18 @@ def test_forged_session_ids_are_404(client, gw, forged):
                                     # the gateway's id shape (22 '.' 22), with non-ASCII nonce or tag
                                     b"A" * 22 + b"." + b"\xe9" * 22, b"\xe9" * 22 + b"." + b"A" * 22,
                                     b"A" * 22 + b"." + "\u00e9".encode() * 11], ids=repr)
-def test_non_ascii_session_ids_are_refused(gw, client, raw_id):
+def test_non_ascii_session_ids_are_refused_transports_2025_11_25_session_management(gw, client, raw_id):
     """2025-11-25 basic/transports §Session Management, 1 (ids are visible ASCII only): a
     header or query id with other bytes matches no session; 4xx, never a 5xx."""
     body = json.dumps(wire.request(1, "ping")).encode()
     head = (b"POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
             b"accept: application/json, text/event-stream\r\nmcp-session-id: " + raw_id + b"\r\n")
-    answer = wire.raw_http(gw.port, head + b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+    answer = gw.exchange(head + b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
     assert 400 <= wire.raw_status(answer) < 500, answer[:200]
     quoted = "".join(f"%{b:02X}" for b in raw_id).encode()
-    answer = wire.raw_http(gw.port, b"POST /messages?sessionId=" + quoted + b" HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-                           b"content-type: application/json\r\n"
-                           b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+    answer = gw.exchange(b"POST /messages?sessionId=" + quoted + b" HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                         b"content-type: application/json\r\n"
+                         b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
     assert wire.raw_status(answer) == 404, answer[:200]
     assert client.get("/health").status_code == 200
 
@@ -300,7 +308,7 @@ def test_non_ascii_session_ids_are_refused(gw, client, raw_id):
     b"1_" + b"9" * 5000, b"9" * 5000 + b"_1", b"\xb2_1", b"1_\xb2", "\u0661_\u0661".encode(), b"abc", b"_", b"1_",
     b"_1", b"1_-1", b"-1_1", b"0_0", b"1_1_1", b"999999_0", b" 1_1", b"1 _1", b"\xff",
 ], ids=lambda v: repr(v)[:24])
-def test_garbage_last_event_id(gw, client, last_event_id):
+def test_garbage_last_event_id_transports_2025_11_25_resumability(gw, client, last_event_id):
     """2025-11-25 basic/transports §Resumability and Redelivery, 2: a Last-Event-ID the server
     never issued cannot resume anything; the GET opens a fresh stream (200, or 409 while one is
     open), never a 5xx."""
@@ -309,14 +317,11 @@ def test_garbage_last_event_id(gw, client, last_event_id):
         head = (b"GET /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: text/event-stream\r\n"
                 b"mcp-session-id: " + sid.encode() + b"\r\nmcp-protocol-version: 2025-11-25\r\n"
                 b"last-event-id: " + last_event_id + b"\r\n\r\n")
-        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
-            sock.sendall(head)
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                answer += chunk
+        conn = gw.connect()
+        conn.send(head)
+        gw.run_until(lambda: b"\r\n\r\n" in conn.received or conn.closed, timeout=5)
+        answer = conn.received
+        conn.hang_up()
         status = wire.raw_status(answer)
         assert status in (200, 409), answer[:300]
         if status == 200:
@@ -380,10 +385,10 @@ def fuzz(gw, bodies):
     log_mark = len(gw.log())
     created: list[str] = []
     seen: Counter[str] = Counter()
-    with wire.http_client(gw.url, timeout=5.0) as client:
+    with gw.client(timeout=5.0) as client:
         live = wire.open_session(client, "2025-03-26")
         created.append(live)
-        legacy = wire.RawSseStream(gw.port)
+        legacy = gw.open_sse()
         forged = f"{secrets.token_urlsafe(16)}.{secrets.token_urlsafe(16)}"
         urls = {
             "mcp-new": ("/mcp", {}), "named-mcp": ("/servers/fx/mcp", {}),
@@ -396,10 +401,10 @@ def fuzz(gw, bodies):
         @given(body=bodies, target=st.sampled_from(TARGETS), headers=st.sampled_from(HEADER_VARIANTS))
         def one(body, target, headers):
             path, extra = urls[target]
-            t0 = time.monotonic()
+            t0 = gw.clock.seconds()
             with client.stream("POST", path, headers={**headers, **extra}, content=body) as r:
                 r.read()  # a JSON answer, or an SSE stream that must end after its response
-            assert time.monotonic() - t0 < 5.0
+            assert gw.clock.seconds() - t0 < 5.0
             event(f"{target} -> {r.status_code}")
             seen[f"{target} {r.status_code}"] += 1
             assert r.status_code < 500, (r.status_code, r.text[:300])
@@ -420,17 +425,17 @@ def fuzz(gw, bodies):
                 client.delete("/mcp", headers={"mcp-session-id": sid})
                 client.delete("/servers/fx/mcp", headers={"mcp-session-id": sid})
             legacy.close()
-    assert wait_until(lambda: set(gw.child_pids()) <= before, timeout=5.0), (before, gw.child_pids())
+    assert gw.run_until(lambda: set(gw.child_pids()) <= before, timeout=5.0), (before, gw.child_pids())
     assert "Unhandled" not in gw.log()[log_mark:]
 
 
-def test_fuzz_random_bytes(gw):
+def test_fuzz_random_bytes_transports_2025_11_25_sending_messages(gw):
     """2025-11-25 basic/transports §Sending Messages to the Server, 4: whatever the bytes, input
     the server cannot accept gets an HTTP error status (4xx), promptly, and leaks nothing."""
     fuzz(gw, byte_bodies)
 
 
-def test_fuzz_random_json(gw):
+def test_fuzz_random_json_transports_2025_11_25_sending_messages(gw):
     """2025-11-25 basic/transports §Sending Messages to the Server, 3-5, and 2025-03-26 batches:
     random JSON values and JSON-RPC-shaped objects get 202, a JSON/SSE answer that ends, or a
     4xx; never a 5xx or a hang, and no child outlives its session."""

@@ -15,15 +15,23 @@ Meanwhile a legitimate SDK client keeps calling a tool (no failed call, p99 < 1 
 from __future__ import annotations
 
 import shutil
-from collections import Counter
 import time
+from collections import Counter
 
 import pytest
 
 from tests.gateway_process import Gateway
 from tests.hostile import LegitClient, proc_stats, tmp_bytes_held
 from tests.hostile_http import (
-    LEGIT_HEADERS, TOKEN, BodyFlood, connect, mib, read_until_closed, report, run_floods, secured_config,
+    LEGIT_HEADERS,
+    TOKEN,
+    BodyFlood,
+    connect,
+    mib,
+    read_until_closed,
+    report,
+    run_floods,
+    secured_config,
 )
 
 pytestmark = pytest.mark.integration

@@ -184,7 +184,8 @@ class TestEscapedHelpers:
                 assert session == escaped["sid"] != stat_of(gw.proc.pid)[2]
                 started = time.monotonic()
                 assert wire.delete_session(c, sid) == 200
-                assert wait_until(lambda: stat_of(helper) is None, timeout=10), f"helper {helper} survived DELETE"
+                assert wait_until(lambda helper=helper: stat_of(helper) is None, timeout=10), \
+                    f"helper {helper} survived DELETE"
                 helpers.append(time.monotonic() - started)
         legit.assert_healthy()
         assert zombies_of(gw.proc.pid) == []
@@ -371,6 +372,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.integration  # a real child interpreter spawning real processes
 class EscapeGuardTests(SynchronousTestCase):
     """EscapeGuard on real processes, in a subprocess of its own (its sweeps reap any child that
     Twisted did not spawn: never this test runner's)."""

@@ -35,7 +35,7 @@ def test_per_ip_cap_spares_other_addresses():
                 s.settimeout(0.2)
                 try:
                     data = s.recv(4096)
-                except socket.timeout:
+                except TimeoutError:
                     outcomes.append(("held", b""))
                     continue
                 rest, end = read_until_closed(s, 3)

@@ -28,7 +28,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mcpgw.config import ConfigError, CorsConfig, GatewayConfig, ServerConfig, parse
 from mcpgw.origin import HostPolicy, host_name, listen_interface
-from tests.gateway_process import TWISTD, Gateway, fixture_server
+from tests.gateway_process import (
+    ACTIVATED_LISTEN,
+    ACTIVATION_ENV,
+    TWISTD,
+    Gateway,
+    fixture_server,
+    loopback_listener,
+    socket_activated,
+)
 from tests.hostile import LegitClient, proc_stats
 from tests.mcp_raw import ACCEPT_BOTH, initialize_request
 
@@ -216,7 +224,8 @@ class PolicyMatrixTests(SynchronousTestCase):
 
 class ListenGateway(Gateway):
     """tests.gateway_process.Gateway with the listen endpoint chosen by the test (None: the
-    config's host and port, as a deployment without --listen)."""
+    config's host and port, as a deployment without --listen; ACTIVATED_LISTEN: a 127.0.0.1
+    socket handed over as systemd does, which the gateway treats as a public bind)."""
 
     def __init__(self, config: dict[str, Any], listen: str | None):  # noqa: D107 - the parent's, one argument more
         self._dir = tempfile.TemporaryDirectory(prefix="mcpgw-test-")
@@ -226,7 +235,13 @@ class ListenGateway(Gateway):
         args = [*TWISTD, "mcpgw", "--config", self.config_path, "--metrics-listen", "tcp:0:interface=127.0.0.1"]
         if listen is not None:
             args += ["--listen", listen]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self._dir.name)
+        if listen == ACTIVATED_LISTEN:
+            with loopback_listener() as sock:
+                self.proc = subprocess.Popen(socket_activated(sock, args), stdout=subprocess.PIPE,
+                                             stderr=subprocess.STDOUT, cwd=self._dir.name, pass_fds=(sock.fileno(),),
+                                             env={**os.environ, **ACTIVATION_ENV})
+        else:
+            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self._dir.name)
         self.lines: list[str] = []
         self.port = self._wait_for_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -309,10 +324,13 @@ def test_loopback_listen_with_star_origins_refuses_rebinding(gateways):
 
 @pytest.mark.integration
 def test_exact_origins_on_a_non_loopback_bind_refuse_rebinding(gateways):
-    """Finding 5, second half: host 0.0.0.0 without --listen, an exact origin list. ``Origin ==
+    """Finding 5, second half: a non-loopback bind (host 0.0.0.0), an exact origin list. ``Origin ==
     Host`` is same-origin only for a Host that is the gateway's own: the rebinding pair is 403,
-    the listed origin and a page served from the gateway's loopback address are not."""
-    gw = gateways({"host": "0.0.0.0", "cors": {"origins": ["https://app.example.test"]}}, None)
+    the listed origin and a page served from the gateway's loopback address are not. The bind is
+    a socket-activated 127.0.0.1 socket, which the gateway takes for a wildcard bind as it takes
+    host 0.0.0.0 (HostPolicyTests' "any-exact" checks that the config's host gives the same
+    policy): tests bind loopback only."""
+    gw = gateways({"host": "0.0.0.0", "cors": {"origins": ["https://app.example.test"]}}, ACTIVATED_LISTEN)
     assert_refused(post(gw, f"{REBIND}:PORT", f"http://{REBIND}:PORT"), "Origin")
     assert_refused(post(gw, None, EVIL), "Origin")
     r = post(gw, None, "https://app.example.test")

@@ -25,7 +25,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from mcpgw.config import ConfigError, GatewayConfig, ServerConfig, SseConfig, parse
 from mcpgw.transports.common import GatewayContext
 from mcpgw.transports.sse import Heartbeat, frame
-from mcpgw.transports.streamable import MAX_BACKLOG, MAX_STREAMS, PostExchange, ReplayBudget, StreamableOutlet, StreamLog
+from mcpgw.transports.streamable import (
+    MAX_BACKLOG,
+    MAX_STREAMS,
+    PostExchange,
+    ReplayBudget,
+    StreamableOutlet,
+    StreamLog,
+)
 from tests import wire
 from tests.gateway_process import fixture_server
 from tests.hostile import LegitClient, proc_stats

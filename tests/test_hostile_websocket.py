@@ -172,7 +172,7 @@ class RawWebSocket:
         while True:
             try:
                 chunk = self.sock.recv(1 << 20)
-            except (ConnectionResetError, socket.timeout):
+            except (TimeoutError, ConnectionResetError):
                 break
             if not chunk:
                 break

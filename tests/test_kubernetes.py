@@ -38,15 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import kubernetes_validate  # the test extra (setup.py): missing, the module fails rather than skips
 import pytest
+import yaml
+from kubernetes_validate import utils as kv_utils
 
-yaml = pytest.importorskip("yaml")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-from kubernetes_validate import utils as kv_utils  # noqa: E402
-
-from mcpgw.config import PRIVATE_ENV, ConfigError, parse  # noqa: E402
-from tests.gateway_process import FIXTURE_SERVER, pid_alive, wait_until  # noqa: E402
-from tests.redis_server import REDIS_SERVER, RedisServer, free_port  # noqa: E402
+from mcpgw.config import PRIVATE_ENV, ConfigError, parse
+from tests.gateway_process import FIXTURE_SERVER, pid_alive, wait_until
+from tests.redis_server import REDIS_SERVER, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -797,7 +796,7 @@ class McpSession:
 
 def require_redis() -> None:
     if REDIS_SERVER is None:
-        pytest.skip("no redis-server binary")
+        pytest.skip("no redis-server binary (.ci/run installs it)")
 
 
 @pytest.mark.integration

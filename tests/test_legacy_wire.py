@@ -1,36 +1,40 @@
 """HTTP+SSE (MCP 2024-11-05) on the wire: ``GET /sse`` then ``POST /messages?sessionId=``.
 
 Spec text: docs/specification/2024-11-05/basic/transports.mdx §HTTP with SSE
-(modelcontextprotocol/modelcontextprotocol). One gateway for the whole module, with
-``sse.keepalive`` at 0.2 s.
+(modelcontextprotocol/modelcontextprotocol). Each test gets a gateway with ``sse.keepalive``
+at 0.2 s.
+
+Layer: unit (in process, no marker): tests/harness.py serves the gateway's real site and channel
+on a Clock, its children played by FakeMcpServer; keepalive intervals and "within 2 s" are
+virtual time, never slept. A real child's exit when its stream's socket closes is checked in
+tests/test_wire_processes.py (integration).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
 from tests import wire
-from tests.gateway_process import pid_alive, wait_until
+from tests.fake_process import FAKE_SERVER_INFO
+from tests.harness import Harness
 from tests.wire import POST_HEADERS, assert_jsonrpc_error, sse_events
-
-pytestmark = pytest.mark.integration
 
 KEEPALIVE = 0.2
 
 
-@pytest.fixture(scope="module")
-def gw(make_module_gateway):
-    return make_module_gateway(wire.config(sse={"keepalive": KEEPALIVE}))
+@pytest.fixture
+def gw():
+    with Harness(wire.config(sse={"keepalive": KEEPALIVE})) as h:
+        yield h
 
 
 @pytest.fixture
 def client(gw):
-    with wire.http_client(gw.url) as c:
+    with gw.client() as c:
         yield c
 
 
@@ -78,7 +82,7 @@ def legacy_session(client, path: str = "/sse") -> Iterator[LegacySession]:
 # -- the endpoint event ----------------------------------------------------------------
 
 
-def test_first_event_is_endpoint(client):
+def test_first_event_is_endpoint_transports_2024_11_05_http_with_sse(client):
     """2024-11-05 basic/transports §HTTP with SSE: on connect the server MUST send an
     ``endpoint`` event with the URI for client messages, first."""
     with client.stream("GET", "/sse", headers={"accept": "text/event-stream"}) as r:
@@ -96,15 +100,15 @@ def test_first_event_is_endpoint(client):
     ("/servers/fx/sse/", "/servers/fx/messages?sessionId="),
     ("/sse?client=x", "/messages?sessionId="),
 ])
-def test_endpoint_under_named_paths(client, path, prefix):
+def test_endpoint_under_named_paths_transports_2024_11_05_http_with_sse(client, path, prefix):
     """2024-11-05 basic/transports §HTTP with SSE: the endpoint event names the POST endpoint
     of the same server (``/servers/NAME/messages`` under a named path), and it works."""
     with legacy_session(client, path) as s:
         assert s.endpoint.startswith(prefix), s.endpoint
-        assert s.initialize()["result"]["serverInfo"]["name"] == "mcpgw-conformance-fixture"
+        assert s.initialize()["result"]["serverInfo"]["name"] == FAKE_SERVER_INFO["name"]
 
 
-def test_sse_response_headers(client):
+def test_sse_response_headers_transports_2024_11_05_http_with_sse(client):
     """2024-11-05 basic/transports §HTTP with SSE (server messages as SSE): the stream is
     text/event-stream, uncached, with ``X-Accel-Buffering: no`` so proxies do not buffer it."""
     with legacy_session(client) as s:
@@ -117,7 +121,7 @@ def test_sse_response_headers(client):
 # -- POST /messages ----------------------------------------------------------------------
 
 
-def test_post_is_202_and_reply_arrives_as_message_event(client):
+def test_post_is_202_and_reply_arrives_as_message_event_transports_2024_11_05_http_with_sse(client):
     """2024-11-05 basic/transports §HTTP with SSE: client messages are POSTed to the endpoint
     (accepted: 202); server messages arrive as SSE ``message`` events with the JSON as data."""
     with legacy_session(client) as s:
@@ -134,7 +138,7 @@ def test_post_is_202_and_reply_arrives_as_message_event(client):
         assert got[-1]["id"] == "n1"
 
 
-def test_notification_and_response_are_202(client):
+def test_notification_and_response_are_202_transports_2024_11_05_http_with_sse(client):
     """2024-11-05 basic/transports §HTTP with SSE: notifications and responses are POSTed
     to the endpoint too, and accepted."""
     with legacy_session(client) as s:
@@ -145,7 +149,7 @@ def test_notification_and_response_are_202(client):
         assert s.next_message() == {"jsonrpc": "2.0", "id": 9, "result": {}}
 
 
-def test_server_discover_answered_at_once(client):
+def test_server_discover_answered_at_once_transports_2024_11_05_http_with_sse(client):
     """2024-11-05 basic/transports §HTTP with SSE: a method the server lacks gets a JSON-RPC
     error on the stream (server/discover: -32601 at once, so clients fall back to initialize)."""
     with legacy_session(client) as s:
@@ -154,7 +158,7 @@ def test_server_discover_answered_at_once(client):
     assert reply["id"] == "d" and reply["error"]["code"] == -32601
 
 
-def test_unknown_session_is_404(client):
+def test_unknown_session_is_404_transports_2024_11_05_http_with_sse(client, gw):
     """2024-11-05 basic/transports §HTTP with SSE: a POST for a session that does not exist
     (never did, or ended with its stream) is refused: 404 with JSON-RPC error -32001."""
     for sid in ("nope", "A" * 22 + "." + "B" * 22, "%FF%FE"):
@@ -162,13 +166,13 @@ def test_unknown_session_is_404(client):
         assert_jsonrpc_error(r, 404, wire.SESSION_NOT_FOUND)
     with legacy_session(client) as s:
         endpoint = s.endpoint
-    assert wait_until(lambda: client.post(endpoint, headers=POST_HEADERS,
-                                          json=wire.request(1, "ping")).status_code == 404, timeout=2)
+    assert gw.run_until(lambda: client.post(endpoint, headers=POST_HEADERS,
+                                            json=wire.request(1, "ping")).status_code == 404, timeout=2)
     assert_jsonrpc_error(client.post(endpoint, headers=POST_HEADERS, json=wire.request(1, "ping")),
                          404, wire.SESSION_NOT_FOUND)
 
 
-def test_streamable_session_id_is_404_on_messages(client):
+def test_streamable_session_id_is_404_on_messages_transports_2024_11_05_http_with_sse(client):
     """2024-11-05 basic/transports §HTTP with SSE: /messages knows only HTTP+SSE sessions; a
     Streamable HTTP session id is not one of them."""
     sid = wire.open_session(client)
@@ -180,7 +184,7 @@ def test_streamable_session_id_is_404_on_messages(client):
 
 
 @pytest.mark.parametrize("query", ["", "?", "?sessionid=x", "?session=x"])
-def test_missing_session_id_is_400(client, query):
+def test_missing_session_id_is_400_transports_2024_11_05_http_with_sse(client, query):
     """2024-11-05 basic/transports §HTTP with SSE: the POST endpoint is the one the server
     announced, with its sessionId; without one the request is 400."""
     r = client.post(f"/messages{query}", headers=POST_HEADERS, json=wire.request(1, "ping"))
@@ -188,7 +192,7 @@ def test_missing_session_id_is_400(client, query):
 
 
 @pytest.mark.parametrize("body", [b"{", b"not json", b"", b"\xff\xfe", b'{"jsonrpc":"2.0","id":1,"method":}'])
-def test_bad_json_is_400(client, body):
+def test_bad_json_is_400_transports_2024_11_05(client, body):
     """2024-11-05 basic/transports (messages are JSON-RPC, UTF-8): a body that is not JSON is
     400 with a -32700 parse error, and the session goes on."""
     with legacy_session(client) as s:
@@ -198,7 +202,7 @@ def test_bad_json_is_400(client, body):
         assert s.next_message() == {"jsonrpc": "2.0", "id": 2, "result": {}}
 
 
-def test_get_messages_and_post_sse_are_405(client):
+def test_get_messages_and_post_sse_are_405_transports_2024_11_05_http_with_sse(client):
     """2024-11-05 basic/transports §HTTP with SSE: the SSE endpoint is GET, the message
     endpoint POST; the other method is 405."""
     assert client.get("/messages?sessionId=x").status_code == 405
@@ -208,36 +212,37 @@ def test_get_messages_and_post_sse_are_405(client):
 # -- keepalive and stream end ------------------------------------------------------------
 
 
-def test_keepalive_ping_comments(client):
+def test_keepalive_ping_comments_transports_2024_11_05_http_with_sse(client, gw):
     """2024-11-05 basic/transports §HTTP with SSE (a long-lived SSE connection): an idle stream
     carries ``: ping`` comments every ``sse.keepalive`` seconds (0.2 here)."""
     with client.stream("GET", "/sse", headers={"accept": "text/event-stream"}) as r:
-        t0 = time.monotonic()
+        t0 = gw.clock.seconds()
         buf = b""
         for chunk in r.iter_bytes():
             buf += chunk
             if buf.count(b": ping\n\n") >= 4:
                 break
-        elapsed = time.monotonic() - t0
+        elapsed = gw.clock.seconds() - t0
     assert buf.startswith(b"event: endpoint\n")
-    # 4 pings take at least three intervals and, with a margin for a loaded machine, not 15x that.
-    assert 3 * KEEPALIVE * 0.8 <= elapsed < 15 * KEEPALIVE, elapsed
+    # 4 pings, one per interval: more than three intervals after the stream opened, at most four.
+    assert 3 * KEEPALIVE < elapsed <= 4 * KEEPALIVE + 1e-9, elapsed
     assert b"\n\n: ping\n\n" in buf
 
 
-def test_closing_stream_stops_child(client, gw):
+def test_closing_stream_stops_child_transports_2024_11_05_http_with_sse(client, gw):
     """2024-11-05 basic/transports §HTTP with SSE: the SSE connection is the session; when the
     client closes it the session ends and its child process is stopped within 2 s."""
     before = set(gw.child_pids())
     with legacy_session(client) as s:
         s.initialize()
-        assert wait_until(lambda: len(set(gw.child_pids()) - before) == 1)
+        assert gw.run_until(lambda: len(set(gw.child_pids()) - before) == 1, timeout=5.0)
         [pid] = set(gw.child_pids()) - before
-        assert pid_alive(pid)
+        assert gw.alive(pid)
         endpoint = s.endpoint
-    t0 = time.monotonic()
-    assert wait_until(lambda: not pid_alive(pid), timeout=2.0), "child still running 2 s after the stream closed"
-    assert time.monotonic() - t0 < 2.0
+    t0 = gw.clock.seconds()
+    assert gw.run_until(lambda: not gw.alive(pid), timeout=2.0), "child still running 2 s after the stream closed"
+    assert gw.clock.seconds() - t0 < 2.0
+    assert gw.program(pid).transport.stdinClosed, "the session ended by closing the child's stdin"
     assert pid not in gw.child_pids()
     assert_jsonrpc_error(client.post(endpoint, headers=POST_HEADERS, json=wire.request(1, "ping")), 404)
 
@@ -247,14 +252,14 @@ def test_idle_stream_has_no_child_until_its_first_message(client, gw):
     idle streams): an open, idle stream holds no child; the first POST starts one and is answered."""
     before = set(gw.child_pids())
     with legacy_session(client) as s:
-        time.sleep(0.3)
+        gw.advance(0.3)
         assert set(gw.child_pids()) - before == set()
         reply = s.initialize()
         assert reply["id"] == 0 and "result" in reply
         assert len(set(gw.child_pids()) - before) == 1
 
 
-def test_child_exit_ends_stream(client):
+def test_child_exit_ends_stream_transports_2024_11_05_http_with_sse(client):
     """2024-11-05 basic/transports §HTTP with SSE: when the server side ends (the child
     crashes), the pending call gets an error and the SSE stream ends, so the client knows."""
     with legacy_session(client) as s:

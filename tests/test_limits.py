@@ -357,15 +357,18 @@ class TestRequestTimeout:
         self.assert_cancelled_in_child(gw, "slow-ws")
 
 
+@pytest.fixture(scope="class")
+def capped(make_module_gateway):
+    """One gateway for TestSessionCaps: fx takes one session, the gateway two (a module-level function: pytest 10
+    refuses class-scoped fixtures defined as methods)."""
+    return make_module_gateway({
+        "mcpServers": {"fx": fixture_server(maxSessions=1, default=True), "fy": fixture_server()},
+        "limits": {"maxSessions": 2},
+    })
+
+
 @pytest.mark.integration
 class TestSessionCaps:
-    @pytest.fixture(scope="class")
-    def capped(self, make_module_gateway):
-        return make_module_gateway({
-            "mcpServers": {"fx": fixture_server(maxSessions=1, default=True), "fy": fixture_server()},
-            "limits": {"maxSessions": 2},
-        })
-
     def test_per_server_then_global(self, capped):
         with wire.http_client(capped.url) as c:
             sid = wire.open_session(c)

@@ -14,7 +14,6 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -39,6 +38,7 @@ from mcpgw.transports.sse import Heartbeat, SseResponse, frame
 from mcpgw.upstream import stdio
 from mcpgw.upstream.stdio import StdioUpstream
 from tests.fake_process import FakeProcessReactor
+from tests.fakes import FakeUpstream, RecordingRoute
 from tests.gateway_process import Gateway, fixture_server, wait_until
 from tests.wire import POST_HEADERS, RawSseStream, http_client, messages_of, open_session, session_headers
 
@@ -181,40 +181,6 @@ class RegistryTests(SynchronousTestCase):
         self.assertIs(m.wrap(resource, "ws", "fx"), resource)  # type: ignore[arg-type]
 
 
-class FakeUpstream:
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-        self.ended = False
-
-    def send(self, raw: bytes, msg: Any = None) -> bool:
-        self.sent.append(raw)
-        return not self.ended
-
-    def stop(self) -> defer.Deferred[None]:
-        self.ended = True
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-
-class Route:
-    def __init__(self) -> None:
-        self.answers: list[bytes] = []
-
-    def answer(self, id: Any, raw: bytes) -> None:
-        self.answers.append(raw)
-
-    def deliver(self, raw: bytes) -> None:
-        pass
-
-    def forget(self, id: Any) -> None:
-        pass
-
-
 class SessionHookTests(SynchronousTestCase):
     """Session.request / Session.upstreamMessage: counts, bytes, latency from the pending request's start."""
 
@@ -224,7 +190,7 @@ class SessionHookTests(SynchronousTestCase):
         self.session = Session("sid", SERVER, "streamable", self.clock, lambda s: None,
                                metrics=self.metrics.bound("streamable", "fx"))
         self.session.upstream = FakeUpstream()  # type: ignore[assignment]
-        self.route = Route()
+        self.route = RecordingRoute()
 
     def request(self, id: Any, method: str = "tools/call") -> bytes:
         msg = {"jsonrpc": "2.0", "id": id, "method": method, "params": {}}
@@ -288,7 +254,7 @@ class SessionHookTests(SynchronousTestCase):
         self.request(1)
         self.assertEqual(self.session.pending_routes(), [self.route])
         reply = self.respond(1)
-        self.assertEqual(self.route.answers, [reply])
+        self.assertEqual(self.route.answers, [(1, reply)])
         self.assertFalse(self.session.has_pending())
 
 

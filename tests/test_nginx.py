@@ -25,8 +25,9 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -156,7 +157,7 @@ class Nginx:
                 except ProcessLookupError:
                     pass
             self.proc.wait()
-            raise AssertionError(f"nginx did not stop within 10 s of SIGTERM:\n{self.log()}")
+            raise AssertionError(f"nginx did not stop within 10 s of SIGTERM:\n{self.log()}") from None
 
 
 class Stack:

@@ -83,23 +83,10 @@ def resp_int(reply: bytes) -> int:
 
 
 @pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def redis_with_password():
     server = RedisServer(password="s3cret pass:word")
     yield server
     server.close()
-
-
-@pytest.fixture
-def redis(redis_server):
-    redis_server.command("FLUSHALL")
-    return redis_server
 
 
 # -- URLs -------------------------------------------------------------------------
@@ -614,14 +601,17 @@ class TestRedisRateLimiter:
         assert [(await d).allowed for d in decisions] == [True, True, False]
 
 
+@pytest.fixture(scope="class")
+def tls_redis():
+    """A TLS redis-server for TestTls (a module-level function: pytest 10 refuses class-scoped fixtures defined as
+    methods)."""
+    server = RedisServer(password="tls pw", tls=True)
+    yield server
+    server.close()
+
+
 @needs_redis
 class TestTls:
-    @pytest.fixture(scope="class")
-    def tls_redis(self):
-        server = RedisServer(password="tls pw", tls=True)
-        yield server
-        server.close()
-
     @pytest_twisted.ensureDeferred
     async def test_rediss_with_ca_file(self, tls_redis):
         """rediss:// with ssl_ca_certs: TLS, the certificate checked against that CA, AUTH inside."""

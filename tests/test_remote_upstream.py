@@ -449,3 +449,29 @@ def test_config_stdio_tool_filter():
     config = parse({"mcpServers": {"s": {"command": sys.executable, "tools": {"allow": ["a", "b"], "deny": ["b"]}}}}, {})
     tools = config.servers["s"].tools
     assert tools.permits("a") and not tools.permits("b") and not tools.permits("c")
+
+
+def test_upstream_connections_write_no_factory_log_line() -> None:
+    """The pool's connections are made through endpoints that quiet their factory (no "Starting
+    factory" line per upstream connection), with Agent's own TCP and TLS endpoints underneath."""
+    from twisted.internet.endpoints import HostnameEndpoint
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.web.client import URI
+    from twisted.web.error import SchemeNotSupported
+
+    from mcpgw.upstream.remote import _client, _QuietEndpoints
+
+    reactor = MemoryReactorClock()
+    endpoints = _QuietEndpoints(reactor)
+    plain = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8080/mcp"))
+    assert isinstance(plain._endpoint, HostnameEndpoint)
+    factory = Factory()
+    assert factory.noisy
+    plain.connect(factory)
+    assert factory.noisy is False
+    tls = endpoints.endpointForURI(URI.fromBytes(b"https://example.com/mcp"))
+    assert not isinstance(tls._endpoint, HostnameEndpoint)  # TLS wrapped around it
+    with pytest.raises(SchemeNotSupported):
+        endpoints.endpointForURI(URI.fromBytes(b"ftp://example.com/"))
+    assert isinstance(_client(reactor)._agent._endpointFactory, _QuietEndpoints)

@@ -1,9 +1,6 @@
 """Issue 2, point 1: the official ``mcp`` SDK client reaches the default server over both transports."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import anyio

@@ -5,7 +5,6 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -14,6 +13,7 @@ from mcpgw.config import GatewayConfig, ServerConfig, SessionConfig
 from mcpgw.session import Session, SessionIds, SessionManager
 from mcpgw.upstream import stdio
 from tests.fake_process import FakeProcessReactor
+from tests.fakes import FakeUpstream, RecordingRoute
 
 SERVER = ServerConfig(name="time", command="time-server", executable="/opt/bin/time-server")
 
@@ -40,69 +40,6 @@ def resp(id: Any, result: Any = None) -> tuple[bytes, dict[str, Any]]:
 
 def from_child(msg: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
     return jsonrpc.dumps(msg), msg
-
-
-class FakeUpstream:
-    """Stands in for StdioUpstream: records sends; ``exit()`` plays the child's death."""
-
-    def __init__(self, session: Session):
-        self.session = session
-        self.sent: list[bytes] = []
-        self.ended = False
-        self.stopping = False
-        self.paused = 0
-        self._stops: list[defer.Deferred[None]] = []
-
-    def send(self, raw: bytes, msg: Any = None) -> bool:
-        if self.ended or self.stopping:
-            return False
-        self.sent.append(raw)
-        return True
-
-    def stop(self) -> defer.Deferred[None]:
-        d: defer.Deferred[None] = defer.Deferred()
-        if self.ended:
-            d.callback(None)
-        else:
-            self.stopping = True
-            self._stops.append(d)
-        return d
-
-    def exit(self, how: str = "exited with status 1") -> None:
-        self.ended = True
-        self.session.upstreamEnded(how)
-        stops, self._stops = self._stops, []
-        for d in stops:
-            d.callback(None)
-
-    def pauseProducing(self) -> None:
-        self.paused += 1
-
-    def resumeProducing(self) -> None:
-        self.paused -= 1
-
-
-class RecordingRoute:
-    def __init__(self) -> None:
-        self.answers: list[tuple[Any, bytes]] = []
-        self.delivered: list[bytes] = []
-        self.forgotten: list[Any] = []
-
-    def answer(self, id: Any, raw: bytes) -> None:
-        self.answers.append((id, raw))
-
-    def deliver(self, raw: bytes) -> None:
-        self.delivered.append(raw)
-
-    def forget(self, id: Any) -> None:
-        self.forgotten.append(id)
-
-    def errors(self) -> list[tuple[Any, int, str]]:
-        out = []
-        for id, raw in self.answers:
-            msg = jsonrpc.loads(raw)
-            out.append((id, msg["error"]["code"], msg["error"]["message"]))
-        return out
 
 
 class RecordingOutlet:

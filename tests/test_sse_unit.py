@@ -369,8 +369,8 @@ class PostExchangeTests(SynchronousTestCase):
         self.outlet = StreamableOutlet(FakeSession(self.protocol_version), ctx)  # type: ignore[arg-type]
         self.request = make_request()
 
-    def exchange(self, ids: list[Any] = [1], batch: bool = False) -> PostExchange:
-        return PostExchange(self.outlet, self.request, ids, batch)
+    def exchange(self, ids: list[Any] | None = None, batch: bool = False) -> PostExchange:
+        return PostExchange(self.outlet, self.request, [1] if ids is None else ids, batch)
 
     def test_finalResponseFirstIsJson(self) -> None:
         """If the first message is the final response, the reply is plain JSON with Content-Length."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+import pytest
 from twisted.internet.error import ProcessDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -196,7 +197,7 @@ class SendTests(UpstreamTestCase):
         self.assertTrue(self.upstream.send(MESSAGE))
         self.assertEqual(self.child.written, [MESSAGE + b"\n"])
 
-    def direct(self) -> tuple["_PipeWriter", int]:
+    def direct(self) -> tuple[_PipeWriter, int]:
         import os
 
         r, w = os.pipe()
@@ -440,6 +441,8 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.integration
+@pytest.mark.fast_paths
 class RealSpawnTests(SynchronousTestCase):
     """A real child on the real reactor (in a subprocess, so this test process's reactor is untouched)."""
 
@@ -451,8 +454,10 @@ class RealSpawnTests(SynchronousTestCase):
         import subprocess
         import sys
 
-        if not stdio._SPAWN_SETSID:
-            self.skipTest("no posix_spawn with setsid here")
+        from mcpgw._fast import process as fast_process
+
+        if not fast_process.can_spawn_leader():
+            self.skipTest("no posix_spawn with setsid on this platform (Linux has it)")
         done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=60)
         self.assertEqual(done.returncode, 0, done.stderr)
         out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -483,7 +488,8 @@ class TuneAllocatorTests(SynchronousTestCase):
 
 
 class _PipeWriter:
-    """What StdioUpstream.send reads of Twisted's ProcessWriter, on a real pipe; ``write`` recorded."""
+    """What StdioUpstream.send (mcpgw._fast.process.write_stdin) reads of Twisted's ProcessWriter, on a
+    real pipe; ``write`` recorded."""
 
     def __init__(self, fd: int):
         self.fd = fd

@@ -1,7 +1,13 @@
 """Streamable HTTP on the wire: every rule of MCP basic/transports, checked with raw HTTP.
 
 Spec text: docs/specification/2025-11-25/basic/transports.mdx (and 2025-03-26 for batches)
-in modelcontextprotocol/modelcontextprotocol. One gateway for the whole module.
+in modelcontextprotocol/modelcontextprotocol.
+
+Layer: unit (in process, no marker). Each test gets its own gateway from tests/harness.py: the
+gateway's real site and channel on a Clock, its children played by FakeMcpServer; an httpx client
+whose requests are HTTP/1.1 bytes on that channel. Waiting is virtual time (the Clock), never
+sleeping. What only real processes show (a real child's exit) is in tests/test_wire_processes.py
+(integration).
 """
 
 from __future__ import annotations
@@ -9,12 +15,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 
 import pytest
 
 from tests import wire
-from tests.gateway_process import fixture_server, pid_alive, wait_until
+from tests.fake_process import FAKE_SERVER_INFO
+from tests.gateway_process import fixture_server
+from tests.harness import Harness
 from tests.wire import (
     LATEST,
     POST_HEADERS,
@@ -24,19 +31,18 @@ from tests.wire import (
     sse_events,
 )
 
-pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def gw(make_module_gateway):
+@pytest.fixture
+def gw():
     config = wire.config(cors={"origins": ["*"]})  # `*` on a loopback bind: loopback origins (default: none)
     config["mcpServers"]["other"] = fixture_server()  # a second server, for cross-server ids
-    return make_module_gateway(config)
+    with Harness(config) as h:
+        yield h
 
 
 @pytest.fixture
 def client(gw):
-    with wire.http_client(gw.url) as c:
+    with gw.client() as c:
         yield c
 
 
@@ -57,7 +63,7 @@ def new_session(client):
 
 def new_child(gw, before: set[int]) -> int:
     """The one child the gateway started since ``before`` was taken."""
-    assert wait_until(lambda: len(set(gw.child_pids()) - before) == 1)
+    assert gw.run_until(lambda: len(set(gw.child_pids()) - before) == 1, timeout=5.0)
     [pid] = set(gw.child_pids()) - before
     return pid
 
@@ -66,7 +72,8 @@ def new_child(gw, before: set[int]) -> int:
 
 
 @pytest.mark.parametrize("accept", [None, "application/json", "text/event-stream", "text/html"])
-def test_post_accept_must_list_json_and_event_stream(client, new_session, accept):
+def test_post_accept_must_list_json_and_event_stream_transports_2025_11_25_sending_messages(
+        client, new_session, accept):
     """2025-11-25 basic/transports §Sending Messages to the Server, 2: the client MUST send
     an Accept listing application/json and text/event-stream; anything else is 406."""
     headers = {"content-type": "application/json"}
@@ -82,7 +89,7 @@ def test_post_accept_must_list_json_and_event_stream(client, new_session, accept
     assert_jsonrpc_error(client.post("/mcp", headers=headers, json=wire.request(2, "ping")), 406)
 
 
-def test_post_accept_with_parameters_and_wildcards(client, new_session):
+def test_post_accept_with_parameters_and_wildcards_transports_2025_11_25_sending_messages(client, new_session):
     """2025-11-25 basic/transports §Sending Messages to the Server, 2: media-type parameters
     and q-values do not hide a listed type."""
     sid = new_session()
@@ -93,7 +100,7 @@ def test_post_accept_with_parameters_and_wildcards(client, new_session):
 
 
 @pytest.mark.parametrize("accept", [None, "application/json", "text/html"])
-def test_get_accept_must_list_event_stream(client, new_session, accept):
+def test_get_accept_must_list_event_stream_transports_2025_11_25_listening(client, new_session, accept):
     """2025-11-25 basic/transports §Listening for Messages from the Server, 2: the GET MUST
     list text/event-stream in Accept; 406 otherwise."""
     sid = new_session()
@@ -105,7 +112,7 @@ def test_get_accept_must_list_event_stream(client, new_session, accept):
 
 
 @pytest.mark.parametrize("ctype", [None, "text/plain", "application/x-www-form-urlencoded", "application/json-seq"])
-def test_post_content_type_must_be_json(client, gw, ctype):
+def test_post_content_type_must_be_json_transports_2025_11_25_sending_messages(client, gw, ctype):
     """2025-11-25 basic/transports §Sending Messages to the Server, 3: the body is a JSON-RPC
     message; a body declared as anything but application/json is 415 and starts no session."""
     before = set(gw.child_pids())
@@ -118,7 +125,7 @@ def test_post_content_type_must_be_json(client, gw, ctype):
     assert set(gw.child_pids()) <= before
 
 
-def test_post_content_type_with_charset_is_json(client, new_session):
+def test_post_content_type_with_charset_is_json_transports_2025_11_25_sending_messages(client, new_session):
     """2025-11-25 basic/transports §Sending Messages to the Server, 3: ``application/json;
     charset=utf-8`` is application/json."""
     sid = new_session()
@@ -131,7 +138,7 @@ def test_post_content_type_with_charset_is_json(client, new_session):
 
 
 @pytest.mark.parametrize("version", ["2025-03-26", "2025-06-18", "2025-11-25"])
-def test_initialize_assigns_visible_ascii_session_id(client, version):
+def test_initialize_assigns_visible_ascii_session_id_transports_2025_11_25_session_management(client, version):
     """2025-11-25 basic/transports §Session Management, 1: the InitializeResult response carries
     MCP-Session-Id of visible ASCII (0x21-0x7E); §Sending Messages, 5: JSON or SSE."""
     r = client.post("/mcp", headers=POST_HEADERS, json=wire.initialize(id="init-1", version=version))
@@ -144,7 +151,7 @@ def test_initialize_assigns_visible_ascii_session_id(client, version):
     [reply] = messages_of(r)
     assert reply["id"] == "init-1"
     assert reply["result"]["protocolVersion"] == version
-    assert reply["result"]["serverInfo"]["name"] == "mcpgw-conformance-fixture"
+    assert reply["result"]["serverInfo"]["name"] == FAKE_SERVER_INFO["name"]
     other = client.post("/mcp", headers=POST_HEADERS, json=wire.initialize(version=version))
     assert other.headers["mcp-session-id"] != sid, "every session gets its own id"
     for s in (sid, other.headers["mcp-session-id"]):
@@ -152,7 +159,7 @@ def test_initialize_assigns_visible_ascii_session_id(client, version):
 
 
 @pytest.mark.parametrize("method", ["POST", "GET", "DELETE"])
-def test_missing_session_id_is_400(client, new_session, method):
+def test_missing_session_id_is_400_transports_2025_11_25_session_management(client, new_session, method):
     """2025-11-25 basic/transports §Session Management, 2: requests other than initialize
     without MCP-Session-Id SHOULD get 400 Bad Request."""
     new_session()  # a live session exists, but the request does not name it
@@ -172,7 +179,7 @@ def _altered(sid: str) -> str:
 
 @pytest.mark.parametrize("kind", ["unknown", "forged", "altered", "ended"])
 @pytest.mark.parametrize("method", ["POST", "GET", "DELETE"])
-def test_unknown_session_id_is_404(client, new_session, kind, method):
+def test_unknown_session_id_is_404_transports_2025_11_25_session_management(client, new_session, kind, method):
     """2025-11-25 basic/transports §Session Management, 3-4: a terminated or unknown session
     id MUST get 404 Not Found (the body a JSON-RPC error -32001), so the client re-initializes."""
     sid = new_session()
@@ -198,7 +205,7 @@ def test_unknown_session_id_is_404(client, new_session, kind, method):
         assert messages_of(r) == [{"jsonrpc": "2.0", "id": 4, "result": {}}]
 
 
-def test_session_id_of_one_server_is_404_on_another_path(client, new_session):
+def test_session_id_of_one_server_is_404_on_another_path_transports_2025_11_25_session_management(client, new_session):
     """2025-11-25 basic/transports §Session Management, 3: a session belongs to its MCP
     endpoint; a legacy HTTP+SSE session id is unknown to /mcp."""
     with client.stream("GET", "/sse") as r:
@@ -208,7 +215,7 @@ def test_session_id_of_one_server_is_404_on_another_path(client, new_session):
         assert_jsonrpc_error(r2, 404, wire.SESSION_NOT_FOUND)
 
 
-def test_session_id_of_another_server_is_404(client, new_session):
+def test_session_id_of_another_server_is_404_transports_2025_11_25_session_management(client, new_session):
     """2025-11-25 basic/transports §Session Management, 3: a session belongs to the MCP endpoint
     that created it; /servers/other/mcp does not know a session of the default server."""
     sid = new_session()
@@ -218,7 +225,7 @@ def test_session_id_of_another_server_is_404(client, new_session):
     assert messages_of(r) == [{"jsonrpc": "2.0", "id": 2, "result": {}}]
 
 
-def test_session_whose_child_died_is_404(client, gw):
+def test_session_whose_child_died_is_404_transports_2025_11_25_session_management(client, gw):
     """2025-11-25 basic/transports §Session Management, 3-4: the server MAY end a session (its
     child crashed); the call in flight gets a JSON-RPC error, later requests get 404."""
     sid = wire.open_session(client)
@@ -229,7 +236,7 @@ def test_session_whose_child_died_is_404(client, gw):
     assert_jsonrpc_error(r, 404, wire.SESSION_NOT_FOUND)
 
 
-def test_delete_ends_session_then_404(client, gw):
+def test_delete_ends_session_then_404_transports_2025_11_25_session_management(client, gw):
     """2025-11-25 basic/transports §Session Management, 5: DELETE with MCP-Session-Id ends the
     session (200 here, its child stops); afterwards the id is 404 (§Session Management, 3)."""
     before = set(gw.child_pids())
@@ -237,13 +244,13 @@ def test_delete_ends_session_then_404(client, gw):
     pid = new_child(gw, before)
     r = client.delete("/mcp", headers={"mcp-session-id": sid, "mcp-protocol-version": LATEST})
     assert r.status_code == 200
-    assert wait_until(lambda: not pid_alive(pid), timeout=2.0), "the child outlived its session"
+    assert gw.run_until(lambda: not gw.alive(pid), timeout=2.0), "the child outlived its session"
     assert_jsonrpc_error(client.delete("/mcp", headers={"mcp-session-id": sid}), 404, wire.SESSION_NOT_FOUND)
     r = client.post("/mcp", headers=session_headers(sid), json=wire.request(5, "ping"))
     assert_jsonrpc_error(r, 404, wire.SESSION_NOT_FOUND)
 
 
-def test_delete_closes_open_streams(client, new_session):
+def test_delete_closes_open_streams_transports_2025_11_25_sending_messages(client, new_session):
     """2025-11-25 basic/transports §Sending Messages, 6 (the server MAY terminate the SSE stream
     if the session expires): after DELETE the GET stream ends instead of hanging."""
     sid = new_session()
@@ -255,7 +262,7 @@ def test_delete_closes_open_streams(client, new_session):
         assert [e.data for e in events] == []  # the stream ends
 
 
-def test_delete_during_a_call_ends_its_stream(client, gw, new_session):
+def test_delete_during_a_call_ends_its_stream_transports_2025_11_25_session_management(client, gw, new_session):
     """2025-11-25 basic/transports §Sending Messages, 6 (the server MAY terminate the SSE stream if
     the session ends) and §Session Management, 5: DELETE while a call runs answers the call with a
     JSON-RPC error and ends its stream; nothing hangs."""
@@ -275,7 +282,8 @@ def test_delete_during_a_call_ends_its_stream(client, gw, new_session):
 
 
 @pytest.mark.parametrize("version", ["1999-01-01", "2026-07-28", "latest", ""])
-def test_unsupported_protocol_version_is_400(client, new_session, version):
+def test_unsupported_protocol_version_is_400_transports_2025_11_25_protocol_version_header(
+        client, new_session, version):
     """2025-11-25 basic/transports §Protocol Version Header: an invalid or unsupported
     MCP-Protocol-Version MUST get 400 Bad Request."""
     sid = new_session()
@@ -284,7 +292,7 @@ def test_unsupported_protocol_version_is_400(client, new_session, version):
     assert_jsonrpc_error(client.get("/mcp", headers={**headers, "accept": "text/event-stream"}), 400)
 
 
-def test_absent_protocol_version_is_accepted(client, new_session):
+def test_absent_protocol_version_is_accepted_transports_2025_11_25_protocol_version_header(client, new_session):
     """2025-11-25 basic/transports §Protocol Version Header: without MCP-Protocol-Version the
     server SHOULD assume 2025-03-26 (and so accept the request)."""
     sid = new_session("2025-06-18")
@@ -294,7 +302,8 @@ def test_absent_protocol_version_is_accepted(client, new_session):
 
 
 @pytest.mark.parametrize("header", ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"])
-def test_every_supported_protocol_version_is_accepted(client, new_session, header):
+def test_every_supported_protocol_version_is_accepted_transports_2025_11_25_protocol_version_header(
+        client, new_session, header):
     """2025-11-25 basic/transports §Protocol Version Header: every version the gateway supports
     is accepted in MCP-Protocol-Version."""
     sid = new_session()
@@ -305,7 +314,7 @@ def test_every_supported_protocol_version_is_accepted(client, new_session, heade
 # -- Notifications, responses, requests -----------------------------------------------
 
 
-def test_notification_is_202_without_body(client, new_session):
+def test_notification_is_202_without_body_transports_2025_11_25_sending_messages(client, new_session):
     """2025-11-25 basic/transports §Sending Messages to the Server, 4: an accepted notification
     MUST get 202 Accepted with no body."""
     sid = new_session()
@@ -316,7 +325,7 @@ def test_notification_is_202_without_body(client, new_session):
     assert "content-type" not in r.headers or r.headers.get("content-length") == "0"
 
 
-def test_response_is_202_without_body(client, new_session):
+def test_response_is_202_without_body_transports_2025_11_25_sending_messages(client, new_session):
     """2025-11-25 basic/transports §Sending Messages to the Server, 4: an accepted JSON-RPC
     response (a client's answer to a server request) MUST get 202 with no body."""
     sid = new_session()
@@ -327,7 +336,7 @@ def test_response_is_202_without_body(client, new_session):
         assert r.content == b""
 
 
-def test_server_request_answered_by_client_post(client, new_session):
+def test_server_request_answered_by_client_post_transports_2025_11_25_sending_messages(client, new_session):
     """2025-11-25 basic/transports §Sending Messages, 6 and 4: a server request (roots/list) rides
     the POST stream of the call it belongs to; the client's response is a POST answered 202."""
     sid = new_session(capabilities={"roots": {"listChanged": True}})
@@ -344,7 +353,7 @@ def test_server_request_answered_by_client_post(client, new_session):
     assert json.loads(rest[-1]["result"]["content"][0]["text"])["roots"][0]["uri"] == "file:///tmp"
 
 
-def test_request_json_response(client, new_session):
+def test_request_json_response_transports_2025_11_25_sending_messages(client, new_session):
     """2025-11-25 basic/transports §Sending Messages to the Server, 5: a request gets either
     text/event-stream or application/json with one JSON object, its response."""
     sid = new_session()
@@ -357,7 +366,7 @@ def test_request_json_response(client, new_session):
     assert reply == {"jsonrpc": "2.0", "id": "c1", "result": {"content": [{"type": "text", "text": "héllo"}]}}
 
 
-def test_request_sse_stream_ends_after_response(client, new_session):
+def test_request_sse_stream_ends_after_response_transports_2025_11_25_sending_messages(client, new_session):
     """2025-11-25 basic/transports §Sending Messages to the Server, 6: an SSE answer starts with
     a priming event (id, empty data, and retry), carries related notifications, includes the
     response and then terminates."""
@@ -378,7 +387,7 @@ def test_request_sse_stream_ends_after_response(client, new_session):
 
 
 @pytest.mark.parametrize("version", ["2025-03-26", "2025-06-18"])
-def test_no_empty_priming_event_before_2025_11_25(client, new_session, version):
+def test_no_empty_priming_event_before_2025_11_25_transports_2025_06_18_sending_messages(client, new_session, version):
     """2025-06-18 basic/transports §Sending Messages to the Server, 5-6: before 2025-11-25 every
     SSE event carries a JSON-RPC message (the empty priming event came with 2025-11-25, which
     older clients would fail to parse)."""
@@ -391,7 +400,7 @@ def test_no_empty_priming_event_before_2025_11_25(client, new_session, version):
     assert [json.loads(e.data).get("method") for e in events] == ["notifications/progress"] * 2 + [None]
 
 
-def test_long_call_turns_into_stream_with_keepalive(client, gw, new_session):
+def test_long_call_turns_into_stream_with_keepalive_transports_2025_11_25_sending_messages(client, gw, new_session):
     """2025-11-25 basic/transports §Sending Messages to the Server, 5-6: a call that outlasts the
     keepalive interval (sse.keepalive 0.2 s here) is answered as an SSE stream that carries
     ``: ping`` comments, then the response, then ends (no idle JSON wait behind proxies)."""
@@ -404,7 +413,7 @@ def test_long_call_turns_into_stream_with_keepalive(client, gw, new_session):
     assert not re.search(r"keepalive (write )?failed", gw.log())
 
 
-def test_request_without_session_is_400_and_reaches_no_child(client, gw):
+def test_request_without_session_is_400_and_reaches_no_child_transports_2025_11_25_session_management(client, gw):
     """2025-11-25 basic/transports §Session Management, 2: a non-initialize request without a
     session id is 400, and nothing is started for it."""
     before = set(gw.child_pids())
@@ -416,7 +425,7 @@ def test_request_without_session_is_400_and_reaches_no_child(client, gw):
 # -- Batches (2025-03-26 only) ------------------------------------------------------
 
 
-def test_batch_accepted_in_2025_03_26(client, new_session):
+def test_batch_accepted_in_2025_03_26_transports_sending_messages(client, new_session):
     """2025-03-26 basic/transports §Sending Messages to the Server, 3: the body MAY be an array
     batching requests and notifications; all responses come back (here on one SSE stream)."""
     sid = new_session("2025-03-26")
@@ -433,7 +442,7 @@ def test_batch_accepted_in_2025_03_26(client, new_session):
     assert by_id["b"]["result"]["content"][0]["text"] == "batched"
 
 
-def test_batch_of_notifications_is_202_in_2025_03_26(client, new_session):
+def test_batch_of_notifications_is_202_in_2025_03_26_transports_sending_messages(client, new_session):
     """2025-03-26 basic/transports §Sending Messages to the Server, 4: a batch of only
     notifications/responses gets 202 Accepted with no body."""
     sid = new_session("2025-03-26")
@@ -444,7 +453,7 @@ def test_batch_of_notifications_is_202_in_2025_03_26(client, new_session):
 
 
 @pytest.mark.parametrize("version", ["2025-06-18", "2025-11-25"])
-def test_batch_rejected_after_2025_03_26(client, new_session, version):
+def test_batch_rejected_after_2025_03_26_transports_2025_06_18_sending_messages(client, new_session, version):
     """2025-06-18 basic/transports §Sending Messages to the Server, 3: the body MUST be a single
     JSON-RPC message (batching was removed); a batch is 400 and nothing of it is relayed."""
     sid = new_session(version)
@@ -455,7 +464,7 @@ def test_batch_rejected_after_2025_03_26(client, new_session, version):
     assert messages_of(r)[-1]["result"]["content"][0]["text"] == "ok"
 
 
-def test_initialize_in_batch_is_400(client, gw):
+def test_initialize_in_batch_is_400_lifecycle_2025_03_26_initialization(client, gw):
     """2025-03-26 basic/lifecycle §Initialization: initialize MUST NOT be part of a batch."""
     before = set(gw.child_pids())
     r = client.post("/mcp", headers=POST_HEADERS, json=[wire.initialize(version="2025-03-26")])
@@ -471,7 +480,7 @@ def _get_stream(client, sid, **headers):
     return client.stream("GET", "/mcp", headers={**session_headers(sid), "accept": "text/event-stream", **headers})
 
 
-def test_get_stream_receives_server_initiated_messages(client, new_session):
+def test_get_stream_receives_server_initiated_messages_transports_2025_11_25_listening(client, new_session):
     """2025-11-25 basic/transports §Listening for Messages from the Server, 4: the GET stream
     carries server notifications unrelated to any running request (tools/list_changed), never
     a response; the POST stream keeps what relates to its request (§Sending Messages, 6), and
@@ -492,7 +501,8 @@ def test_get_stream_receives_server_initiated_messages(client, new_session):
     assert on_post[0]["params"]["data"] == "hi"
 
 
-def test_server_notification_without_get_stream_rides_the_post_stream(client, new_session):
+def test_server_notification_without_get_stream_rides_the_post_stream_transports_2025_11_25_multiple_connections(
+        client, new_session):
     """2025-11-25 basic/transports §Sending Messages, 6 / §Multiple Connections: with no GET
     stream open, a server notification is not lost; it comes on the open POST stream, once."""
     sid = new_session()
@@ -501,7 +511,7 @@ def test_server_notification_without_get_stream_rides_the_post_stream(client, ne
     assert methods == ["notifications/message", "notifications/tools/list_changed", None]
 
 
-def test_second_concurrent_get_stream_is_409(client, new_session):
+def test_second_concurrent_get_stream_is_409_transports_2025_11_25_multiple_connections(client, new_session):
     """2025-11-25 basic/transports §Multiple Connections / §Listening: one standalone GET stream
     per session; a second concurrent GET is refused (409 Conflict) and the first stays open."""
     sid = new_session()
@@ -517,21 +527,23 @@ def test_second_concurrent_get_stream_is_409(client, new_session):
 # -- Resumability and Redelivery ----------------------------------------------------------
 
 
-def test_resume_post_stream_after_disconnect_replays_missed_events_once(gw, client, new_session):
+def test_resume_post_stream_after_disconnect_replays_missed_events_once_transports_2025_11_25_resumability(
+        gw, client, new_session):
     """2025-11-25 basic/transports §Resumability and Redelivery, 1-2 and §Sending Messages, 6:
     a POST SSE stream (priming event with id and retry) cut mid-call is resumed by GET with
     Last-Event-ID; the missed events arrive exactly once, only from that stream, and the
     resumed stream ends after the response. Disconnection is not cancellation."""
     sid = new_session()
     call = wire.tool_call(31, "sleep", {"seconds": 0.5}, progress="p31")
-    with wire.http_client(gw.url) as first, first.stream("POST", "/mcp", headers=session_headers(sid), json=call) as r:
+    with gw.client() as first, first.stream("POST", "/mcp", headers=session_headers(sid), json=call) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
         prime = next(events)
-        assert prime.data == "" and prime.id and int(prime.retry) > 0
+        assert prime.data == "" and prime.id and prime.retry is not None and int(prime.retry) > 0
         seen = next(events)
         assert json.loads(seen.data)["params"]["progress"] == 0
     # leaving the block dropped the connection mid-stream
+    assert seen.id is not None
     stream_prefix = seen.id.split("_")[0]
 
     def resume(last_id: str) -> list:
@@ -552,7 +564,7 @@ def test_resume_post_stream_after_disconnect_replays_missed_events_once(gw, clie
     assert resume(live[-1].id) == []  # nothing after the last event; the stream is over
 
 
-def test_resume_does_not_replay_other_streams(client, new_session):
+def test_resume_does_not_replay_other_streams_transports_2025_11_25_resumability(client, new_session):
     """2025-11-25 basic/transports §Resumability and Redelivery, 2: the server MUST NOT replay
     messages that would have been delivered on a different stream."""
     sid = new_session()
@@ -572,7 +584,7 @@ def test_resume_does_not_replay_other_streams(client, new_session):
 
 
 @pytest.mark.parametrize("method", ["PUT", "PATCH", "HEAD"])
-def test_unsupported_method_is_405(client, new_session, method):
+def test_unsupported_method_is_405_transports_2025_11_25_streamable_http(client, new_session, method):
     """2025-11-25 basic/transports §Streamable HTTP: the MCP endpoint supports POST and GET (and
     DELETE, §Session Management 5); other methods get 405 Method Not Allowed with Allow."""
     sid = new_session()
@@ -582,7 +594,8 @@ def test_unsupported_method_is_405(client, new_session, method):
 
 
 @pytest.mark.parametrize("version, status, code", [(None, 404, -32601), ("2026-07-28", 400, -32022)])
-def test_server_discover_without_session_fails_fast(client, gw, version, status, code):
+def test_server_discover_without_session_fails_fast_transports_2025_11_25_backwards_compatibility(
+        client, gw, version, status, code):
     """2025-11-25 basic/transports §Backwards Compatibility (a client probing a newer method
     falls back on 400/404): server/discover without a session gets an immediate JSON-RPC error
     (404/-32601, or 400/-32022 for MCP-Protocol-Version 2026-07-28) and starts no child."""
@@ -590,9 +603,9 @@ def test_server_discover_without_session_fails_fast(client, gw, version, status,
     headers = dict(POST_HEADERS)
     if version:
         headers["mcp-protocol-version"] = version
-    t0 = time.monotonic()
+    t0 = gw.clock.seconds()
     r = client.post("/mcp", headers=headers, json=wire.request("d1", "server/discover", {}))
-    assert time.monotonic() - t0 < 1.0
+    assert gw.clock.seconds() == t0, "answered at once (no time passed)"
     error = assert_jsonrpc_error(r, status, code)
     assert error["message"]
     if status == 404:
@@ -604,7 +617,7 @@ def test_server_discover_without_session_fails_fast(client, gw, version, status,
 @pytest.mark.parametrize("origin", ["http://evil.example", "https://127.0.0.1.evil.example", "null",
                                     "http://localhost@evil.example"])
 @pytest.mark.parametrize("path, method", [("/mcp", "POST"), ("/sse", "GET"), ("/messages?sessionId=x", "POST")])
-def test_origin_not_allowed_is_403(client, gw, origin, path, method):
+def test_origin_not_allowed_is_403_transports_2025_11_25_security_warning(client, gw, origin, path, method):
     """2025-11-25 basic/transports §Security Warning, 1: servers MUST validate Origin; an
     invalid Origin MUST get 403 Forbidden (body: a JSON-RPC error without an id); no session."""
     before = set(gw.child_pids())
@@ -616,7 +629,7 @@ def test_origin_not_allowed_is_403(client, gw, origin, path, method):
     assert set(gw.child_pids()) <= before
 
 
-def test_loopback_origin_is_allowed_with_cors_headers(client, gw):
+def test_loopback_origin_is_allowed_with_cors_headers_transports_2025_11_25_security_warning(client, gw):
     """2025-11-25 basic/transports §Security Warning, 1: a valid (loopback) Origin is served,
     with CORS headers exposing Mcp-Session-Id to the browser."""
     origin = "http://localhost:5173"
@@ -629,7 +642,7 @@ def test_loopback_origin_is_allowed_with_cors_headers(client, gw):
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io:{port}", "10.0.0.1:{port}"])
 @pytest.mark.parametrize("path, method", [("/mcp", "POST"), ("/sse", "GET")])
-def test_host_not_loopback_is_403(client, gw, host, path, method):
+def test_host_not_loopback_is_403_transports_2025_11_25_security_warning(client, gw, host, path, method):
     """2025-11-25 basic/transports §Security Warning, 2 (DNS rebinding): bound to 127.0.0.1,
     the gateway answers only loopback Host names; others get 403 and start nothing."""
     before = set(gw.child_pids())
@@ -641,24 +654,24 @@ def test_host_not_loopback_is_403(client, gw, host, path, method):
 
 
 @pytest.mark.parametrize("host", ["localhost:{port}", "127.0.0.1:{port}", "[::1]:{port}", "LOCALHOST"])
-def test_loopback_host_names_are_served(client, gw, host):
+def test_loopback_host_names_are_served_transports_2025_11_25_security_warning(client, gw, host):
     """2025-11-25 basic/transports §Security Warning, 2: loopback Host names are served."""
     r = client.post("/mcp", headers={**POST_HEADERS, "host": host.format(port=gw.port)}, json=wire.initialize())
     assert r.status_code == 200
     assert wire.delete_session(client, r.headers["mcp-session-id"]) == 200
 
 
-def test_missing_host_is_403(gw):
+def test_missing_host_is_403_transports_2025_11_25_security_warning(gw):
     """2025-11-25 basic/transports §Security Warning, 2: an HTTP/1.0 request without any Host
-    cannot prove it is for localhost; 403 (raw socket, since HTTP clients always send Host)."""
+    cannot prove it is for localhost; 403 (raw bytes, since HTTP clients always send Host)."""
     body = json.dumps(wire.initialize()).encode()
-    answer = wire.raw_http(gw.port, b"POST /mcp HTTP/1.0\r\ncontent-type: application/json\r\n"
+    answer = gw.exchange(b"POST /mcp HTTP/1.0\r\ncontent-type: application/json\r\n"
                                     b"accept: application/json, text/event-stream\r\n"
                                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
     assert wire.raw_status(answer) == 403
 
 
-def test_cors_preflight(client, gw):
+def test_cors_preflight_transports_2025_11_25_security_warning(client, gw):
     """2025-11-25 basic/transports §Security Warning, 1 (Origin validation) with CORS: a
     preflight OPTIONS from an allowed origin is 204 and lists the MCP methods and headers
     a browser client needs; from a forbidden origin it is 403."""

@@ -235,6 +235,7 @@ def test_config_warm_pool() -> None:
         parse_server("r", {"url": "http://127.0.0.1:1/mcp", "warmPool": 1}, {})
 
 
+@pytest.mark.integration
 def test_gateway_with_warm_pool(make_gateway) -> None:
     gw = make_gateway({"mcpServers": {"fx": fixture_server(warmPool=2)}})
     assert wait_until(lambda: len(gw.child_pids()) == 2, timeout=10), gw.child_pids()

@@ -623,20 +623,24 @@ MCP1_CLIENT = textwrap.dedent('''
 
 
 def _mcp1_python() -> str:
-    """The venv's python with ``mcp[ws]<2`` (made once, cached); skip when pip cannot install it."""
-    python = MCP1_VENV / "bin" / "python"
-    check = [str(python), "-c", "import mcp.client.websocket, importlib.metadata as m; assert m.version('mcp') < '2'"]
-    if python.exists() and subprocess.run(check, capture_output=True, check=False).returncode == 0:
-        return str(python)
-    shutil.rmtree(MCP1_VENV, ignore_errors=True)
-    made = subprocess.run([sys.executable, "-m", "venv", str(MCP1_VENV)], capture_output=True, text=True, check=False)
-    if made.returncode != 0:
-        pytest.skip(f"cannot create a venv: {made.stderr.strip()[-300:]}")
-    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "mcp[ws]<2"], capture_output=True, text=True, timeout=600, check=False)
-    if pip.returncode != 0 or subprocess.run(check, capture_output=True, check=False).returncode != 0:
-        shutil.rmtree(MCP1_VENV, ignore_errors=True)
-        pytest.skip(f"pip cannot install mcp[ws]<2: {pip.stderr.strip()[-300:]}")
-    return str(python)
+    """The venv's python with ``mcp[ws]<2`` (made once, cached, one builder at a time: tests/cache_lock.py); a
+    venv or pip failure fails the test."""
+    from tests import cache_lock
+
+    def ready(venv: Path) -> bool:
+        check = "import mcp.client.websocket, importlib.metadata as m; assert m.version('mcp') < '2'"
+        python = venv / "bin" / "python"
+        return python.exists() and subprocess.run([str(python), "-c", check], capture_output=True, check=False).returncode == 0
+
+    def build(venv: Path) -> None:
+        made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, check=False)
+        assert made.returncode == 0, f"cannot create a venv: {made.stderr.strip()[-1000:]}"
+        # ``python -m pip``: a renamed venv's python still finds its site-packages (its scripts' #! lines would not).
+        pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "mcp[ws]<2"],
+                             capture_output=True, text=True, timeout=600, check=False)
+        assert pip.returncode == 0, f"pip cannot install mcp[ws]<2: {pip.stderr.strip()[-1000:]}"
+
+    return str(cache_lock.cached(MCP1_VENV, ready, build) / "bin" / "python")
 
 
 def test_mcp1_sdk_websocket_client(make_gateway, tmp_path):
@@ -660,20 +664,22 @@ def test_mcp1_sdk_websocket_client(make_gateway, tmp_path):
 
 
 def _wscat() -> str:
-    """``wscat`` installed once into a cache directory; skip when npm is absent or cannot install it."""
-    binary = WSCAT_DIR / "node_modules" / ".bin" / "wscat"
-    if binary.exists():
-        return str(binary)
+    """``wscat`` installed once into a cache directory (one builder at a time: tests/cache_lock.py); skip when
+    npm is absent, fail when it cannot install wscat."""
+    from tests import cache_lock
+
+    wscat = Path("node_modules") / ".bin" / "wscat"
     npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("npm is not installed")
-    WSCAT_DIR.mkdir(parents=True, exist_ok=True)
-    (WSCAT_DIR / "package.json").write_text('{"private": true}\n')
-    done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "wscat@6"],
-                          cwd=WSCAT_DIR, capture_output=True, text=True, timeout=600, check=False)
-    if done.returncode != 0 or not binary.exists():
-        pytest.skip(f"npm cannot install wscat: {done.stderr.strip()[-300:]}")
-    return str(binary)
+
+    def build(directory: Path) -> None:
+        if npm is None:
+            pytest.skip("npm is not installed (wscat is installed with it)")
+        (directory / "package.json").write_text('{"private": true}\n')
+        done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "wscat@6"],
+                              cwd=directory, capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, f"npm cannot install wscat: {done.stderr.strip()[-1000:]}"
+
+    return str(cache_lock.cached(WSCAT_DIR, lambda d: (d / wscat).exists(), build) / wscat)
 
 
 def test_wscat_ping_pong_and_jsonrpc_ping(make_gateway):

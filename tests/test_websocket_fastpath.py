@@ -4,7 +4,10 @@ Whole, final, masked text frames are parsed by mcpgw; everything else (fragments
 frames split across reads, control frames, protocol errors, frames over the
 limit) goes to Autobahn from that frame on. These tests check which path a
 read takes and that both give the same result, byte for byte, on the wire and
-on the child's stdin.
+on the child's stdin. Each class runs twice: with the fast paths (mcpgw._fast.websocket)
+and, as ``...PublicTests``, with them off (Autobahn's parser, ``sendMessage``,
+``transport.write``), where Autobahn sees every byte and the wire is the same
+but for replies over the client limit (a text frame and an empty continuation).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
+from mcpgw import _fast
 from mcpgw.config import WebSocketConfig
 from mcpgw.transports.websocket import McpWebSocketProtocol
 from tests.test_websocket_unit import (
@@ -63,20 +67,30 @@ def over_the_limit_closes_1009(test: Any, size: int) -> None:
     frames = test.frames(transport)
     test.assertEqual([(op, close_code(p)) for op, p in frames], [(CLOSE, 1009)])
     test.assertEqual(test.lines(child), [note("ok")])
-    test.assertTrue(autobahn.bytes.startswith(big))
+    if test.fast:
+        test.assertTrue(autobahn.bytes.startswith(big))
+    else:
+        test.assertAutobahnSaw(autobahn, b"")
 
 class Recorder:
-    """Wraps a protocol's ``_dataReceived`` (Autobahn's byte entry) to record what Autobahn saw."""
+    """Wraps a protocol's ``_dataReceived`` (Autobahn's byte entry) to record what Autobahn saw,
+    and its ``dataReceived`` to record what the socket gave it (``fed``)."""
 
     def __init__(self, proto: McpWebSocketProtocol):
         self.seen: list[bytes] = []
-        original = proto._dataReceived
+        self.fed: list[bytes] = []
+        original, received = proto._dataReceived, proto.dataReceived
 
         def record(data: bytes) -> None:
             self.seen.append(bytes(data))
             original(data)
 
+        def feed(data: bytes) -> None:
+            self.fed.append(bytes(data))
+            received(data)
+
         proto._dataReceived = record  # type: ignore[method-assign]
+        proto.dataReceived = feed  # type: ignore[method-assign]
 
     @property
     def bytes(self) -> bytes:
@@ -88,7 +102,19 @@ class ManyConnections(WebSocketTestCase):
         """A connection and its child (the newest: a test may open several)."""
         proto, transport, reply = self.connect(["mcp"])
         self.assertTrue(reply.startswith(b"HTTP/1.1 101"), reply)
+        self.assertEqual(proto._fast is not None, self.fast)
         return proto, transport, self.reactor.spawned[-1]
+
+    def replies(self, payloads: list[bytes]) -> list[tuple[int, bytes]]:
+        """The frames of these replies: one text frame each, but on the public path a reply over the
+        client limit is a text frame and an empty continuation frame."""
+        split = 0 if self.fast else self.websocket.maxMessageBytes or 0
+        return [frame for p in payloads
+                for frame in ([(TEXT, p), (CONT, b"")] if 0 < split < len(p) else [(TEXT, p)])]
+
+    def assertAutobahnSaw(self, autobahn: Recorder, fast: bytes, msg: Any = None) -> None:
+        """Autobahn saw ``fast`` on the fast path; on the public path, every byte."""
+        self.assertEqual(autobahn.bytes, fast if self.fast else b"".join(autobahn.fed), msg)
 
 
 class FastPathTests(ManyConnections):
@@ -103,27 +129,27 @@ class FastPathTests(ManyConnections):
         proto, transport, child, autobahn = self.open_recorded()
         proto.dataReceived(client_frame(TEXT, note("one")))
         self.assertEqual(self.lines(child), [note("one")])
-        self.assertEqual(autobahn.seen, [])
+        self.assertAutobahnSaw(autobahn, b"")
         self.assertEqual(transport.value(), b"")
 
     def test_several_frames_in_one_read(self) -> None:
         proto, _, child, autobahn = self.open_recorded()
         proto.dataReceived(b"".join(client_frame(TEXT, note(f"m{i}")) for i in range(5)))
         self.assertEqual(self.lines(child), [note(f"m{i}") for i in range(5)])
-        self.assertEqual(autobahn.seen, [])
+        self.assertAutobahnSaw(autobahn, b"")
 
     def test_126_length_form(self) -> None:
         proto, _, child, autobahn = self.open_recorded()
         for n in (126, 300, 1024):  # 1024 = websocket.maxMessageBytes of this test case
             proto.dataReceived(client_frame(TEXT, sized(n)))
         self.assertEqual(self.lines(child), [sized(126), sized(300), sized(1024)])
-        self.assertEqual(autobahn.seen, [])
+        self.assertAutobahnSaw(autobahn, b"")
 
     def test_non_ascii_text_is_delivered(self) -> None:
         proto, _, child, autobahn = self.open_recorded()
         proto.dataReceived(client_frame(TEXT, note("grüße, 世界, 🙂")))
         self.assertEqual(self.lines(child), [note("grüße, 世界, 🙂")])
-        self.assertEqual(autobahn.seen, [])
+        self.assertAutobahnSaw(autobahn, b"")
 
     def test_application_ping_and_bad_json_on_the_fast_path(self) -> None:
         proto, transport, child, autobahn = self.open_recorded()
@@ -132,7 +158,7 @@ class FastPathTests(ManyConnections):
         self.assertEqual(frames[0], (TEXT, b'{"type":"pong"}'))
         self.assertEqual([json.loads(p)["error"]["code"] for _, p in frames[1:]], [-32700, -32700])
         self.assertEqual(child.written, [])
-        self.assertEqual(autobahn.seen, [])
+        self.assertAutobahnSaw(autobahn, b"")
 
     def test_frame_split_across_reads(self) -> None:
         """Every split point, the header's included: the message arrives once, whole."""
@@ -143,7 +169,7 @@ class FastPathTests(ManyConnections):
             self.assertEqual(child.written, [], cut)
             proto.dataReceived(frame[cut:])
             self.assertEqual(self.lines(child), [sized(300)], cut)
-            self.assertEqual(autobahn.bytes, frame, cut)  # a partial frame is Autobahn's
+            self.assertAutobahnSaw(autobahn, frame, cut)  # a partial frame is Autobahn's
 
     def test_back_on_the_fast_path_after_a_split_frame(self) -> None:
         proto, _, child, autobahn = self.open_recorded()
@@ -152,7 +178,7 @@ class FastPathTests(ManyConnections):
         proto.dataReceived(first[5:])
         proto.dataReceived(second)
         self.assertEqual(self.lines(child), [note("a"), note("b")])
-        self.assertEqual(autobahn.bytes, first)
+        self.assertAutobahnSaw(autobahn, first)
 
     def test_fragmented_message(self) -> None:
         proto, _, child, autobahn = self.open_recorded()
@@ -163,7 +189,7 @@ class FastPathTests(ManyConnections):
         proto.dataReceived(fragments)
         proto.dataReceived(after)
         self.assertEqual(self.lines(child), [whole, note("after")])
-        self.assertEqual(autobahn.bytes, fragments)
+        self.assertAutobahnSaw(autobahn, fragments)
 
     def test_ping_between_frames(self) -> None:
         """Frames after the first control frame of a read go to Autobahn; the order holds."""
@@ -172,7 +198,7 @@ class FastPathTests(ManyConnections):
         proto.dataReceived(client_frame(TEXT, note("a")) + tail)
         self.assertEqual(self.lines(child), [note("a"), note("b")])
         self.assertEqual(self.frames(transport), [(PONG, b"hello")])
-        self.assertEqual(autobahn.bytes, tail)
+        self.assertAutobahnSaw(autobahn, tail)
 
     def test_ping_inside_a_fragmented_message(self) -> None:
         proto, transport, child, _ = self.open_recorded()
@@ -190,7 +216,7 @@ class FastPathTests(ManyConnections):
         self.assertEqual([op for op, _ in frames], [CLOSE])
         self.assertEqual(close_code(frames[0][1]), 1007)
         self.assertEqual(self.lines(child), [note("ok")])
-        self.assertEqual(autobahn.bytes, never)  # closing: the rest is Autobahn's, which drops it
+        self.assertAutobahnSaw(autobahn, never)  # closing: the rest is Autobahn's, which drops it
         proto.dataReceived(client_frame(CLOSE, struct.pack("!H", 1007)))
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.sessions.sessions, {})
@@ -241,7 +267,7 @@ class FastPathTests(ManyConnections):
             frames = self.frames(transport)
             self.assertEqual([(op, close_code(p)) for op, p in frames], [(CLOSE, 1002)], frame)
             self.assertEqual(self.lines(child), [note("ok")])
-            self.assertEqual(autobahn.bytes, frame)
+            self.assertAutobahnSaw(autobahn, frame)
 
     def test_nothing_is_parsed_after_the_gateway_starts_closing(self) -> None:
         proto, transport, child, autobahn = self.open_recorded()
@@ -250,7 +276,7 @@ class FastPathTests(ManyConnections):
         late = client_frame(TEXT, note("late"))
         proto.dataReceived(late)
         self.assertEqual(child.written, [])
-        self.assertEqual(autobahn.bytes, late)
+        self.assertAutobahnSaw(autobahn, late)
 
     def test_a_data_frame_stands_in_for_the_pong(self) -> None:
         """As in Autobahn: any data frame after a keepalive ping cancels its timeout."""
@@ -260,22 +286,27 @@ class FastPathTests(ManyConnections):
         proto.dataReceived(client_frame(TEXT, note("alive")))
         self.reactor.advance(2)
         self.assertFalse(transport.disconnecting)
-        self.assertEqual(autobahn.seen, [])
+        self.assertAutobahnSaw(autobahn, b"")
         self.reactor.advance(5)
         self.assertEqual([op for op, _ in self.frames(transport)], [PING])
 
     def test_replies_use_the_shortest_length_form(self) -> None:
+        """On the public path a reply over the client limit is Autobahn's frame API's: a text frame
+        and an empty final continuation frame (sendMessage refuses it)."""
         proto, transport, _, _ = self.open_recorded()
+        limit = self.websocket.maxMessageBytes
         for n in (0, 1, 125, 126, 127, 65535, 65536, 70000):
             proto.send_text(b"r" * n)
             data = transport.value()
             transport.clear()
             head = 2 if n < 126 else 4 if n < 65536 else 10
-            self.assertEqual(len(data), head + n, n)
-            self.assertEqual(server_frames(data), [(TEXT, b"r" * n)], n)
+            split = not self.fast and n > limit
+            self.assertEqual(len(data), head + n + (2 if split else 0), n)
+            self.assertEqual(server_frames(data), [(TEXT, b"r" * n)] + ([(CONT, b"")] if split else []), n)
 
     def test_no_debug_log_arguments_are_built_per_message(self) -> None:
-        """Autobahn formats ``hltype``/``hlval`` arguments for debug calls that are dropped at info."""
+        """Autobahn formats ``hltype``/``hlval`` arguments for debug calls that are dropped at info:
+        the fast path never does; the public path is Autobahn's own and pays that cost per message."""
         proto, transport, child, _ = self.open_recorded()
         calls: list[str] = []
 
@@ -292,7 +323,10 @@ class FastPathTests(ManyConnections):
             proto.dataReceived(client_frame(TEXT, b'{"jsonrpc":"2.0","id":%d,"method":"tools/list"}' % i))
             child.proto.outReceived(b'{"jsonrpc":"2.0","id":%d,"result":{}}\n' % i)
         self.assertEqual(len(self.texts(transport)), 10)
-        self.assertEqual(calls, [])
+        if self.fast:
+            self.assertEqual(calls, [])
+        else:
+            self.assertTrue(calls)  # what the fast path saves
 
     def test_replies_after_closing_are_dropped(self) -> None:
         proto, transport, _, _ = self.open_recorded()
@@ -347,7 +381,16 @@ class DirectWriteTests(ManyConnections):
         self.flush()
         self.assertTrue(self.received().startswith(b"HTTP/1.1 101"))
         self.proto, self.child = proto, self.reactor.spawned[-1]
-        self.assertTrue(proto._direct)
+        fast = proto._fast
+        self.assertEqual(fast is not None and fast.direct, self.fast)
+
+    def sent_at_once(self) -> None:
+        """The fast path sent the reply into the socket; the public one left it to the reactor."""
+        if self.fast:
+            self.assertEqual(self.fds.writers, set())  # nothing left for the reactor
+        else:
+            self.assertIn(self.conn, self.fds.writers)
+            self.flush()
 
     def received(self) -> bytes:
         chunks = []
@@ -366,7 +409,7 @@ class DirectWriteTests(ManyConnections):
     def test_a_reply_is_sent_at_once(self) -> None:
         self.proto.dataReceived(client_frame(TEXT, b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}'))
         self.child.proto.outReceived(b'{"jsonrpc":"2.0","id":1,"result":{}}\n')
-        self.assertEqual(self.fds.writers, set())  # nothing left for the reactor
+        self.sent_at_once()
         self.assertEqual(server_frames(self.received()), [(TEXT, b'{"jsonrpc":"2.0","id":1,"result":{}}')])
 
     def test_a_full_socket_buffers_in_order_and_pauses_the_child(self) -> None:
@@ -390,9 +433,9 @@ class DirectWriteTests(ManyConnections):
             self.conn.doWrite()
         data += self.received()
         self.assertFalse(self.child.paused)
-        self.assertEqual(server_frames(data), [(TEXT, p) for p in sent])
+        self.assertEqual(server_frames(data), self.replies(sent))
         self.proto.send_text(b"after")
-        self.assertEqual(self.fds.writers, set())
+        self.sent_at_once()
         self.assertEqual(server_frames(self.received()), [(TEXT, b"after")])
 
     def test_many_messages_in_one_read_of_a_flooding_child_then_resume(self) -> None:
@@ -407,7 +450,7 @@ class DirectWriteTests(ManyConnections):
             self.conn.doWrite()
         data += self.received()
         self.assertFalse(self.child.paused)
-        self.assertEqual(server_frames(data), [(TEXT, line) for line in lines])
+        self.assertEqual(server_frames(data), self.replies(lines))
 
     def test_the_close_frame_and_what_autobahn_writes_keep_their_order(self) -> None:
         self.proto.sendPing(b"p")  # Autobahn's own write: buffered by Twisted
@@ -427,13 +470,13 @@ class LongFrameTests(FastPathTests):
         for n in (126, 1024, 1025, 65535):  # 1025: unmasked by Autobahn's masker, not the int XOR
             proto.dataReceived(client_frame(TEXT, sized(n)))
         self.assertEqual(self.lines(child), [sized(126), sized(1024), sized(1025), sized(65535)])
-        self.assertEqual(autobahn.seen, [])
+        self.assertAutobahnSaw(autobahn, b"")
 
     def test_127_length_form(self) -> None:
         proto, _, child, autobahn = self.open_recorded()
         proto.dataReceived(client_frame(TEXT, sized(65536, "b")) + client_frame(TEXT, sized(150_000, "c")))
         self.assertEqual(self.lines(child), [sized(65536, "b"), sized(150_000, "c")])
-        self.assertEqual(autobahn.seen, [])
+        self.assertAutobahnSaw(autobahn, b"")
 
     def test_over_the_limit_closes_1009_and_nothing_after_it_is_delivered(self) -> None:
         over_the_limit_closes_1009(self, 200_001)
@@ -484,9 +527,11 @@ class EquivalenceTests(ManyConnections):
         return b"".join(out)
 
     def play(self, data: bytes, cuts: list[int], fast: bool) -> tuple[list[bytes], list[tuple[int, bytes]]]:
-        proto, transport, child = self.open()
-        if not fast:
-            proto._fast_limit = -1  # every frame to Autobahn
+        _fast.configure(fast)  # Autobahn's public path for every frame and reply when off
+        proto, transport, reply = self.connect(["mcp"])
+        self.assertTrue(reply.startswith(b"HTTP/1.1 101"), reply)
+        self.assertEqual(proto._fast is not None, fast)
+        child = self.reactor.spawned[-1]
         last = 0
         for cut in cuts + [len(data)]:
             proto.dataReceived(data[last:cut])
@@ -506,3 +551,15 @@ class EquivalenceTests(ManyConnections):
             fast = self.play(data, cuts, fast=True)
             slow = self.play(data, cuts, fast=False)
             self.assertEqual(fast, slow, f"seed {seed}")
+
+
+class FastPathPublicTests(FastPathTests):
+    fast = False
+
+
+class DirectWritePublicTests(DirectWriteTests):
+    fast = False
+
+
+class LongFramePublicTests(LongFrameTests):
+    fast = False

@@ -21,6 +21,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
+from mcpgw import _fast
+from mcpgw._fast.websocket import ReactorTimer
 from mcpgw.config import (
     ConfigError,
     GatewayConfig,
@@ -35,7 +37,6 @@ from mcpgw.transports.websocket import (
     McpWebSocketFactory,
     McpWebSocketProtocol,
     WsConnection,
-    _ReactorTimer,
 )
 from mcpgw.web import Guard, Root
 from tests.fake_process import FakeProcessReactor, FakeProcessTransport
@@ -103,8 +104,15 @@ class WebSocketTestCase(SynchronousTestCase):
     """A gateway context on fake time with fake children, and helpers to play a client."""
 
     websocket = WebSocketConfig(pingInterval=5, pingTimeout=2, maxMessageBytes=1024)
+    #: The connections this test opens take the fast paths (mcpgw._fast.websocket), or Autobahn's
+    #: public path; decided when each protocol is built.
+    fast = True
 
     def setUp(self) -> None:
+        self.addCleanup(_fast.configure, _fast.enabled())
+        _fast.configure(self.fast)
+        if self.fast and not _fast.enabled():
+            self.fail("the fast paths are off (MCPGW_FAST_PATHS=0): tests/conftest.py deselects this class then")
         self.reactor = FakeProcessReactor()
         self.config = GatewayConfig(servers={"fx": SERVER}, host="127.0.0.1", websocket=self.websocket)
         self.sessions = SessionManager(self.config, self.reactor)
@@ -199,7 +207,7 @@ class GuardTests(WebSocketTestCase):
     def test_ws_is_mounted_at_root_and_per_server(self) -> None:
         root = Root(self.ctx)
         for name in (b"ws", b"fx"):
-            self.assertIs(self.ws_resource(root, name)._inner._factory.mcp_server, SERVER)
+            self.assertIs(self.ws_resource(root, name)._inner.factory.mcp_server, SERVER)
 
     def test_foreign_origin_is_refused_before_the_upgrade(self) -> None:
         request = self.request(b"http://evil.example")
@@ -366,7 +374,7 @@ class KeepaliveTests(WebSocketTestCase):
 
     def test_cancelling_a_call_that_ran_is_harmless(self) -> None:
         ran = []
-        call = _ReactorTimer(self.reactor).call_later(1, ran.append, 1)
+        call = ReactorTimer(self.reactor).call_later(1, ran.append, 1)
         self.reactor.advance(1)
         call.cancel()
         self.assertEqual(ran, [1])

@@ -75,7 +75,7 @@ def session_headers(sid: str, version: str | None = LATEST) -> dict[str, str]:
 
 def events_of(body: bytes) -> list[sseclient.Event]:
     """The SSE events of a complete ``text/event-stream`` body."""
-    return list(sseclient.SSEClient([body]).events())
+    return list(sseclient.SSEClient(iter([body])).events())
 
 
 def messages_of(response: httpx.Response) -> list[Any]:

@@ -41,9 +41,11 @@ import attrs
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, error
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mcpgw import jsonrpc, logs
@@ -186,14 +188,17 @@ class _Once(Factory):
         return self._protocol
 
 
-class _Lost:
-    """Keeps why the connection was lost (a TLS handshake error shows up only there)."""
+class _Lost(Protocol):
+    """Keeps why the connection was lost (a TLS handshake error shows up only there).
+
+    A mixin before txredisapi's protocol class; its Protocol base (already in theirs) gives the
+    ``super()`` call a declared target."""
 
     lost_reason: Any = None
 
-    def connectionLost(self, why: Any) -> None:
+    def connectionLost(self, why: Failure = connectionDone) -> None:
         self.lost_reason = why
-        super().connectionLost(why)  # type: ignore[misc]
+        super().connectionLost(why)
 
 
 class _Commands(_Lost, txredisapi.RedisProtocol):
@@ -391,11 +396,11 @@ class RedisConnection(Service):
 
     # -- plumbing ------------------------------------------------------------
 
-    def _endpoint(self) -> Any:
+    def _endpoint(self) -> IStreamClientEndpoint:
         address = self.address
         if address.path:
             return endpoints.UNIXClientEndpoint(self._reactor, address.path, timeout=self.connect_timeout)
-        endpoint = endpoints.HostnameEndpoint(self._reactor, address.host, address.port, timeout=self.connect_timeout)
+        endpoint: IStreamClientEndpoint = endpoints.HostnameEndpoint(self._reactor, address.host, address.port, timeout=self.connect_timeout)
         if address.tls:
             from twisted.internet import ssl
 

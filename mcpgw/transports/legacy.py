@@ -13,13 +13,20 @@ from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mcpgw import logs
-from mcpgw import jsonrpc
+from mcpgw import jsonrpc, logs
 from mcpgw.auth import identity_of, principal_of
 from mcpgw.config import ServerConfig
 from mcpgw.session import Session, SessionRefused
 from mcpgw.transports.common import (
-    Deferring, GatewayContext, HttpError, error_reply, http_error_reply, parse_messages, read_body, refuse_new_session, relay,
+    Deferring,
+    GatewayContext,
+    HttpError,
+    error_reply,
+    http_error_reply,
+    parse_messages,
+    read_body,
+    refuse_new_session,
+    relay,
 )
 from mcpgw.transports.sse import SseResponse, frame
 
@@ -80,7 +87,7 @@ class SseEndpoint(Resource):
         session.outlet = LegacyStream(session, response)
         # The endpoint sits beside this resource: /sse -> /messages, /servers/x/sse -> /servers/x/messages
         # (prepath, not path: "/sse/" must not give "/sse/messages").
-        base = b"".join(b"/" + segment for segment in request.prepath[:-1])
+        base = b"".join(b"/" + segment for segment in (request.prepath or [])[:-1])
         endpoint = frame(base + b"/messages?sessionId=" + session.id.encode(), b"endpoint")
         # Once the session's record is stored (at once in memory; with Redis, the other instances
         # behind the same proxy can find it before the client POSTs there).
@@ -105,7 +112,7 @@ class MessagesEndpoint(Resource):
         """(twisted.web's default HEAD calls a render_GET this resource does not have: a 500.)"""
         raise UnsupportedMethod((b"POST",))
 
-    def render_POST(self, request: Request) -> bytes:
+    def render_POST(self, request: Request) -> bytes | int:
         ids = request.args.get(b"sessionId") or []
         if not ids:
             return error_reply(request, 400, jsonrpc.INVALID_REQUEST, "sessionId query parameter is required")

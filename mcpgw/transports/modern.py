@@ -65,6 +65,7 @@ from mcpgw.auth import identity_of
 from mcpgw.config import ServerConfig
 from mcpgw.metrics import NULL_BOUND, BoundMetrics, mark_fallback
 from mcpgw.pool import CAPABILITY_OF, ChildPool, Pending, PoolFull, StateRejected, capability_refusal, params_of
+from mcpgw.responding import gone
 from mcpgw.transports.common import (
     SUPPORTED_VERSIONS,
     GatewayContext,
@@ -207,7 +208,7 @@ class ModernExchange:
             self.sse.write(frame(raw))
             self.sse.finish()
             return
-        if self.request.finished or self.request._disconnected:
+        if gone(self.request):
             return
         error = msg.get("error")
         unknown = isinstance(error, dict) and error.get("code") == jsonrpc.METHOD_NOT_FOUND
@@ -218,7 +219,7 @@ class ModernExchange:
         self.request.finish()
 
     def deliver(self, raw: bytes) -> None:
-        if self.done or self.request._disconnected:
+        if self.done or gone(self.request):
             return
         if b'"notifications/message"' in raw:
             # 2026-07-28: log lines only for a request that set _meta logLevel, at that level or above.
@@ -242,7 +243,7 @@ class ModernExchange:
         if self.sse is not None:
             self.sse.write(frame(raw))
             self.sse.finish()
-        elif not (self.request.finished or self.request._disconnected):
+        elif not gone(self.request):
             self.request.setResponseCode(400)
             self.request.setHeader(b"content-type", b"application/json")
             self.request.setHeader(b"content-length", b"%d" % len(raw))
@@ -360,7 +361,7 @@ class ModernEndpoint:
 
     def _later(self, request: Request, pool: ChildPool, msg: dict[str, Any], failed: str | None = None) -> None:
         """A tools/call that waited for the x-mcp-header annotations."""
-        if request.finished or request._disconnected:
+        if gone(request):
             return
         try:
             if failed is not None:
@@ -408,7 +409,7 @@ class ModernEndpoint:
         except StateRejected as e:
             self.metrics.modern_outcome("state_unknown")
             self.log.info("{server}: requestState refused ({kind})", server=self._server.name, kind=e.kind)
-            raise HttpError(400, jsonrpc.INVALID_PARAMS, e.message, msg["id"], data={"requestState": e.kind})
+            raise HttpError(400, jsonrpc.INVALID_PARAMS, e.message, msg["id"], data={"requestState": e.kind}) from e
         exchange = ModernExchange(self._ctx, pool, request, _meta(msg), self.metrics)
         exchange.pending = pool.resume(pending, msg, responses, exchange)
         exchange.pending.on_input = exchange.on_input  # a further round asks through this exchange
@@ -483,7 +484,7 @@ class ModernEndpoint:
             _write_json(request, 200, jsonrpc.dumps({"jsonrpc": "2.0", "id": id, "result": result}))
 
         def failed(f: Any) -> None:
-            if not (request.finished or request._disconnected):
+            if not gone(request):
                 request.setHeader(b"retry-after", b"1")
                 request.write(error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {f.getErrorMessage()}", id))
                 request.finish()
@@ -583,7 +584,7 @@ def check_params(request: Request, msg: dict[str, Any], tools: dict[str, Any]) -
 
 
 def _write_json(request: Request, status: int, body: bytes) -> None:
-    if request.finished or request._disconnected:
+    if gone(request):
         return
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
@@ -79,14 +80,14 @@ class SseResponse:
     whether the client went away or the gateway finished the response.
     """
 
-    def __init__(self, request: Request, heartbeat: "Heartbeat", producer: Any = None, metrics: BoundMetrics = NULL_BOUND):
+    def __init__(self, request: Request, heartbeat: Heartbeat, producer: Any = None, metrics: BoundMetrics = NULL_BOUND):
         self.request = request
         self.open = True
         #: Counts this response in active connections while open, and the events written to it.
         self._metrics = metrics
         metrics.connection_opened()
         self._heartbeat = heartbeat
-        self._on_close: list[Callable[["SseResponse"], None]] = []
+        self._on_close: list[Callable[[SseResponse], None]] = []
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache, no-transform")
@@ -100,7 +101,7 @@ class SseResponse:
         # waits for them before it counts the stream as open.
         request.write(b"")
 
-    def on_close(self, callback: Callable[["SseResponse"], None]) -> None:
+    def on_close(self, callback: Callable[[SseResponse], None]) -> None:
         self._on_close.append(callback)
 
     def write(self, data: bytes) -> None:
@@ -157,6 +158,12 @@ class SseResponse:
             cb(self)
 
 
+class KeepAlive(Protocol):
+    """A Heartbeat member."""
+
+    def keepalive(self) -> None: ...
+
+
 class Heartbeat(Service):
     """One timer for every open SSE response: a ``: ping`` comment per interval.
 
@@ -173,13 +180,13 @@ class Heartbeat(Service):
     def __init__(self, interval: float, clock: Any):
         self.interval = interval
         self._clock = clock
-        self._responses: set[SseResponse] = set()
+        self._responses: set[KeepAlive] = set()
         self._loop: LoopingCall | None = None
 
-    def add(self, response: SseResponse) -> None:
+    def add(self, response: KeepAlive) -> None:
         self._responses.add(response)
 
-    def discard(self, response: SseResponse) -> None:
+    def discard(self, response: KeepAlive) -> None:
         self._responses.discard(response)
 
     def __len__(self) -> int:
@@ -189,7 +196,7 @@ class Heartbeat(Service):
         for member in list(self._responses):
             try:
                 member.keepalive()
-            except Exception:
+            except Exception:  # noqa: BLE001 - one member's failure must not stop the others' pings
                 self.log.failure("keepalive failed")
 
     def startService(self) -> None:

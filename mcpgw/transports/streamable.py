@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, cast
 
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mcpgw import logs
-from mcpgw import jsonrpc
+from mcpgw import jsonrpc, logs
 from mcpgw.auth import identity_of, principal_of
 from mcpgw.config import ServerConfig
 from mcpgw.metrics import mark_fallback
+from mcpgw.responding import gone
 from mcpgw.session import Session, SessionRefused
 from mcpgw.transports.common import (
     DEFAULT_VERSION,
@@ -76,9 +76,9 @@ class ReplayBudget:
         self.limit = limit
         self.used = 0
         #: The session's logs, oldest stream first (the outlet's streams, in order).
-        self.logs: OrderedDict[int, "StreamLog"] = OrderedDict()
+        self.logs: OrderedDict[int, StreamLog] = OrderedDict()
 
-    def spend(self, newest: "StreamLog") -> None:
+    def spend(self, newest: StreamLog) -> None:
         """``newest`` just appended an event: drop old ones until the budget holds again."""
         while self.used > self.limit:
             victim = self._victim(newest)
@@ -86,7 +86,7 @@ class ReplayBudget:
                 return
             victim.drop_oldest()
 
-    def _victim(self, newest: "StreamLog") -> "StreamLog | None":
+    def _victim(self, newest: StreamLog) -> StreamLog | None:
         """The log whose oldest event goes first: a delivered one, else any; never the newest event."""
         fallback = None
         for log in self.logs.values():
@@ -141,7 +141,7 @@ class StreamLog:
 class EventStream:
     """A logical SSE stream: numbered events, a replay log, at most one live response."""
 
-    def __init__(self, outlet: "StreamableOutlet", number: int):
+    def __init__(self, outlet: StreamableOutlet, number: int):
         self.outlet = outlet
         self.number = number
         self.seq = 0
@@ -203,7 +203,7 @@ class EventStream:
 class PostExchange:
     """The answer to one POST: the Route for the requests it carried."""
 
-    def __init__(self, outlet: "StreamableOutlet", request: Request, ids: list[Any], batch: bool):
+    def __init__(self, outlet: StreamableOutlet, request: Request, ids: list[Any], batch: bool):
         self.outlet = outlet
         self.request = request
         self.waiting = set(ids)
@@ -242,7 +242,7 @@ class PostExchange:
     def _json(self, raw: bytes) -> None:
         self.outlet.heartbeat.discard(self)
         self.finished = True
-        if self.request.finished or self.request._disconnected:
+        if gone(self.request):
             return
         self.request.setResponseCode(200)
         self.request.setHeader(b"content-type", b"application/json")
@@ -254,7 +254,7 @@ class PostExchange:
         if self.stream is None:
             self.outlet.heartbeat.discard(self)
             self.stream = self.outlet.new_stream()
-            if not (self.finished or self.request._disconnected):
+            if not (self.finished or gone(self.request)):
                 self.stream.attach(self.request)
         return self.stream
 
@@ -273,7 +273,7 @@ class PostExchange:
             self.outlet.heartbeat.discard(self)
             self.finished = True
             self.waiting.clear()
-            if not (self.request.finished or self.request._disconnected):
+            if not gone(self.request):
                 body = error_reply(self.request, status, code, message)
                 self.request.write(body)
                 self.request.finish()
@@ -374,7 +374,7 @@ class StreamableOutlet:
 def _open_stream(route: Any) -> bool:
     """Whether ``route`` is a POST's answer that is still open (here, or on another instance: mcpgw.cluster)."""
     if isinstance(route, PostExchange):
-        return not route.finished and not route.request._disconnected
+        return not (route.finished or gone(route.request))
     return bool(getattr(route, "open_stream", False))
 
 
@@ -468,7 +468,7 @@ class StreamableEndpoint(Resource):
         if not requests:
             request.setResponseCode(202)
             return b""
-        exchange = PostExchange(session.outlet, request, [m.msg["id"] for m in requests], batch)
+        exchange = PostExchange(cast(StreamableOutlet, session.outlet), request, [m.msg["id"] for m in requests], batch)
         for m in requests:
             session.request(m.msg, m.raw, exchange)
         return NOT_DONE_YET
@@ -485,7 +485,7 @@ class StreamableEndpoint(Resource):
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}", m.msg["id"])
         session.outlet = (self._ctx.cluster.outlet if self._ctx.cluster is not None else StreamableOutlet)(session, self._ctx)
         request.setHeader(SESSION_HEADER, session.id.encode())
-        exchange = PostExchange(session.outlet, request, [m.msg["id"]], False)
+        exchange = PostExchange(cast(StreamableOutlet, session.outlet), request, [m.msg["id"]], False)
         session.request(m.msg, m.raw, exchange)
         return NOT_DONE_YET
 
@@ -496,7 +496,7 @@ class StreamableEndpoint(Resource):
             raise HttpError(406, jsonrpc.CONNECTION_CLOSED, "Not Acceptable: Accept must list text/event-stream")
         session = self._session(request)
         self._check_version(request)
-        outlet: StreamableOutlet = session.outlet
+        outlet = cast(StreamableOutlet, session.outlet)
         last = _header(request, b"last-event-id")
         if last is not None:
             match = EVENT_ID.fullmatch(last)

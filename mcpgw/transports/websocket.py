@@ -7,17 +7,17 @@ Autobahn does the handshake, control frames (ping, pong, close), fragmented
 and partial frames, size limits and keepalive pings; the session does all
 routing, exactly as for the legacy SSE stream.
 
-The hot path bypasses Autobahn's per-frame machinery (``dataReceived``): a
-read that holds only whole, final, masked, unextended text frames (what every
-client sends for a JSON-RPC message) is parsed and unmasked here and each
-message handed to ``onMessage`` directly; anything else (a control frame, a
-fragment, a frame split across reads, a frame over the limit, a protocol
-error, any state but OPEN) goes from that frame on to Autobahn's own code,
-which therefore sees exactly the bytes it would have seen. Replies are framed
-here too (``send_text``): header + payload in one write, sent straight into the
-socket when Twisted has nothing buffered for it (``_write``). UTF-8 is checked
-once per message in ``onMessage`` (``bytes.decode``, for either path) rather
-than by Autobahn's incremental validator.
+Two paths, chosen for each connection when its protocol is built: the fast one
+(mcpgw._fast.websocket) parses whole text frames of a read and frames replies
+itself, past Autobahn's per-frame machinery and Twisted's write buffer; the
+public one is Autobahn's own parser into ``onMessage`` and ``sendMessage``. It
+is taken when ``fastPaths`` is off (mcpgw._fast) or the fast path's probe of
+the installed Autobahn failed, and behaves the same but for one thing: a reply
+over ``websocket.maxMessageBytes`` (the limit clients are held to, which
+``sendMessage`` applies to replies too) leaves as a text frame and an empty
+final continuation frame (Autobahn's frame API), one frame on the fast path.
+UTF-8 is checked once per message in ``onMessage`` (``bytes.decode``, for
+either path) rather than by Autobahn's incremental validator.
 
 Close codes: 1003 binary frame, 1007 invalid UTF-8, 1009 message over
 ``websocket.maxMessageBytes``, 1008 ``websocket.maxErrors`` invalid messages in
@@ -36,19 +36,20 @@ ping timeout (its pong, and any frame that stands in for it, is never read).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from autobahn.websocket.xormasker import create_xor_masker
-from twisted.internet import defer, tcp
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mcpgw import __version__, jsonrpc, logs
+from mcpgw._fast import websocket as fast_websocket
 from mcpgw.auth import Principal, principal_of
 from mcpgw.config import ServerConfig
 from mcpgw.ratelimit import Decision, ip_key
@@ -72,18 +73,13 @@ CLOSE_GOING_AWAY = WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY  # 1001
 CLOSE_UNSUPPORTED_DATA = WebSocketProtocol.CLOSE_STATUS_CODE_UNSUPPORTED_DATA  # 1003
 CLOSE_INTERNAL_ERROR = WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR  # 1011
 CLOSE_POLICY_VIOLATION = WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION  # 1008
+CLOSE_INVALID_PAYLOAD = WebSocketProtocol.CLOSE_STATUS_CODE_INVALID_PAYLOAD  # 1007
 CLOSE_TRY_AGAIN_LATER = 1013
 #: Messages held while the rate limiter decides on an earlier one (an asynchronous limiter).
 MAX_WAITING = 1024
 
 _OPEN = WebSocketProtocol.STATE_OPEN
-#: Payloads up to this many bytes are unmasked with one int XOR (cheaper than making a
-#: masker object); longer ones with Autobahn's masker (native SIMD when it was built).
-_INT_UNMASK_MAX = 1024
-#: The header of a text frame (FIN, opcode 1, unmasked) for each 7-bit payload length.
-_TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
-#: What ``_write`` reads of a Twisted TCP transport to know that nothing is buffered.
-_TWISTED_BUFFER = ("_tempDataLen", "dataBuffer", "connected", "disconnecting", "_writeDisconnected", "TLS", "writeSomeData")
+_CLOSING = WebSocketProtocol.STATE_CLOSING
 
 
 class WsConnection:
@@ -132,14 +128,14 @@ class _Backpressure:
     def pauseProducing(self) -> None:
         if not self.paused:
             self.paused = True
-            self._protocol.transport.pauseProducing()
+            self._protocol.socket().pauseProducing()
             self._share.pauseProducing()
 
     def resumeProducing(self) -> None:
         if self.paused:
             self.paused = False
             if not self._protocol.stopped_reading:
-                self._protocol.transport.resumeProducing()
+                self._protocol.socket().resumeProducing()
             self._share.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -168,6 +164,27 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
     _max_errors = 1 << 62
     #: The connection failed (RFC 6455 section 7.1.7): nothing more is read from the peer.
     stopped_reading = False
+    #: This connection's fast paths (set in onOpen when ``_fast_on``); None: Autobahn's public path.
+    _fast: fast_websocket.FastFrames | None = None
+    #: websocket.maxMessageBytes, the most a client may send (set in onOpen); 0: no limit.
+    _client_limit = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Decided once, when the connection's protocol is built: a later ``_fast.configure``
+        #: applies to the connections built after it.
+        self._fast_on = fast_websocket.usable()
+
+    def socket(self) -> IPushProducer:
+        """The transport as the push producer it is (Twisted's TCP and TLS transports, and the test
+        transports, all are): pausing it stops reading the peer."""
+        return cast(IPushProducer, self.transport)
+
+    def connectionMade(self) -> None:
+        # McpWebSocketResource.render builds and connects the protocol while the factory holds
+        # the upgrade request's Principal.
+        self.principal = self.factory.principal
+        super().connectionMade()
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         if not self.factory.ctx.sessions.accepting:
@@ -182,9 +199,10 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         )
 
     def onOpen(self) -> None:
-        self._fast_limit = self._fast_path_limit()
+        if self._fast_on:
+            self._fast = fast_websocket.FastFrames.open(self)
         self._max_errors = self.factory.ctx.config.websocket.maxErrors or 1 << 62
-        self._direct = isinstance(self.transport, tcp.Connection) and all(hasattr(self.transport, a) for a in _TWISTED_BUFFER)
+        self._client_limit = self.factory.ctx.config.websocket.maxMessageBytes or 0
         ctx = self.factory.ctx
         try:
             session = ctx.sessions.create(self.factory.mcp_server, "ws", self.principal.identity if self.principal else None,
@@ -192,7 +210,7 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         except SessionRefused as e:
             self.close(CLOSE_TRY_AGAIN_LATER, e.reason)
             return
-        except Exception:
+        except Exception:  # noqa: BLE001 - a child that cannot start fails this socket, not the gateway
             self._log.failure("cannot start a session for a WebSocket client")
             self.close(CLOSE_INTERNAL_ERROR, "cannot start the MCP server")
             return
@@ -217,7 +235,7 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
             try:
                 payload.decode("utf-8")
             except UnicodeDecodeError as e:
-                self._invalid_payload(f"encountered invalid UTF-8 while processing text message at payload octet index {e.start}")
+                self._invalid_text(f"encountered invalid UTF-8 while processing text message at payload octet index {e.start}")
                 return
         limiter = self.factory.ctx.limiter
         if limiter is None:
@@ -228,7 +246,11 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
             return
         if self._inbox is None:
             self._inbox = defer.succeed(None)
-        key = self.principal.rate_key if self.principal is not None else ip_key(getattr(self.transport.getPeer(), "host", "local"))
+        if self.principal is not None:
+            key = self.principal.rate_key
+        else:
+            peer = self.transport.getPeer() if self.transport is not None else None
+            key = ip_key(getattr(peer, "host", "local"))
         self._waiting += 1
         # One chain per connection keeps the order when a limiter answers later (Redis).
         self._inbox.addBoth(lambda _: limiter.hit(key)).addBoth(self._decided, payload, isBinary)
@@ -301,6 +323,17 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
             self.fail_connection(
                 CLOSE_POLICY_VIOLATION, f"{self._errors} invalid messages in a row (websocket.maxErrors): send JSON-RPC messages")
 
+    def _invalid_text(self, reason: str) -> None:
+        """1007, as Autobahn's own UTF-8 validator fails the connection (RFC 6455 section 8.1): the
+        Close frame, no message delivered after it, the peer's Close still read; a second failure
+        while closing drops the TCP connection."""
+        self.failedByMe = True  # Autobahn delivers no message it still parses from this read
+        if self.state == _OPEN:
+            self._log.info("WebSocket {peer}: closing with {code}: {reason}", peer=self.peer, code=CLOSE_INVALID_PAYLOAD, reason=reason)
+            self.sendCloseFrame(code=CLOSE_INVALID_PAYLOAD, reasonUtf8=encode_truncate(reason, 123), isReply=False)
+        elif self.state == _CLOSING:
+            self.dropConnection(abort=False)
+
     def fail_connection(self, code: int, reason: str) -> None:
         """Fail the WebSocket connection (RFC 6455 section 7.1.7): the Close frame, then nothing more
         is read from the peer, not even its Close; Autobahn drops the TCP connection when the closing
@@ -308,83 +341,19 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         self.close(code, reason)
         self.failedByMe = True  # Autobahn delivers no message it still parses from this read
         self.stopped_reading = True
-        transport: Any = self.transport
-        if transport is not None:
-            transport.pauseProducing()
+        if self.transport is not None:
+            self.socket().pauseProducing()
 
-    # -- receiving: the fast path ------------------------------------------
-
-    #: Largest payload the fast path takes (websocket.maxMessageBytes); -1: none (set in onOpen).
-    _fast_limit = -1
-    #: The transport is a Twisted TCP connection: replies may be sent at once (``_write``).
-    _direct = False
-
-    def _fast_path_limit(self) -> int:
-        """The payload limit of one fast-path frame, or -1 when every frame must go to Autobahn."""
-        if self.logFrames or self.logOctets or self.trackedTimings or self._perMessageCompress is not None:
-            return -1  # Autobahn's hooks and extensions see every frame
-        limits = [n for n in (self.maxMessagePayloadSize, self.maxFramePayloadSize) if n > 0]
-        return min(limits) if limits else 1 << 62
+    # -- receiving ------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        """Whole text frames here; from the first other frame (or partial frame) on, Autobahn.
-
-        Replaces Autobahn's Twisted ``dataReceived``, which only adds a debug-log
-        call whose arguments are formatted for every read even when debug is off.
-        """
-        if self.state != _OPEN or self.data or self.current_frame is not None or self.inside_message:
-            if not self.stopped_reading:
-                self._dataReceived(data)
+        """Twisted's bytes: to the fast path once the connection is open, else to Autobahn's."""
+        if self.stopped_reading:
             return
-        n = len(data)
-        pos = 0
-        limit = self._fast_limit
-        # Replies written while this read is parsed (errors, 429s, {"type":"pong"}) go into Twisted's
-        # buffer, out in one send when the reactor next writes, rather than one send each; and
-        # past the high-water mark they pause reading (_Backpressure) within this read.
-        direct, self._direct = self._direct, False
-        try:
-            while n - pos >= 6:
-                b1 = data[pos + 1]
-                if data[pos] != 0x81 or b1 < 0x80:
-                    break  # not FIN + text without RSV bits, or unmasked: Autobahn decides
-                length = b1 & 0x7F
-                if length < 126:
-                    start = pos + 6
-                elif length == 126:
-                    start = pos + 8
-                    if start > n:
-                        break
-                    length = (data[pos + 2] << 8) | data[pos + 3]
-                    if length < 126:
-                        break  # not the minimal length encoding: a protocol error
-                else:
-                    start = pos + 14
-                    if start > n:
-                        break
-                    length = int.from_bytes(data[pos + 2:pos + 10], "big")
-                    if length < 65536 or length >> 63:
-                        break  # not minimal, or the reserved top bit: a protocol error
-                end = start + length
-                if end > n or length > limit:
-                    break  # a partial frame, or over websocket.maxMessageBytes (1009)
-                mask = data[start - 4:start]
-                if length <= _INT_UNMASK_MAX:
-                    q, r = divmod(length, 4)
-                    payload = (int.from_bytes(data[start:end], "little")
-                               ^ int.from_bytes(mask * q + mask[:r], "little")).to_bytes(length, "little")
-                else:
-                    payload = create_xor_masker(mask, length).process(data[start:end])
-                pos = end
-                if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
-                    self._cancelAutoPingTimeoutCall()  # as Autobahn's onFrameEnd: any data frame will do
-                self.onMessage(payload, False)
-                if self.state != _OPEN:
-                    break  # closing: the rest is Autobahn's
-        finally:
-            self._direct = direct
-        if pos < n and not self.stopped_reading:
-            self._dataReceived(data[pos:] if pos else data)
+        if self._fast is not None:
+            self._fast.data_received(data)
+        else:
+            super().dataReceived(data)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._pause is not None:
@@ -399,47 +368,24 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
     # -- sending ------------------------------------------------------------
 
     def send_text(self, raw: bytes) -> None:
-        """One message, one text frame (valid UTF-8: the child's line was decoded as JSON).
+        """One message as text (valid UTF-8: the child's line was decoded as JSON).
 
-        Not sendMessage: websocket.maxMessageBytes limits what clients send; replies
-        are bounded by the server's maxMessageBytes. Not sendFrame either unless
-        Autobahn has queued writes or logs frames: header + payload in one write.
+        websocket.maxMessageBytes limits what clients send; replies are bounded by the
+        server's maxMessageBytes. ``sendMessage`` applies the client limit to replies too, so a
+        longer reply goes out through Autobahn's frame API: a text frame and an empty final
+        continuation frame, one message for the client.
         """
         if self.state != _OPEN:
             return
-        if self.send_queue or self.logFrames or self.logOctets:
-            self.sendFrame(opcode=1, payload=raw)
+        if self._fast is not None and self._fast.send_text(raw):
             return
-        n = len(raw)
-        if n < 126:
-            self._write(_TEXT_HEADERS[n] + raw)
-        elif n < 65536:
-            self._write(b"\x81\x7e" + n.to_bytes(2, "big") + raw)
+        if 0 < self._client_limit < len(raw):
+            self.beginMessage(isBinary=False)
+            self.beginMessageFrame(len(raw))
+            self.sendMessageFrameData(raw)
+            self.endMessage()
         else:
-            self.transport.writeSequence((b"\x81\x7f" + n.to_bytes(8, "big"), raw))
-
-    def _write(self, frame: bytes) -> None:
-        """``transport.write``, but straight into an idle plain-TCP socket.
-
-        Twisted's ``write`` only buffers: the bytes go out when the reactor next
-        finds the socket writable, i.e. an ``epoll_ctl`` to watch for writability,
-        one more reactor turn (``doWrite``) and an ``epoll_ctl`` to stop watching,
-        for every reply. When nothing is buffered this sends at once, with
-        Twisted's own ``writeSomeData``; whatever the kernel does not take (a full
-        socket buffer, an error) goes through ``write`` as before, so the order of
-        bytes, backpressure (the session pauses the child) and error handling are
-        Twisted's.
-        """
-        t: Any = self.transport
-        if (self._direct and not t._tempDataLen and not t.dataBuffer and t.connected
-                and not t.disconnecting and not t._writeDisconnected and not t.TLS):
-            sent = t.writeSomeData(frame)
-            if sent.__class__ is not int:
-                t.write(frame)  # a lost connection: Twisted finds out and reports it
-            elif sent < len(frame):
-                t.write(frame[sent:])
-        else:
-            t.write(frame)
+            self.sendMessage(raw, isBinary=False)
 
     def session_ended(self, reason: str) -> None:
         if self.factory.ctx.sessions.accepting:
@@ -482,35 +428,9 @@ class McpWebSocketFactory(WebSocketServerFactory):
         )
         # Autobahn's timers (handshake timeouts, keepalive pings) on the injected reactor
         # rather than txaio's global one.
-        self._batched_timer = _ReactorTimer(ctx.reactor)
+        fast_websocket.use_reactor(self, ctx.reactor)
         #: The Principal of the upgrade request McpWebSocketResource is rendering.
         self.principal: Principal | None = None
-
-    def buildProtocol(self, addr: Any) -> McpWebSocketProtocol:
-        proto = super().buildProtocol(addr)
-        proto.principal = self.principal
-        return proto
-
-
-class _ReactorTimer:
-    """The ``call_later`` Autobahn's protocols ask of ``factory._batched_timer``."""
-
-    def __init__(self, reactor: Any):
-        self._reactor = reactor
-
-    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> _Call:
-        return _Call(self._reactor.callLater(delay, func, *args, **kwargs))
-
-
-class _Call:
-    """A delayed call whose ``cancel`` may come after it ran."""
-
-    def __init__(self, call: Any):
-        self._call = call
-
-    def cancel(self) -> None:
-        if self._call.active():
-            self._call.cancel()
 
 
 def _is_ping(payload: bytes) -> bool:
@@ -524,21 +444,24 @@ def _is_ping(payload: bytes) -> bool:
 class McpWebSocketResource(WebSocketResource):
     """Autobahn's resource, plus the session caps (503) and the Guard's Principal for the protocol."""
 
-    _factory: McpWebSocketFactory
+    def __init__(self, factory: McpWebSocketFactory):
+        super().__init__(factory)
+        #: Autobahn keeps the factory as ``_factory``; the same one, under a name of ours.
+        self.factory = factory
 
     def render(self, request: Any) -> Any:
         principal = principal_of(request)
-        refused = self._factory.ctx.sessions.room_for(
-            self._factory.mcp_server, principal.identity if principal else None, principal)
+        refused = self.factory.ctx.sessions.room_for(
+            self.factory.mcp_server, principal.identity if principal else None, principal)
         if refused is not None:
             request.setHeader(b"retry-after", b"%d" % refused.retry_after)
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {refused.reason}")
         # The upgrade runs to the protocol's onOpen within this call.
-        self._factory.principal = principal_of(request)
+        self.factory.principal = principal_of(request)
         try:
             return super().render(request)
         finally:
-            self._factory.principal = None
+            self.factory.principal = None
 
 
 def websocket_resource(ctx: GatewayContext, server: ServerConfig) -> WebSocketResource:

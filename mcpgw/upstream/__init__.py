@@ -167,9 +167,10 @@ def _declare() -> None:
     from mcpgw.upstream.remote import RemoteUpstream
     from mcpgw.upstream.stdio import StdioUpstream
 
-    for cls in (StdioUpstream, RemoteUpstream, AggregateUpstream):
-        if not IUpstream.implementedBy(cls):
-            classImplements(cls, IUpstream)
+    # One call per class, not a loop: mypy-zope reads the class from each call's first argument.
+    classImplements(StdioUpstream, IUpstream)
+    classImplements(RemoteUpstream, IUpstream)
+    classImplements(AggregateUpstream, IUpstream)
 
 
 _declare()

@@ -24,17 +24,22 @@ Credentials: only the configured ``headers`` go upstream; nothing of the client'
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urljoin, urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet import defer, error
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IProtocolFactory, IPushProducer, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import PotentialDataLoss, ResponseDone
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from mcpgw import jsonrpc, logs
 from mcpgw.config import ServerConfig
@@ -53,12 +58,17 @@ _FAILURE_KINDS = (
 )
 
 
+def _type_name(failure: Failure) -> str:
+    return failure.type.__name__ if failure.type is not None else ""
+
+
 def public_reason(failure: Failure) -> str:
     """``failure`` as the client may read it (``_FAILURE_KINDS``)."""
     for kind, text in _FAILURE_KINDS:
         if failure.check(kind):
             return text
-    if "SSL" in failure.type.__name__ or "TLS" in failure.type.__name__:
+    name = _type_name(failure)
+    if "SSL" in name or "TLS" in name:
         return "TLS handshake failed"
     return "connection failed"
 
@@ -71,8 +81,40 @@ MAX_STREAM_RETRIES = 5
 _clients: dict[int, Any] = {}
 
 
-class _QuietFactory(_HTTP11ClientFactory):
-    noisy = False  # no "Starting factory" log line per upstream connection
+@implementer(IStreamClientEndpoint)
+class _QuietEndpoint:
+    """An endpoint whose connections' factories say nothing: no "Starting factory" log line per
+    upstream connection."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint):
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
+        if isinstance(protocolFactory, Factory):
+            protocolFactory.noisy = False
+        return self._endpoint.connect(protocolFactory)
+
+
+@implementer(IAgentEndpointFactory)
+class _QuietEndpoints:
+    """Agent's own endpoints (TCP for http, TLS over TCP with the browser-like policy for https), quiet."""
+
+    def __init__(self, reactor: Any):
+        self._reactor = reactor
+        self._tls = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        try:
+            host = uri.host.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"The host of the provided URI ({uri.host!r}) contains non-ASCII octets, "
+                             "it should be ASCII decodable.") from None
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, uri.port, bindAddress=None)
+        if uri.scheme in (b"https", b"wss"):
+            endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        elif uri.scheme not in (b"http", b"ws"):
+            raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+        return _QuietEndpoint(endpoint)
 
 
 def _client(reactor: Any) -> Any:
@@ -80,9 +122,9 @@ def _client(reactor: Any) -> Any:
     client = _clients.get(id(reactor))
     if client is None:
         pool = HTTPConnectionPool(reactor, persistent=True)
-        pool._factory = _QuietFactory
         pool.maxPersistentPerHost = 16
-        client = _clients[id(reactor)] = HTTPClient(Agent(reactor, pool=pool))  # type: ignore[arg-type]
+        agent = Agent.usingEndpointFactory(reactor, _QuietEndpoints(reactor), pool=pool)
+        client = _clients[id(reactor)] = HTTPClient(agent)
     return client
 
 
@@ -174,15 +216,15 @@ class _Body(Protocol):
 
     def pause(self) -> None:
         if self.transport is not None:
-            self.transport.pauseProducing()
+            cast(IPushProducer, self.transport).pauseProducing()
 
     def resume(self) -> None:
         if self.transport is not None:
-            self.transport.resumeProducing()
+            cast(IPushProducer, self.transport).resumeProducing()
 
     def close(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()
         if not self.d.called:
             self.d.callback(None)
 
@@ -405,7 +447,7 @@ class RemoteUpstream:
     def _post_failed(self, failure: Failure, msg: dict[str, Any]) -> None:
         if self.ended:
             return
-        reason = failure.getErrorMessage() or failure.type.__name__
+        reason = failure.getErrorMessage() or _type_name(failure)
         self.log.warn("remote {server}: {method} not delivered: {reason}", server=self.server.name,
                       method=msg.get("method"), reason=reason)
         self._answer_error(msg, f"the remote MCP server is unreachable: {public_reason(failure)}")
@@ -461,12 +503,12 @@ class RemoteUpstream:
         self._stream_open = False
         if self.ended or self._stopping:
             return
-        reason = failure.getErrorMessage() or failure.type.__name__
+        reason = failure.getErrorMessage() or _type_name(failure)
         self.log.warn("remote {server}: GET stream failed: {reason}", server=self.server.name, reason=reason)
         public = public_reason(failure)
         if self.server.transport == "sse" and self._endpoint is None:
             self._fail(f"the remote SSE endpoint is unreachable: {public}")
-            for raw, msg in self._held:
+            for _raw, msg in self._held:
                 self._answer_error(msg, f"the remote MCP server is unreachable: {public}")
             return
         self._stream_lost(public, None)

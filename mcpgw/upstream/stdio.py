@@ -7,138 +7,32 @@ chunks in a list so a 16 MiB line costs one join, not a quadratic rebuild.
 from __future__ import annotations
 
 import atexit
-import errno
-import fcntl
 import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 from collections import deque
-from functools import lru_cache, partial
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from twisted.internet import defer, error
-from twisted.internet import process as _process
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
-from twisted.internet.posixbase import PosixReactorBase
-from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mcpgw import logs
-from mcpgw import jsonrpc
-from mcpgw import procsec
+from mcpgw import jsonrpc, logs, procsec
+from mcpgw._fast import process as fast_process
 from mcpgw.config import PRIVATE_ENV, ServerConfig
 from mcpgw.metrics import NULL_BOUND, BoundMetrics
 
 #: Variables a child gets from the gateway's environment when they are set (and LC_*).
 _BASE_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ")
 _SETSID = shutil.which("setsid")
-#: posix_spawn with POSIX_SPAWN_SETSID (Linux, glibc >= 2.26): the child leads its own session
-#: and process group without an exec of the ``setsid`` binary first.
-_SPAWN_SETSID = sys.platform.startswith("linux") and hasattr(os, "posix_spawnp") and hasattr(os, "POSIX_SPAWN_DUP2")
 
-
-def _no_spawn_setsid() -> None:
-    global _SPAWN_SETSID
-    _SPAWN_SETSID = False
-
-
-#: Descriptors above 2 that the gateway was started with and that are not close-on-exec (a
-#: supervisor's, a shell's ``3>file``): listed once, at the first spawn, and closed in every child.
-_inherited: list[int] | None = None
-
-
-def _inherited_fds() -> list[int]:
-    global _inherited
-    if _inherited is None:
-        found = []
-        for fd in _process._listOpenFDs():
-            if fd > 2:
-                try:
-                    if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
-                        found.append(fd)
-                except OSError:
-                    pass
-        _inherited = found
-    return _inherited
-
-
-class _LeaderProcess(_process.Process):
-    """Twisted's ``Process`` (pipes, reaping, the ProcessProtocol calls) started by one
-    ``posix_spawnp(..., setsid=True)``.
-
-    The path before (Twisted's posix_spawn with the ``setsid`` binary in argv) exec'd ``setsid``
-    first (a second exec and dynamic-linker start per session) and, before every spawn, Twisted
-    listed every open descriptor of the gateway and asked each for its close-on-exec flag (one
-    ``fcntl`` per socket: a spawn beside 4,500 open streams took ~15x one beside 1,000). Every
-    descriptor the gateway opens itself is close-on-exec (PEP 446: Python's sockets, pipes, files
-    and epoll are created non-inheritable; so are Twisted's); so only the child's three pipes,
-    0-2 and the inheritable descriptors the gateway was started with (``_inherited_fds``, listed
-    once) are looked at: the child gets its pipes as 0-2 and nothing else.
-    """
-
-    def _trySpawnInsteadOfFork(self, path: Any, uid: Any, gid: Any, executable: Any, args: Any, environment: Any,
-                               kwargs: Any) -> bool:
-        if uid is not None or gid is not None:
-            return False  # posix_spawn cannot switch accounts: Twisted's fork path does (StdioUpstream.spawn)
-        if path is None:
-            self._spawn(executable, args, environment, kwargs["fdmap"])
-            return True
-        # O_PATH: the gateway's directory needs no read permission to be returned to.
-        here = os.open(".", getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            # posix_spawn has no chdir action here (Python 3.11): the child inherits the directory
-            # the gateway is in at the spawn, so the gateway stands in ``path`` for the spawn only.
-            # The reactor thread is the only one that spawns or uses relative paths.
-            os.chdir(path)
-            try:
-                self._spawn(executable, args, environment, kwargs["fdmap"])
-            finally:
-                os.fchdir(here)
-        finally:
-            os.close(here)
-        return True
-
-    def _spawn(self, executable: Any, args: Any, environment: Any, fdmap: dict[int, int]) -> None:
-        state = [(fd, False) for fd in _inherited_fds()]  # closed in the child (a later entry for a reused number wins)
-        for fd in {0, 1, 2, *fdmap.values()}:
-            try:
-                state.append((fd, bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)))
-            except OSError:
-                pass
-        self.pid = os.posix_spawnp(
-            executable, args, environment,
-            file_actions=_process._getFileActions(state, fdmap, doClose=os.POSIX_SPAWN_CLOSE, doDup2=os.POSIX_SPAWN_DUP2),
-            setsigdef=[s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN],
-            setsid=True,
-        )
-        self.status = -1
-
-
-#: Bytes per read of a child's stdout. Twisted's ProcessReader reads 8 KiB at a
-#: time: a 1 MiB reply was 128 reads, each a wakeup of the child blocked on the
-#: full pipe; 64 KiB (the pipe's capacity) makes it 16.
-PIPE_READ = 65536
 #: Messages shorter than this are written to a child's stdin at once when nothing is queued (send).
 DIRECT_WRITE = 65536
-
-
-def _read_pipe(reader: Any) -> Any:
-    """``ProcessReader.doRead`` (``fdesc.readFromFD``) with PIPE_READ-sized reads."""
-    try:
-        data = os.read(reader.fd, PIPE_READ)
-    except OSError as e:
-        if e.errno in (errno.EAGAIN, errno.EINTR):
-            return None
-        return CONNECTION_LOST
-    if not data:
-        return CONNECTION_DONE
-    reader.dataReceived(data)
-    return None
 
 
 #: glibc malloc settings for relaying large messages (``tune_allocator``).
@@ -225,7 +119,7 @@ _TAIL_ID = re.compile(rb'[,{][ \t\r\n]*"id"[ \t\r\n]*:[ \t\r\n]*(-?[0-9]+(?:\.[0
                       rb'[ \t\r\n]*\}[ \t\r\n]*\Z', re.S)
 
 
-class UnreadableReply(dict):  # type: ignore[type-arg]
+class UnreadableReply(dict[str, Any]):
     """The JSON-RPC error the gateway answers in place of a child's reply that cannot be parsed
     (the session counts it as ``upstream_protocol``, not as the server's own ``upstream_error``)."""
 
@@ -278,9 +172,9 @@ def reply_id(line: bytes, whole: bool) -> Any:
                 if value is not None:
                     found = _id_value(value.group())
     if found is None and whole:
-        m = _TAIL_ID.search(line, max(0, len(line) - TAIL_SCAN))
-        if m is not None:
-            found = _id_value(m.group(1))
+        tail = _TAIL_ID.search(line, max(0, len(line) - TAIL_SCAN))
+        if tail is not None:
+            found = _id_value(tail.group(1))
     return found if response else None
 
 
@@ -328,7 +222,7 @@ class LineFramer:
         self._max = max_length
         self._line = line
         self._overflow = overflow
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | memoryview] = []
         self._pending = 0
         self.broken = False
 
@@ -406,6 +300,9 @@ class StdioUpstream(ProcessProtocol):
     """A child process for one session; relays raw lines both ways."""
 
     log = Logger(observer=logs.observer)
+    #: Twisted's Process (an IProcessTransport that is also the IPushProducer of the child's
+    #: stdout) or a test's stand-in; None until the child is started.
+    transport: Any = None
     #: Child process gauges (set by the Session); ``_counted`` while this child is in them.
     metrics: BoundMetrics = NULL_BOUND
     _counted = False
@@ -415,7 +312,7 @@ class StdioUpstream(ProcessProtocol):
     _own_group = False
     #: spawn() has started the child (a lazily started legacy SSE session's has not, until its first message).
     spawned = False
-    #: The child's stdin (Twisted's ProcessWriter) for direct writes (send); None: only the transport.
+    #: The child's stdin for direct writes (send, mcpgw._fast.process.write_stdin); None: only the transport.
     _stdin: Any = None
     #: The directory made for the child to start in (``_fresh_cwd``), removed when it has ended.
     _own_cwd: str | None = None
@@ -461,7 +358,7 @@ class StdioUpstream(ProcessProtocol):
             self._tag = env[procsec.TAG_VARIABLE] = guard.new_tag()
         cwd = self.server.cwd
         if cwd is None:
-            cwd = self._own_cwd = _fresh_cwd(None if uid is None else (uid, gid), reactor)
+            cwd = self._own_cwd = _fresh_cwd(None if uid is None or gid is None else (uid, gid), reactor)
         try:
             self._start(reactor, argv, env, cwd, uid, gid)
         except BaseException:
@@ -474,15 +371,13 @@ class StdioUpstream(ProcessProtocol):
             self.activity.starts += 1
 
     def _start(self, reactor: Any, argv: list[str], env: dict[str, str], cwd: str, uid: int | None, gid: int | None) -> None:
-        if _SPAWN_SETSID and uid is None and isinstance(reactor, PosixReactorBase):
-            try:
-                _LeaderProcess(reactor, argv[0], argv, env, cwd, self)
-                self._own_group = True
-                return
-            except NotImplementedError:  # a C library without POSIX_SPAWN_SETSID (glibc < 2.26)
-                _no_spawn_setsid()
-        # Another account (posix_spawn cannot switch: Twisted forks, switches and execs), another
-        # platform, or a test's reactor.
+        # One posix_spawn that makes the child its own session leader (mcpgw._fast.process), when
+        # the fast paths allow it and the child keeps the gateway's account.
+        if uid is None and fast_process.spawn_leader(reactor, self, argv, env, cwd):
+            self._own_group = True
+            return
+        # Another account (posix_spawn cannot switch: Twisted forks, switches and execs), the fast
+        # paths off, another platform, or a test's reactor: the public spawnProcess.
         if _SETSID:
             argv = [_SETSID, *argv]
         self._own_group = bool(_SETSID)
@@ -513,13 +408,8 @@ class StdioUpstream(ProcessProtocol):
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
-        pipes = getattr(self.transport, "pipes", {})
-        reader = pipes.get(1)
-        if reader is not None and hasattr(reader, "fd"):
-            reader.doRead = partial(_read_pipe, reader)
-        writer = pipes.get(0)
-        if writer is not None and hasattr(writer, "fd") and hasattr(writer, "_tempDataLen"):
-            self._stdin = writer
+        # Larger reads of stdout, and the stdin pipe for direct writes, where the fast paths allow.
+        self._stdin = fast_process.tune_pipes(self.transport)
         self.log.info("child {server} started pid={pid}", server=self.server.name, pid=self.pid)
 
     # -- child -> gateway -------------------------------------------------
@@ -589,15 +479,7 @@ class StdioUpstream(ProcessProtocol):
         if self.ended or self._stopping or self.transport is None:
             return False
         writer = self._stdin
-        if writer is not None and len(raw) < DIRECT_WRITE and not writer._tempDataLen \
-                and writer.offset == len(writer.dataBuffer) and writer.connected and not writer.disconnecting:
-            data = raw + b"\n"
-            try:
-                written = os.write(writer.fd, data)
-            except OSError:  # full (EAGAIN), or the child is gone: the transport finds out and reports it
-                written = 0
-            if written < len(data):
-                writer.write(data[written:] if written else data)
+        if writer is not None and len(raw) < DIRECT_WRITE and fast_process.write_stdin(writer, raw):
             return True
         self.transport.writeSequence([raw, b"\n"])
         return True
@@ -634,7 +516,7 @@ class StdioUpstream(ProcessProtocol):
                 self.metrics.child_stopping()
             try:
                 self.transport.closeStdin()
-            except Exception:
+            except Exception:  # noqa: BLE001 - stdin may be gone already; the signals below still stop the child
                 pass
             grace = self.server.stopGrace
             self._timers = [
@@ -678,10 +560,11 @@ class StdioUpstream(ProcessProtocol):
         self._kill_escaped()
         self._remove_cwd()
         value = reason.value
+        killed_by = getattr(value, "signal", None)
         if isinstance(value, error.ProcessDone):
             self.exit_reason = "exited with status 0"
-        elif getattr(value, "signal", None):
-            self.exit_reason = f"killed by signal {value.signal}"
+        elif killed_by:
+            self.exit_reason = f"killed by signal {killed_by}"
         else:
             self.exit_reason = f"exited with status {getattr(value, 'exitCode', '?')}"
         duration = self._reactor.seconds() - self.started_at

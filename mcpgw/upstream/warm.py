@@ -13,7 +13,8 @@ does not spin.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -41,7 +42,7 @@ def warmable(server: ServerConfig) -> bool:
 class _Waiting:
     """The delegate of a warm child nobody has taken yet."""
 
-    def __init__(self, pool: "WarmChildren", child: StdioUpstream):
+    def __init__(self, pool: WarmChildren, child: StdioUpstream):
         self._pool = pool
         self._child = child
 
@@ -116,7 +117,7 @@ class WarmChildren:
             child.activity = self._activity
             try:
                 child.spawn()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a spawn fails in many ways (OSError, exec, setuid); each backs off and retries
                 self.log.error("warm child {server} could not be spawned: {error}", server=self.server.name, error=str(e))
                 self._retry()
                 return

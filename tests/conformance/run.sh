@@ -44,6 +44,10 @@ installed_ok() {
         2>/dev/null | grep -qx "$CONFORMANCE_VERSION"
 }
 
+# Parallel test workers share the cache: one installs, the others wait on the lock and then find it.
+mkdir -p "$(dirname "$dir")"
+exec 9>"$dir.lock"
+flock 9
 if ! installed_ok; then
     echo "Installing node@$NODE_MAJOR and @modelcontextprotocol/conformance@$CONFORMANCE_VERSION into $dir" >&2
     command -v npm >/dev/null || { echo "npm is required to install the conformance suite" >&2; exit 2; }
@@ -54,6 +58,7 @@ if ! installed_ok; then
         "@modelcontextprotocol/conformance@$CONFORMANCE_VERSION" "node@$NODE_MAJOR") >&2
     installed_ok || { echo "conformance install in $dir is unusable" >&2; exit 2; }
 fi
+flock -u 9
 
 mkdir -p "$results"
 echo "conformance $CONFORMANCE_VERSION, node $("$node_bin" --version), suite $suite, url $url"

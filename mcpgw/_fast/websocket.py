@@ -1,0 +1,314 @@
+"""Autobahn's WebSocket frame handling and Twisted's TCP write buffer, past their public API: the
+shortcuts mcpgw.transports.websocket takes, and the one slot of Autobahn's it fills.
+
+- :class:`FastFrames` receiving: a read that holds only whole, final, masked, unextended text frames
+  (what every client sends for a JSON-RPC message) is parsed and unmasked here and each message
+  handed to ``onMessage`` directly, past Autobahn's per-frame machinery; anything else (a control
+  frame, a fragment, a frame split across reads, a frame over the limit, a protocol error, any state
+  but OPEN) goes from that frame on to Autobahn's byte entry ``_dataReceived``, which therefore sees
+  exactly the bytes it would have seen. It reads Autobahn's parser state (``data``,
+  ``current_frame``, ``inside_message``), its keepalive state (``autoPingTimeoutCall``,
+  ``autoPingRestartOnAnyTraffic``, ``_cancelAutoPingTimeoutCall``) and what decides that every frame
+  must be Autobahn's (``_perMessageCompress``, ``logFrames``, ``logOctets``, ``trackedTimings``).
+- :class:`FastFrames` sending: a reply is framed here, header + payload in one write, rather than by
+  ``sendMessage`` (which builds debug-log arguments per frame and refuses replies over the limit
+  that clients are held to); skipped when Autobahn has queued writes (``send_queue``).
+- direct writes (part of :class:`FastFrames`): the frame goes straight into an idle plain-TCP socket
+  with Twisted's ``writeSomeData`` when ``tcp.Connection`` has nothing buffered (``_tempDataLen``,
+  ``dataBuffer``, ``_writeDisconnected``, ``TLS``): Twisted's ``write`` only buffers, and each reply
+  would cost an ``epoll_ctl`` to watch the socket, a reactor turn to write it and another
+  ``epoll_ctl``.
+- :func:`use_reactor` puts Autobahn's timers (handshake timeouts, keepalive pings) on the gateway's
+  reactor: Autobahn takes them from the factory's ``_batched_timer``, which it makes on txaio's
+  global loop, and has no public way to choose another. This one is not about speed, so
+  ``fastPaths: false`` leaves it on; only a failed probe turns it off (then the timers run on the
+  global reactor, which is the gateway's own outside tests).
+
+:func:`probe` checks, when this module is imported, the exact names and signatures each shortcut
+reads against the installed Autobahn (26.11) and Twisted (26.10); a shortcut whose check fails
+writes one warning line (mcpgw._fast.probe_failed) and stays off. The public path, taken when a
+probe fails or the fast paths are off, is Autobahn's own: its ``dataReceived`` and frame parser
+into ``onMessage``, ``sendMessage`` and ``transport.write``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from autobahn.websocket.protocol import WebSocketProtocol, WebSocketServerFactory
+from autobahn.websocket.xormasker import create_xor_masker
+from twisted.internet import abstract, tcp
+
+from mcpgw import _fast
+
+#: What the probe found usable, one flag per shortcut.
+frames_usable = False
+direct_usable = False
+timers_usable = False
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+#: Payloads up to this many bytes are unmasked with one int XOR (cheaper than making a
+#: masker object); longer ones with Autobahn's masker (native SIMD when it was built).
+_INT_UNMASK_MAX = 1024
+#: The header of a text frame (FIN, opcode 1, unmasked) for each 7-bit payload length.
+_TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
+
+
+# -- the probe -----------------------------------------------------------------------------------
+
+def _params(func: Any) -> tuple[str, ...] | None:
+    try:
+        return tuple(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _code_names(func: Any) -> tuple[str, ...]:
+    return getattr(getattr(func, "__code__", None), "co_names", ())
+
+
+#: Autobahn's methods and the names of its state each must still use, for what FastFrames reads:
+#: instance attributes are set in ``_connectionMade`` and cannot be seen on the class.
+_AUTOBAHN_USES = {
+    "_connectionMade": ("data", "send_queue", "autoPingTimeoutCall", "_perMessageCompress"),
+    "_dataReceived": ("data", "consumeData"),
+    "processData": ("data", "current_frame", "inside_message"),
+    "onFrameBegin": ("current_frame", "inside_message"),
+    "onFrameEnd": ("autoPingTimeoutCall", "autoPingRestartOnAnyTraffic", "_cancelAutoPingTimeoutCall"),
+    "sendData": ("send_queue",),
+}
+_AUTOBAHN_SIGNATURES = {
+    "_dataReceived": ("self", "data"),
+    "_cancelAutoPingTimeoutCall": ("self",),
+    "onMessage": ("self", "payload", "isBinary"),
+}
+_AUTOBAHN_OPTIONS = ("logFrames", "logOctets", "trackedTimings", "maxMessagePayloadSize", "maxFramePayloadSize")
+#: What a direct write reads of a Twisted TCP transport to know that nothing is buffered.
+_TWISTED_BUFFER = ("_tempDataLen", "dataBuffer", "connected", "disconnecting", "_writeDisconnected", "TLS", "writeSomeData")
+
+
+def _frames_missing() -> str | None:
+    """The first thing FastFrames reads that the installed Autobahn lacks, or None."""
+    for method, names in _AUTOBAHN_USES.items():
+        code = _code_names(getattr(WebSocketProtocol, method, None))
+        for name in names:
+            if name not in code:
+                return f"WebSocketProtocol.{method} using {name}"
+    for method, params in _AUTOBAHN_SIGNATURES.items():
+        if _params(getattr(WebSocketProtocol, method, None)) != params:
+            return f"WebSocketProtocol.{method}({', '.join(params)})"
+    # the options are copied from the factory by name (CONFIG_ATTRS_COMMON), trackedTimings is set
+    options = (*getattr(WebSocketProtocol, "CONFIG_ATTRS_COMMON", ()),
+               *_code_names(getattr(WebSocketProtocol, "_connectionMade", None)))
+    for name in _AUTOBAHN_OPTIONS:
+        if name not in options:
+            return f"WebSocketProtocol.{name}"
+    if _params(create_xor_masker) != ("mask", "length"):
+        return "autobahn.websocket.xormasker.create_xor_masker(mask, length)"
+    return None
+
+
+def _direct_missing() -> str | None:
+    """The first thing a direct write reads that the installed Twisted lacks, or None."""
+    init = _code_names(abstract.FileDescriptor.__init__)
+    for name in _TWISTED_BUFFER:
+        if not hasattr(tcp.Connection, name) and name not in init:
+            return f"tcp.Connection.{name}"
+    if "_tempDataLen" not in _code_names(abstract.FileDescriptor.write):
+        return "FileDescriptor.write using _tempDataLen"
+    if _params(tcp.Connection.writeSomeData) != ("self", "data"):
+        return "tcp.Connection.writeSomeData(self, data)"
+    return None
+
+
+def _timers_missing() -> str | None:
+    """What use_reactor relies on that the installed Autobahn lacks, or None."""
+    if "_batched_timer" not in _code_names(WebSocketServerFactory.__init__):
+        return "WebSocketServerFactory._batched_timer"
+    if "_batched_timer" not in _code_names(getattr(WebSocketProtocol, "_connectionMade", None)):
+        return "WebSocketProtocol._connectionMade using factory._batched_timer"
+    return None
+
+
+def probe() -> bool:
+    """Check each shortcut against the installed Autobahn and Twisted; one warning line per shortcut
+    that stays off. True when all may be used (mcpgw._fast.enabled() still decides whether the fast
+    ones are)."""
+    global frames_usable, direct_usable, timers_usable
+    found: dict[str, bool] = {}
+    for name, library, what, missing in (
+        ("frames", "Autobahn", "WebSocket frames", _frames_missing),
+        ("direct", "Twisted", "writing WebSocket frames", _direct_missing),
+        ("timers", "Autobahn", "WebSocket timers on the gateway's reactor", _timers_missing),
+    ):
+        gone = missing()
+        found[name] = gone is None
+        if gone is not None:
+            _fast.probe_failed(library, what, gone)
+    frames_usable, direct_usable, timers_usable = found["frames"], found["direct"], found["timers"]
+    return frames_usable and direct_usable and timers_usable
+
+
+def usable() -> bool:
+    """Whether a connection built now takes the fast paths (decided once per connection)."""
+    return frames_usable and _fast.enabled()
+
+
+# -- timers --------------------------------------------------------------------------------------
+
+def use_reactor(factory: Any, reactor: Any) -> None:
+    """Autobahn's timers for ``factory``'s connections on ``reactor`` rather than txaio's global loop."""
+    if timers_usable:
+        factory._batched_timer = ReactorTimer(reactor)
+
+
+class ReactorTimer:
+    """The ``call_later`` Autobahn's protocols ask of ``factory._batched_timer``."""
+
+    def __init__(self, reactor: Any):
+        self._reactor = reactor
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> _Call:
+        return _Call(self._reactor.callLater(delay, func, *args, **kwargs))
+
+
+class _Call:
+    """A delayed call whose ``cancel`` may come after it ran."""
+
+    def __init__(self, call: Any):
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+# -- one connection's fast paths -----------------------------------------------------------------
+
+class FastFrames:
+    """The fast paths of one open connection (made by :meth:`open` from the protocol's ``onOpen``).
+
+    ``proto`` is an Autobahn ``WebSocketServerProtocol`` with mcpgw's ``stopped_reading``.
+    """
+
+    def __init__(self, proto: Any, limit: int, direct: bool):
+        self._proto = proto
+        #: Largest payload the receive path takes (websocket.maxMessageBytes); -1: none.
+        self.limit = limit
+        #: The transport is a Twisted TCP connection: replies may be sent at once (``_write``).
+        self.direct = direct
+
+    @classmethod
+    def open(cls, proto: Any) -> FastFrames:
+        return cls(proto, _receive_limit(proto), _is_plain_tcp(proto.transport))
+
+    def data_received(self, data: bytes) -> None:
+        """Whole text frames here; from the first other frame (or partial frame) on, Autobahn.
+
+        Replaces Autobahn's Twisted ``dataReceived``, which only adds a debug-log call whose
+        arguments are formatted for every read even when debug is off.
+        """
+        proto = self._proto
+        if proto.state != _OPEN or proto.data or proto.current_frame is not None or proto.inside_message:
+            proto._dataReceived(data)
+            return
+        n = len(data)
+        pos = 0
+        limit = self.limit
+        # Replies written while this read is parsed (errors, 429s, {"type":"pong"}) go into Twisted's
+        # buffer, out in one send when the reactor next writes, rather than one send each; and
+        # past the high-water mark they pause reading (_Backpressure) within this read.
+        direct, self.direct = self.direct, False
+        try:
+            while n - pos >= 6:
+                b1 = data[pos + 1]
+                if data[pos] != 0x81 or b1 < 0x80:
+                    break  # not FIN + text without RSV bits, or unmasked: Autobahn decides
+                length = b1 & 0x7F
+                if length < 126:
+                    start = pos + 6
+                elif length == 126:
+                    start = pos + 8
+                    if start > n:
+                        break
+                    length = (data[pos + 2] << 8) | data[pos + 3]
+                    if length < 126:
+                        break  # not the minimal length encoding: a protocol error
+                else:
+                    start = pos + 14
+                    if start > n:
+                        break
+                    length = int.from_bytes(data[pos + 2:pos + 10], "big")
+                    if length < 65536 or length >> 63:
+                        break  # not minimal, or the reserved top bit: a protocol error
+                end = start + length
+                if end > n or length > limit:
+                    break  # a partial frame, or over websocket.maxMessageBytes (1009)
+                mask = data[start - 4:start]
+                if length <= _INT_UNMASK_MAX:
+                    q, r = divmod(length, 4)
+                    payload = (int.from_bytes(data[start:end], "little")
+                               ^ int.from_bytes(mask * q + mask[:r], "little")).to_bytes(length, "little")
+                else:
+                    payload = create_xor_masker(mask, length).process(data[start:end])
+                pos = end
+                if proto.autoPingTimeoutCall and proto.autoPingRestartOnAnyTraffic:
+                    proto._cancelAutoPingTimeoutCall()  # as Autobahn's onFrameEnd: any data frame will do
+                proto.onMessage(payload, False)
+                if proto.state != _OPEN:
+                    break  # closing: the rest is Autobahn's
+        finally:
+            self.direct = direct
+        if pos < n and not proto.stopped_reading:
+            proto._dataReceived(data[pos:] if pos else data)
+
+    def send_text(self, raw: bytes) -> bool:
+        """One message, one text frame, header + payload in one write; False when Autobahn has
+        queued writes or logs frames (the caller sends it the public way, behind them)."""
+        proto = self._proto
+        if proto.send_queue or proto.logFrames or proto.logOctets:
+            return False
+        n = len(raw)
+        if n < 126:
+            self._write(_TEXT_HEADERS[n] + raw)
+        elif n < 65536:
+            self._write(b"\x81\x7e" + n.to_bytes(2, "big") + raw)
+        else:
+            proto.transport.writeSequence((b"\x81\x7f" + n.to_bytes(8, "big"), raw))
+        return True
+
+    def _write(self, frame: bytes) -> None:
+        """``transport.write``, but straight into an idle plain-TCP socket.
+
+        When nothing is buffered this sends at once, with Twisted's own ``writeSomeData``;
+        whatever the kernel does not take (a full socket buffer, an error) goes through ``write``
+        as before, so the order of bytes, backpressure (the session pauses the child) and error
+        handling are Twisted's.
+        """
+        t = self._proto.transport
+        if (self.direct and not t._tempDataLen and not t.dataBuffer and t.connected
+                and not t.disconnecting and not t._writeDisconnected and not t.TLS):
+            sent = t.writeSomeData(frame)
+            if sent.__class__ is not int:
+                t.write(frame)  # a lost connection: Twisted finds out and reports it
+            elif sent < len(frame):
+                t.write(frame[sent:])
+        else:
+            t.write(frame)
+
+
+def _receive_limit(proto: Any) -> int:
+    """The payload limit of one fast-path frame, or -1 when every frame must go to Autobahn."""
+    if proto.logFrames or proto.logOctets or proto.trackedTimings or proto._perMessageCompress is not None:
+        return -1  # Autobahn's hooks and extensions see every frame
+    limits = [n for n in (proto.maxMessagePayloadSize, proto.maxFramePayloadSize) if n > 0]
+    return min(limits) if limits else 1 << 62
+
+
+def _is_plain_tcp(transport: Any) -> bool:
+    return (direct_usable and isinstance(transport, tcp.Connection)
+            and all(hasattr(transport, a) for a in _TWISTED_BUFFER))
+
+
+probe()
