@@ -603,7 +603,8 @@ class ChildPool:
         method = msg.get("method")
         params = msg.get("params")
         if method == "notifications/progress" and isinstance(params, dict):
-            pending = self._pending.get(params.get("progressToken"))  # type: ignore[arg-type]
+            token = params.get("progressToken")
+            pending = self._pending.get(token) if isinstance(token, str) else None  # gids are strings
             if pending is not None:
                 msg["params"] = {**params, "progressToken": pending.token}
                 pending.route.deliver(jsonrpc.dumps(msg))

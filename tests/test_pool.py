@@ -149,6 +149,22 @@ class IdRewritingTests(PoolTestCase):
         self.assertEqual(a.delivered, [])
         self.assertEqual(b.delivered[0]["params"], {"progressToken": "t", "progress": 1})
 
+    def test_progress_with_an_object_token_from_the_child_is_dropped(self) -> None:
+        """A child's ``notifications/progress`` whose token is a list or object (never a token the
+        pool gave it: those are strings) is dropped; it used to raise ``unhashable type`` in the
+        child's line handler. The pool keeps answering (MCP basic/utilities/progress: the token is
+        a string or an integer)."""
+        pool, reactor = self.make(poolSize=1)
+        self.ready_all(pool, reactor)
+        route = Route()
+        pool.request({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"_meta": {"progressToken": "t"}}}, route)
+        for token in ([1, 2], {"a": 1}):
+            reply(reactor.spawned[0], {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": token, "progress": 1}})
+        self.assertEqual(route.delivered, [])
+        sent = self.child_requests(reactor.spawned[0])
+        reply(reactor.spawned[0], {"jsonrpc": "2.0", "id": sent[0]["id"], "result": {}})
+        self.assertEqual(route.answers, [(1, {"jsonrpc": "2.0", "id": 1, "result": {}})])
+
 
 class DispatchTests(PoolTestCase):
     def test_least_loaded_child(self) -> None:
