@@ -68,9 +68,14 @@ class Connections:
         #: Every counted connection. The ones without a complete request head have a
         #: ``waiting_since`` (a serial number, set by the channel): the smallest has waited longest.
         self._open: set[Any] = set()
+        #: Connections shed and not yet closed (their descriptors are still open).
+        self._shedding: set[Any] = set()
         self.serial = 0
         #: WebSockets: the transport and its address, counted until the socket is seen closed.
         self._upgraded: dict[Any, str] = {}
+        #: Descriptors ran out during this turn of the reactor: new connections are closed unanswered.
+        self.exhausted = False
+        self._in_use = 0
         self.shed_total = 0
         self.refused_total = 0
         self._last_warning = float("-inf")
@@ -90,6 +95,13 @@ class Connections:
             self._prune_upgraded()
             if self._per_ip.get(ip, 0) >= self.max_per_ip:
                 refusal = f"too many connections from your address (limits.maxConnectionsPerIp {self.max_per_ip})"
+        if refusal is DESCRIPTORS and self._in_use >= self.nofile - self.reserve // 2 and not self.exhausted:
+            # A 503 holds its descriptor until the reactor's next turn, while one accept burst can
+            # take a hundred connections: this close to RLIMIT_NOFILE the rest of the burst is
+            # closed as it is accepted (buildProtocol None), the same end Twisted's EMFILE path
+            # gives a connection, without running out first.
+            self.exhausted = True
+            self._clock.callLater(0, self._recovered)
         if refusal is not None:
             self.refused_total += 1
             self._warn(refusal)
@@ -101,8 +113,12 @@ class Connections:
         channel.waiting_since = self.serial
         return None
 
+    def _recovered(self) -> None:
+        self.exhausted = False
+
     def closed(self, channel: Any) -> None:
         self._open.discard(channel)
+        self._shedding.discard(channel)
         self._forget(channel._ip)
 
     def waiting(self, channel: Any) -> None:
@@ -140,19 +156,26 @@ class Connections:
 
     def _relieve(self, fd: int) -> str | None:
         """Descriptors are past the mark: shed waiting connections, oldest first, back under it."""
-        in_use = self._descriptors(fd + 1)
+        in_use = self._in_use = self._descriptors(fd + 1)
         excess = in_use - self.pressure_at
         if excess <= 0:
             return None
         self._prune_upgraded()
-        # A kept-alive connection, idle between a client's requests, goes after every connection
-        # that never completed a request (nginx, too, closes idle keep-alive connections last):
-        # a client whose request crosses the close would see it fail.
         waiting = [channel for channel in self._open if channel.waiting_since is not None]
-        waiting.sort(key=lambda channel: (getattr(channel, "kept_alive", False), channel.waiting_since))
-        victims = waiting[:excess]
+        waiting.sort(key=lambda channel: channel.waiting_since)
+        # Connections that never completed a request go first, as many as the count is over the
+        # mark: those shed earlier in this accept burst still hold their descriptors until the
+        # reactor's next turn, so shedding ahead is what keeps the burst short of RLIMIT_NOFILE.
+        victims = [channel for channel in waiting if not channel.kept_alive][:excess]
+        # A kept-alive connection, idle between a client's requests, goes only for descriptors
+        # not already on their way back (nginx, too, closes idle keep-alive connections last):
+        # a client whose next request crosses the close sees it fail.
+        owed = excess - len(self._shedding) - len(victims)
+        if owed > 0:
+            victims += [channel for channel in waiting if channel.kept_alive][:owed]
         for channel in victims:
             channel.waiting_since = None
+            self._shedding.add(channel)
             channel.shed()
         self.shed_total += len(victims)
         if victims:

@@ -9,6 +9,7 @@ from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -449,6 +450,13 @@ class GatewaySite(Site):
         self.limits = ChannelLimits()
         #: Connection caps and descriptor pressure (build_site sets them from limits).
         self.connections = Connections(self.reactor)
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        """None (Twisted closes the socket at once) while descriptors are exhausted in this turn
+        of the reactor; a 503 would hold the descriptor for another turn."""
+        if self.connections.exhausted:
+            return None
+        return super().buildProtocol(addr)
 
     def log(self, request: http.Request) -> None:
         pass

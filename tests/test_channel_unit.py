@@ -19,6 +19,7 @@ from mcpgw import _fast
 from mcpgw.auth import Authenticator
 from mcpgw.channel import ChannelLimits, Connections, GatewayChannel
 from mcpgw.config import AuthConfig, GatewayConfig, ServerConfig, StaticToken
+from mcpgw.connections import DESCRIPTORS
 from mcpgw.ratelimit import Decision
 from mcpgw.transports.common import GatewayContext
 from mcpgw.web import GatewaySite, Guard
@@ -383,6 +384,44 @@ class ConnectionsTests(SynchronousTestCase):
         shed = [i for i, ch in enumerate(channels) if ch.was_shed]
         self.assertEqual(shed, [2, 3, 4])
         self.assertFalse(channels[0].was_shed)
+
+    def test_connections_shed_in_this_burst_count_as_gone(self) -> None:
+        """Issue 15 (descriptor exhaustion): shed connections keep their descriptors until the
+        reactor's next turn; the next accept of the same burst sheds only what is still over the
+        mark, so a real client's kept-alive connection is not shed for descriptors on their way back."""
+        in_use = {"n": 0}
+        c = Connections(Clock(), nofile=100, descriptors=lambda fallback: in_use["n"])
+        legit = FakeChannel()
+        c.opened(legit, "127.0.0.1", 10)
+        c.waiting(legit)
+        slow = [FakeChannel() for _ in range(10)]
+        for i, ch in enumerate(slow):
+            c.opened(ch, "127.0.0.1", 11 + i)
+        in_use["n"] = 85
+        self.assertIsNone(c.opened(FakeChannel(), "127.0.0.1", 84))
+        self.assertEqual(sum(ch.was_shed for ch in slow), 5)
+        in_use["n"] = 90  # the five shed are still open, four more arrived
+        self.assertIsNone(c.opened(FakeChannel(), "127.0.0.1", 89))
+        self.assertEqual(sum(ch.was_shed for ch in slow), 10)
+        self.assertFalse(legit.was_shed)
+
+    def test_descriptors_exhausted_closes_the_rest_of_the_accept_burst_unanswered(self) -> None:
+        """Issue 15 (descriptor exhaustion): a refusal for short descriptors holds its descriptor
+        until the reactor's next turn, while Twisted's accept loop takes up to a hundred
+        connections in one turn; the rest of that turn's connections get no channel (Twisted
+        closes their socket at once), so the burst cannot reach EMFILE. The next turn serves again."""
+        clock = Clock()
+        in_use = {"n": 0}
+        c = Connections(clock, nofile=100, descriptors=lambda fallback: in_use["n"])
+        in_use["n"] = 99  # nothing waiting to shed, past the reserve
+        self.assertEqual(c.opened(FakeChannel(), "127.0.0.1", 98), DESCRIPTORS)
+        self.assertTrue(c.exhausted)
+        site = GatewaySite(Resource())
+        site.connections = c
+        self.assertIsNone(site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555)))
+        clock.advance(0)
+        self.assertFalse(c.exhausted)
+        self.assertIsNotNone(site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555)))
 
     def test_kept_alive_connections_shed_after_those_that_never_completed_a_request(self) -> None:
         """A client's idle keep-alive connection (between two of its requests) is older than the
