@@ -87,6 +87,28 @@ class ProducerStateTests(WebSocketTestCase):
         self.assertEqual(transport.producerState, "paused")
         self.assertFalse(child.paused)  # the session's share is given back all the same
 
+    def test_a_read_that_fills_the_buffer_is_parsed_on_only_when_it_drains(self) -> None:
+        """One read of many small invalid frames (each answered with a -32700): once the replies
+        pause the socket, the fast path keeps the rest of the read and parses it when the buffer
+        drains, so the reactor is not held answering a whole read while other connections wait
+        (the never-reading flood of tests/test_hostile_websocket.py). Autobahn's public path
+        parses the whole read at once."""
+        proto, transport, _ = self.open()
+        answer = proto.onMessage
+
+        def answer_then_fill(payload: bytes, is_binary: bool) -> None:
+            answer(payload, is_binary)
+            transport.producer.pauseProducing()  # as Twisted does past bufferSize
+
+        proto.onMessage = answer_then_fill  # type: ignore[method-assign]
+        proto.dataReceived(GARBAGE * 3)
+        first = outcome(self.frames(transport))
+        self.assertEqual(first, [PARSE_ERROR] if self.fast else [PARSE_ERROR] * 3)
+        proto.onMessage = answer  # type: ignore[method-assign]
+        transport.producer.resumeProducing()
+        self.assertEqual(outcome(self.frames(transport)), [PARSE_ERROR] * 2 if self.fast else [])
+        self.assertEqual(transport.producerState, "producing")
+
     def test_a_lost_connection_gives_back_the_sessions_pause(self) -> None:
         proto, transport, child = self.open()
         transport.producer.pauseProducing()

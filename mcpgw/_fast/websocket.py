@@ -198,6 +198,16 @@ class FastFrames:
         self.limit = limit
         #: The transport is a Twisted TCP connection: replies may be sent at once (``_write``).
         self.direct = direct
+        #: The rest of a read whose replies went over the write buffer's high-water mark: parsed
+        #: when the buffer has drained (``resume``), so one read of small frames cannot keep the
+        #: reactor answering them for long while other connections wait.
+        self.held = b""
+
+    def resume(self) -> None:
+        """The write buffer drained: parse what the last read left."""
+        held, self.held = self.held, b""
+        if held:
+            self.data_received(held)
 
     @classmethod
     def open(cls, proto: Any) -> FastFrames:
@@ -210,6 +220,9 @@ class FastFrames:
         arguments are formatted for every read even when debug is off.
         """
         proto = self._proto
+        if self.held:
+            self.held += data  # read before the pause took effect: behind what is held
+            return
         if proto.state != _OPEN or proto.data or proto.current_frame is not None or proto.inside_message:
             proto._dataReceived(data)
             return
@@ -258,6 +271,10 @@ class FastFrames:
                 proto.onMessage(payload, False)
                 if proto.state != _OPEN:
                     break  # closing: the rest is Autobahn's
+                backpressure = proto.backpressure
+                if backpressure is not None and backpressure.paused and pos < n:
+                    self.held = data[pos:]
+                    return
         finally:
             self.direct = direct
         if pos < n and not proto.stopped_reading:

@@ -134,8 +134,11 @@ class _Backpressure:
     def resumeProducing(self) -> None:
         if self.paused:
             self.paused = False
-            if not self._protocol.stopped_reading:
-                self._protocol.socket().resumeProducing()
+            protocol = self._protocol
+            if protocol._fast is not None:
+                protocol._fast.resume()  # the rest of the read that paused it, first
+            if not (self.paused or protocol.stopped_reading):
+                protocol.socket().resumeProducing()
             self._share.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -155,6 +158,8 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
     _inbox: defer.Deferred[Any] | None = None
     #: This socket's share in pausing the session (the socket's producer).
     _pause: _PauseShare | None = None
+    #: The socket's producer once the session is open (the fast path holds reads while it is paused).
+    backpressure: _Backpressure | None = None
     _waiting = 0
     #: Taken out of mcp_gateway_active_connections (onClose).
     _uncounted = False
@@ -225,7 +230,8 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         if getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()
         self._pause = _PauseShare(session)
-        transport.registerProducer(_Backpressure(self, self._pause), True)
+        self.backpressure = _Backpressure(self, self._pause)
+        transport.registerProducer(self.backpressure, True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         """Each message is one hit on the rate limiter; messages are handled in order."""
