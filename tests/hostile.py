@@ -38,6 +38,18 @@ def proc_stats(pid: int) -> ProcStats:
     return ProcStats(rss, len(os.listdir(f"/proc/{pid}/fd")))
 
 
+def sockets_held(pid: int) -> int:
+    """Sockets the process holds open (its children's pipes, which a legitimate client's session
+    opens and closes on its own schedule, are left out)."""
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass  # closed while listed
+    return held
+
+
 def tmp_bytes_held(pid: int) -> int:
     """Bytes in regular files the process holds open that are deleted or under a temp folder
     (a spooled request body shows up here)."""
