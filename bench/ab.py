@@ -1,7 +1,9 @@
 """Before/after in one run: ``python3 -m bench.ab --before DIR [--rounds 5]``.
 
 DIR holds another copy of the ``mcpgw`` package (e.g. ``git stash``-free:
-``mkdir -p /tmp/before && git archive HEAD mcpgw | tar -x -C /tmp/before``).
+``mkdir -p /tmp/before && git archive HEAD mcpgw | tar -x -C /tmp/before``), or ``.`` for this
+tree itself with ``--before-env``: ``--before . --before-env MCPGW_FAST_PATHS=0`` compares the
+public paths (before) with the fast paths (after).
 Both gateways run side by side; the workloads alternate between them
 (ABAB...) so that a busy neighbour on the shared cores hits both alike, and
 the medians over the rounds are compared.
@@ -46,7 +48,9 @@ async def one_round(t: Mcpgw, args: argparse.Namespace) -> dict[str, float]:
 
 async def amain(args: argparse.Namespace) -> None:
     workdir = mkworkdir()
-    targets = [Mcpgw(workdir, name="before", pythonpath=args.before), Mcpgw(workdir, name="after")]
+    environ = dict(item.split("=", 1) for item in args.before_env)
+    before = None if args.before == "." else args.before
+    targets = [Mcpgw(workdir, name="before", pythonpath=before, environ=environ), Mcpgw(workdir, name="after")]
     for t in targets:
         t.start()
     try:
@@ -71,6 +75,8 @@ async def amain(args: argparse.Namespace) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python3 -m bench.ab", description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", required=True, help="folder holding the 'before' mcpgw package")
+    ap.add_argument("--before-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment of the 'before' gateway only (repeatable)")
     ap.add_argument("--transport", default="streamable", choices=["streamable", "sse", "ws"])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seq", type=int, default=1000, help="sequential calls per round (0: none)")

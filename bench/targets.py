@@ -237,7 +237,7 @@ class Mcpgw(Target):
     fds_per_idle_stream = 1
 
     def __init__(self, workdir: str, log_level: str = "info", name: str = "mcpgw", pythonpath: str | None = None,
-                 warm_pool: int = 0, pool_size: int = 0):
+                 warm_pool: int = 0, pool_size: int = 0, environ: dict[str, str] | None = None):
         super().__init__(workdir)
         self.name = name
         #: The echo server's ``warmPool`` (pre-spawned children); 0: off.
@@ -254,6 +254,8 @@ class Mcpgw(Target):
         self.log_level = log_level
         #: Another copy of the mcpgw package to run (a before/after comparison).
         self.pythonpath = pythonpath
+        #: Environment of this gateway besides the bench's own (``MCPGW_FAST_PATHS=0``: the public paths).
+        self.environ = environ or {}
         self.port = 0
         self.main: Process | None = None
         import mcpgw
@@ -270,7 +272,7 @@ class Mcpgw(Target):
                 "--listen", f"tcp:{port}:interface={HOST}", "--metrics-listen", f"tcp:0:interface={HOST}"]
         with open(cfg) as f:
             self.notes.append(f"{name} config: `{json.dumps(json.load(f))}`")
-        env = {**os.environ}
+        env = {**os.environ, **self.environ}
         if self.pythonpath:
             env["PYTHONPATH"] = os.pathsep.join([self.pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         return self._spawn(name, argv, env=env, health=f"http://{HOST}:{port}/health"), port
