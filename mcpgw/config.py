@@ -844,7 +844,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         password = r_raw.get("password")
         if password is not None:
             _expect(password, str, "redis.password", "a string")
-        from mcpgw.store.redis import parse_url  # txredisapi only when Redis is configured
+        from mcpgw.store.redis_url import parse_url  # validation parses the URL: no Redis client
 
         try:
             parse_url(url, password)
