@@ -18,7 +18,6 @@ from mcpgw.auth import identity_of, principal_of
 from mcpgw.config import ServerConfig
 from mcpgw.session import Session, SessionRefused
 from mcpgw.transports.common import (
-    Deferring,
     GatewayContext,
     HttpError,
     error_reply,
@@ -29,6 +28,7 @@ from mcpgw.transports.common import (
     relay,
 )
 from mcpgw.transports.sse import SseResponse, frame
+from mcpgw.transports.streamable import when_found
 
 MESSAGE = b"message"
 
@@ -122,12 +122,16 @@ class MessagesEndpoint(Resource):
             session_id = ""
         session = self._ctx.sessions.get(session_id, identity_of(request))
         if session is None and self._ctx.cluster is not None:
-            try:  # owned by another instance? (mcpgw.cluster looks, then renders this request again)
-                session = self._ctx.cluster.session(session_id, identity_of(request), request, self.render)
-            except Deferring:
-                return NOT_DONE_YET
+            # Owned by another instance? The cluster looks it up (the first time, in Redis).
+            found = self._ctx.cluster.lookup(session_id, identity_of(request))
+            try:
+                body: bytes | int = when_found(request, found, lambda s: self._post(request, s))
             except HttpError as e:
                 return http_error_reply(request, e)
+            return body
+        return self._post(request, session)
+
+    def _post(self, request: Request, session: Any) -> bytes:
         if session is None or session.transport != "sse" or session.server is not self._server:
             return error_reply(request, 404, jsonrpc.SESSION_NOT_FOUND, "Session not found")
         try:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any, cast
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -26,7 +29,6 @@ from mcpgw.session import Session, SessionRefused
 from mcpgw.transports.common import (
     DEFAULT_VERSION,
     SUPPORTED_VERSIONS,
-    Deferring,
     GatewayContext,
     HttpError,
     accepts,
@@ -404,17 +406,20 @@ class StreamableEndpoint(Resource):
             return super().render(request)
         except HttpError as e:
             return http_error_reply(request, e)
-        except Deferring:
-            return NOT_DONE_YET
 
-    def _session(self, request: Request) -> Session:
+    def _with_session(self, request: Request, then: Callable[[Session], Any]) -> Any:
+        """``then(session)`` for the request's session, now or (owned by another instance: the
+        cluster looks it up) once it is found; an HttpError (404) for no such session here."""
         raw = _header(request, SESSION_HEADER)
         if raw is None:
             raise HttpError(400, jsonrpc.CONNECTION_CLOSED, "Bad Request: Mcp-Session-Id header is required")
         session = self._ctx.sessions.get(raw, identity_of(request))
         if session is None and self._ctx.cluster is not None:
-            # Owned by another instance? (Raises Deferring while it looks; renders this request again.)
-            session = self._ctx.cluster.session(raw, identity_of(request), request, self.render)
+            found = self._ctx.cluster.lookup(raw, identity_of(request))
+            return when_found(request, found, lambda s: then(self._checked(s)))
+        return then(self._checked(session))
+
+    def _checked(self, session: Session | None) -> Session:
         if session is None or session.transport != "streamable" or session.server is not self._server:
             raise HttpError(404, jsonrpc.SESSION_NOT_FOUND, "Session not found")
         return session
@@ -457,7 +462,9 @@ class StreamableEndpoint(Resource):
                 request.setResponseCode(404)
                 request.setHeader(b"content-type", b"application/json")
                 return discover_unsupported(id)
-        session = self._session(request)
+        return self._with_session(request, lambda session: self._post(request, session, messages, batch))
+
+    def _post(self, request: Request, session: Session, messages: list[Any], batch: bool) -> Any:
         self._check_version(request)
         if batch and session.protocol_version not in (None, "2025-03-26"):
             raise HttpError(400, jsonrpc.INVALID_REQUEST, f"JSON-RPC batches are not supported in protocol version {session.protocol_version}")
@@ -494,7 +501,9 @@ class StreamableEndpoint(Resource):
     def render_GET(self, request: Request) -> Any:
         if not accepts(media_types(request.getHeader(b"accept")), "text/event-stream"):
             raise HttpError(406, jsonrpc.CONNECTION_CLOSED, "Not Acceptable: Accept must list text/event-stream")
-        session = self._session(request)
+        return self._with_session(request, lambda session: self._get(request, session))
+
+    def _get(self, request: Request, session: Session) -> Any:
         self._check_version(request)
         outlet = cast(StreamableOutlet, session.outlet)
         last = _header(request, b"last-event-id")
@@ -509,11 +518,55 @@ class StreamableEndpoint(Resource):
 
     # -- DELETE -------------------------------------------------------------
 
-    def render_DELETE(self, request: Request) -> bytes:
-        session = self._session(request)
+    def render_DELETE(self, request: Request) -> Any:
+        return self._with_session(request, lambda session: self._delete(request, session))
+
+    def _delete(self, request: Request, session: Session) -> bytes:
         session.close("client ended the session (DELETE)")
         request.setResponseCode(200)
         return b""
+
+
+def when_found(request: Request, found: defer.Deferred[Any], then: Callable[[Any], Any]) -> Any:
+    """What ``render`` returns for a request that needs what ``found`` fires with (a session
+    owned by another instance): ``then(result)``'s body at once when it has fired, else
+    ``NOT_DONE_YET``, and the response is finished with ``then``'s body when it fires. A failure
+    with an HttpError answers with that error."""
+    early: list[Any] = []
+    waiting = [True]
+
+    def fired(result: Any) -> None:
+        if waiting[0]:
+            early.append(result)
+        else:
+            _finish(request, result, then)
+
+    found.addBoth(fired)
+    waiting[0] = False
+    if not early:
+        return NOT_DONE_YET
+    if isinstance(early[0], Failure):
+        early[0].raiseException()
+    return then(early[0])
+
+
+def _finish(request: Request, result: Any, then: Callable[[Any], Any]) -> None:
+    """Render the rest of a request whose lookup ended with ``result``, as twisted.web would."""
+    if gone(request):
+        return
+    try:
+        if isinstance(result, Failure):
+            result.raiseException()
+        body = then(result)
+    except HttpError as e:
+        body = http_error_reply(request, e)
+    except Exception:  # noqa: BLE001 - what twisted.web does for a render that raises
+        request.processingFailed(Failure())
+        return
+    if body is not NOT_DONE_YET and not request.finished:
+        if body:
+            request.write(body)
+        request.finish()
 
 
 def _header(request: Request, name: bytes) -> str | None:
