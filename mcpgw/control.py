@@ -26,6 +26,7 @@ from mcpgw import logs
 from mcpgw.config import GatewayConfig, ServerConfig, parse_server
 from mcpgw.session import Session
 from mcpgw.transports.common import GatewayContext
+from mcpgw.upstream import innermost
 
 
 class UnknownServer(KeyError):
@@ -119,7 +120,7 @@ class ServerControl:
         self._ctx.config = config
         self._ctx.sessions.config = config
         cluster = self._ctx.cluster
-        if cluster is not None and hasattr(cluster, "config"):
+        if cluster is not None:
             cluster.config = config
 
     # -- sessions -----------------------------------------------------------
@@ -135,7 +136,7 @@ class ServerControl:
 
     @property
     def draining(self) -> bool:
-        return bool(getattr(self._ctx.sessions, "draining", False))
+        return self._ctx.sessions.draining
 
     def drain(self) -> None:
         """Take no new sessions (503 with Retry-After, /ready 503); the current ones go on."""
@@ -172,7 +173,7 @@ class ServerControl:
             "age": round(now - session.created, 3),
             "idle": round(now - session.last_seen, 3),
             "inFlight": len(session.pending_routes()),
-            "pid": getattr(upstream, "pid", None),
+            "pid": upstream.pid,
         }
 
     def describe_sessions(self, server: str | None = None) -> list[dict[str, Any]]:
@@ -183,20 +184,21 @@ class ServerControl:
         server = self._server(name)
         now = self._reactor.seconds()
         sessions = [s for s in list(self._ctx.sessions.sessions.values()) if s.server.name == name]
-        activity = self._ctx.sessions.activity.get(name) if hasattr(self._ctx.sessions, "activity") else None
+        activity = self._ctx.sessions.activity.get(name)
         children = []
         for s in sessions:
             upstream = s.upstream
-            started = getattr(getattr(upstream, "inner", upstream), "started_at", s.created)
+            # A stdio child or a remote session has its own start time; a pool lease or an aggregate, the session's.
+            started = getattr(innermost(upstream), "started_at", s.created)
             children.append({
-                "pid": getattr(upstream, "pid", None),
+                "pid": upstream.pid,
                 "session": s.id,
                 "transport": s.transport,
                 "uptime": round(now - started, 3),
                 "sessions": 1,
                 "inFlight": len(s.pending_routes()),
             })
-        kind = getattr(server, "kind", "stdio")
+        kind = server.kind
         problems = []
         if kind == "stdio" and not os.access(server.executable, os.X_OK):
             problems.append(f"{server.executable} is not executable")
@@ -233,5 +235,5 @@ class ServerControl:
             "accepting": sessions.accepting,
             "sessions": {"total": len(sessions.sessions), "byTransport": self.sessions_by_transport()},
             "servers": len(self.servers),
-            "instance": getattr(self._ctx.cluster, "instance", None),
+            "instance": self._ctx.cluster.instance if self._ctx.cluster is not None else None,
         }

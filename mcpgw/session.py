@@ -12,43 +12,29 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from mcpgw import jsonrpc, logs
+from mcpgw import aggregate, jsonrpc, logs
 from mcpgw.config import GatewayConfig, ServerConfig
+from mcpgw.deadlines import DeadlineQueue
+from mcpgw.interfaces import ILocalSession, IRoute
 from mcpgw.metrics import NULL_BOUND, BoundMetrics, Metrics, NoMetrics
-from mcpgw.pool import pooled_session_factory
 from mcpgw.store import SessionRecord
 from mcpgw.store.memory import MemorySessionStore
-from mcpgw.upstream import make_upstream
+from mcpgw.upstream import innermost, make_upstream
 from mcpgw.upstream.stdio import ServerActivity, StdioUpstream, UnreadableReply, tune_allocator
 from mcpgw.upstream.warm import WarmChildren, warmable
 
-
-class Route(Protocol):
-    """A client stream that waits for responses (a POST exchange, an SSE stream)."""
-
-    def answer(self, id: Any, raw: bytes) -> None:
-        """The response to request ``id`` that this route carried."""
-
-    def deliver(self, raw: bytes) -> None:
-        """Any other message that belongs on this route (progress, related requests)."""
-
-    def forget(self, id: Any) -> None:
-        """Request ``id`` will get no response (cancelled by the client)."""
-
-
-class Outlet(Protocol):
-    """Where a session sends what no pending request claims, and hears of its end."""
-
-    def unbound(self, raw: bytes, msg: dict[str, Any]) -> None: ...
-
-    def session_ended(self, reason: str) -> None: ...
+#: mcpgw.upstream registers stdio and remote; the aggregate kind registers itself when imported.
+SERVED_KINDS = (aggregate.AggregateUpstream,)
+#: What SessionManager.create makes a session with: ``(id, server, transport, reactor, on_end, metrics=, **settings)``.
+SessionFactory = Callable[..., "Session"]
 
 
 class SessionIds:
@@ -98,6 +84,7 @@ class SessionRefused(Exception):
         self.retry_after = retry_after
 
 
+@implementer(ILocalSession)
 class Session:
     """One client session and its child process."""
 
@@ -108,20 +95,30 @@ class Session:
     owner: str | None = None
     #: Whose quota the session counts in (limits.maxSessionsPerIdentity; ``quota_key``), or None.
     quota_key: str | None = None
-    #: limits.maxPendingRequests and limits.requestTimeout (set by the SessionManager).
+    #: limits.maxPendingRequests (given by the SessionManager).
     max_pending: int | None = None
     #: Called once the child's initialize result names the protocol version (the store records it).
     on_version: Callable[[Session], None] | None = None
     #: Called once the client has said ``notifications/initialized`` (the handshake is over: a warm
     #: pool refills then, off the session's setup path).
     on_initialized: Callable[[], None] | None = None
-    #: Fires once the store has the session's record (other instances can find it), or failed to.
+    #: Fires once the store has the session's record (other instances can find it), or failed to; set by
+    #: the SessionManager once the session has started (a session whose child cannot start is never recorded).
     recorded: defer.Deferred[None] | None = None
-    request_timeout: float | None = None
 
     def __init__(self, id: str, server: ServerConfig, transport: str, reactor: Any, on_end: Callable[[Session], None],
-                 metrics: BoundMetrics = NULL_BOUND, upstream: Any = None):
+                 metrics: BoundMetrics = NULL_BOUND, upstream: Any = None, *, owner: str | None = None,
+                 quota_key: str | None = None, max_pending: int | None = None, request_timeout: float | None = None,
+                 on_version: Callable[[Session], None] | None = None, on_initialized: Callable[[], None] | None = None,
+                 start_later: Callable[[Session], None] | None = None):
         self.id = id
+        self.owner = owner
+        self.quota_key = quota_key
+        self.max_pending = max_pending
+        self.on_version = on_version
+        self.on_initialized = on_initialized
+        if start_later is not None:
+            self.start_child = lambda: start_later(self)
         self.metrics = metrics
         self.server = server
         self.transport = transport
@@ -132,19 +129,39 @@ class Session:
         self.last_seen = self.created
         self.ended = False
         self.end_reason = ""
-        self.outlet: Outlet | None = None
+        #: Its IOutlet, or None while no transport listens (Any until every transport's outlet declares IOutlet).
+        self.outlet: Any = None
         #: request id -> (route, method label, start time): the pending request and what its metrics need.
-        self._requests: dict[Any, tuple[Route, str, float]] = {}
-        self._token_route: dict[Any, Route] = {}
+        self._requests: dict[Any, tuple[IRoute, str, float]] = {}
+        self._token_route: dict[Any, IRoute] = {}
         self._request_token: dict[Any, Any] = {}
         self._initialize_id: Any = None
         self._pauses = 0
-        #: limits.requestTimeout: one timer per session, at the oldest pending request's deadline (``_expire``).
-        self._deadline: Any = None
+        #: limits.requestTimeout: one timer per session, at the oldest pending request's deadline.
+        self._deadlines: DeadlineQueue[Any] = DeadlineQueue(
+            reactor, request_timeout, lambda: ((id, entry[2]) for id, entry in self._requests.items()), self._expired)
         #: The child was already running (a warm child, mcpgw.upstream.warm): start() does not spawn.
         self.prespawned = upstream is not None
-        self.upstream = make_upstream(server, self, reactor, base=upstream)  # stdio, remote or aggregate (mcpgw.upstream)
+        self.upstream = self._upstream_for(upstream)
         self.upstream.metrics = metrics
+
+    @property
+    def request_timeout(self) -> float | None:
+        """limits.requestTimeout (seconds), or None."""
+        return self._deadlines.timeout
+
+    @request_timeout.setter
+    def request_timeout(self, value: float | None) -> None:
+        self._deadlines.timeout = value
+
+    @property
+    def _deadline(self) -> Any:
+        """The pending requests' one timer, or None (tests/test_limits.py checks that close() stops it)."""
+        return self._deadlines.timer
+
+    def _upstream_for(self, base: Any) -> Any:
+        """The session's IUpstream: stdio, remote or aggregate (mcpgw.upstream); ``base``: a warm child to adopt."""
+        return make_upstream(self.server, self, self._reactor, base=base)
 
     def start(self) -> None:
         if self.prespawned:
@@ -178,7 +195,7 @@ class Session:
 
     # -- client -> child --------------------------------------------------
 
-    def request(self, msg: dict[str, Any], raw: bytes, route: Route) -> None:
+    def request(self, msg: dict[str, Any], raw: bytes, route: Any) -> None:
         """Forward a client request; its response will go to ``route``."""
         now = self.last_seen = self._reactor.seconds()
         id = msg["id"]
@@ -204,8 +221,7 @@ class Session:
                 f"too many requests in flight on this session (limits.maxPendingRequests={self.max_pending})"))
             return
         self._requests[id] = (route, method, now)
-        if self.request_timeout is not None and self._deadline is None:
-            self._deadline = self._reactor.callLater(self.request_timeout, self._expire)
+        self._deadlines.added()
         token = jsonrpc.progress_token(msg)
         if _routable(token):
             self._token_route[token] = route
@@ -240,7 +256,7 @@ class Session:
     def has_pending(self) -> bool:
         return bool(self._requests)
 
-    def pending_routes(self) -> list[Route]:
+    def pending_routes(self) -> list[IRoute]:
         return [entry[0] for entry in self._requests.values()]
 
     # -- child -> client --------------------------------------------------
@@ -307,24 +323,9 @@ class Session:
         self._end(reason)
         return self.upstream.stop()
 
-    def _expire(self) -> None:
-        """Time out every request older than limits.requestTimeout, then wait for the next one's deadline.
-
-        Not a timer per request (a heap insert and a cancel on every call, ~4 % of a WebSocket call's
-        gateway time): ``_requests`` keeps arrival order, so the first entry has the oldest deadline,
-        and a timer that finds it answered just moves on to the next one's.
-        """
-        self._deadline = None
-        timeout = self.request_timeout
-        if timeout is None or self.ended:
-            return
-        now = self._reactor.seconds()
-        for id, (_, _, start) in list(self._requests.items()):
-            if start + timeout > now:
-                self._deadline = self._reactor.callLater(start + timeout - now, self._expire)
-                return
-            if _routable(id):
-                self._timed_out(id)
+    def _expired(self, id: Any) -> None:
+        if _routable(id) and not self.ended:
+            self._timed_out(id)
 
     def _timed_out(self, id: Any) -> None:
         """limits.requestTimeout passed: the client gets an error, the child a cancellation."""
@@ -339,11 +340,11 @@ class Session:
         self.upstream.send(jsonrpc.dumps(
             {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": id, "reason": reason}}))
 
-    def _pop(self, id: Any) -> Route | None:
+    def _pop(self, id: Any) -> IRoute | None:
         entry = self._take(id)
         return None if entry is None else entry[0]
 
-    def _take(self, id: Any) -> tuple[Route, str, float] | None:
+    def _take(self, id: Any) -> tuple[IRoute, str, float] | None:
         """Forget pending request ``id``; its (route, method label, start time), or None."""
         entry = self._requests.pop(id, None)
         token = self._request_token.pop(id, None)
@@ -379,9 +380,7 @@ class Session:
                       duration=round(self._reactor.seconds() - self.created, 3))
         for id in list(self._requests):
             self._fail(id, reason)
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        self._deadlines.stop()
         if self._pauses:
             self._pauses = 0
             self.upstream.resumeProducing()
@@ -397,8 +396,12 @@ class SessionManager(Service):
 
     log = Logger(observer=logs.observer)
 
-    def __init__(self, config: GatewayConfig, reactor: Any, store: Any = None, metrics: Metrics | None = None):
+    def __init__(self, config: GatewayConfig, reactor: Any, store: Any = None, metrics: Metrics | None = None,
+                 pooled: Callable[[ServerConfig], SessionFactory | None] | None = None):
         self.config = config
+        #: The session factory of a "sessions": "pooled" server, None for any other (mcpgw.pool.PoolManager.session_factory,
+        #: injected by mcpgw.tap.build_service; None: no pools).
+        self.pooled = pooled
         self._reactor = reactor
         self.metrics = metrics if metrics is not None else NoMetrics()
         self.ids = SessionIds(config.session.secret)
@@ -416,8 +419,6 @@ class SessionManager(Service):
         self.unavailable: Callable[[], str | None] | None = None
         #: Per server with ``warmPool``: its pre-spawned children (mcpgw.upstream.warm), filled at startService.
         self.warm: dict[str, WarmChildren] = {}
-        #: The PoolManager of "sessions": "pooled" servers (mcpgw.pool), set by build_service.
-        self.pools: Any = None
         #: Live sessions per ``quota_key`` (limits.maxSessionsPerIdentity).
         self.per_identity: dict[str, int] = {}
 
@@ -445,7 +446,7 @@ class SessionManager(Service):
         return None
 
     def create(self, server: ServerConfig, transport: str, owner: str | None = None,
-               factory: Callable[..., Session] | None = None, lazy: bool = False, principal: Any = None) -> Session:
+               factory: SessionFactory | None = None, lazy: bool = False, principal: Any = None) -> Session:
         """Start a session (and its child) for ``owner``; SessionRefused when a cap is reached.
 
         ``lazy`` (legacy SSE streams): a stdio server's child is started by the session's first
@@ -455,40 +456,34 @@ class SessionManager(Service):
         refused = self.room_for(server, owner, principal)
         if refused is not None:
             raise refused
-        pool = self.pools.get(server) if factory is None and self.pools is not None else None
-        if pool is not None:  # "sessions": "pooled": served by the pool's children, on every transport
-            factory = pooled_session_factory(pool)
+        if factory is None and self.pooled is not None:  # "sessions": "pooled": served by the pool's children
+            factory = self.pooled(server)
         lazy = lazy and factory is None and server.kind == "stdio"
         warm = self.warm.get(server.name) if factory is None else None
         if warm is not None and warm.server != server:
             warm = None
         taken = warm.take() if warm is not None and not lazy else None
         extra = {} if taken is None else {"upstream": taken}
-        session = (factory or Session)(self.ids.new(), server, transport, self._reactor, self._ended,
-                          metrics=self.metrics.bound(transport, server.name), **extra)
+        session = (factory or Session)(
+            self.ids.new(), server, transport, self._reactor, self._ended, metrics=self.metrics.bound(transport, server.name),
+            owner=owner, quota_key=quota_key(owner, principal), max_pending=self.config.limits.maxPendingRequests,
+            request_timeout=self.config.limits.requestTimeout, on_version=self._version,
+            on_initialized=None if warm is None else warm.settled,
+            start_later=(lambda s: self._start_child(s, warm)) if lazy else None, **extra)
         session.metrics.session_started()
-        session.owner = owner
-        session.max_pending = self.config.limits.maxPendingRequests
-        session.request_timeout = self.config.limits.requestTimeout
-        child = getattr(session.upstream, "inner", session.upstream)  # behind a tool filter, or not
+        child = innermost(session.upstream)
         if isinstance(child, StdioUpstream):
             child.activity = self.activity_of(server.name)
         self.sessions[session.id] = session
-        session.quota_key = quota_key(owner, principal)
         if session.quota_key is not None:
             self.per_identity[session.quota_key] = self.per_identity.get(session.quota_key, 0) + 1
-        if lazy:
-            session.start_child = lambda: self._start_child(session, warm)
-        else:
+        if not lazy:
             try:
                 session.start()
             except Exception:
                 session.metrics.error("spawn")
                 self._forget(session)
                 raise
-        session.on_version = self._version
-        if warm is not None:
-            session.on_initialized = warm.settled
         session.recorded = self.store.add(SessionRecord(session.id, server.name, transport, session.created, owner=owner))
         self._stored(session.recorded, session)
         # Logged on the next reactor turn: after the caller has sent the session's first message to

@@ -170,13 +170,14 @@ def build_service(
         # Before the sessions: stopped after them, so their records are removed over a live connection.
         cluster = Cluster(config, reactor, metrics=metrics)
         cluster.setServiceParent(top)
-    sessions = SessionManager(config, reactor, store=cluster.store if cluster else None, metrics=metrics)
+    pools = PoolManager(config, reactor)  # "sessions": "pooled" servers' children
+    # A pooled server's sessions, on any transport, are served by its pool.
+    sessions = SessionManager(config, reactor, store=cluster.store if cluster else None, metrics=metrics,
+                              pooled=pools.session_factory)
     sessions.setServiceParent(top)
     heartbeat = Heartbeat(config.sse.keepalive, reactor)
     heartbeat.setServiceParent(top)
-    pools = PoolManager(config, reactor)  # "sessions": "pooled" servers' children
     pools.setServiceParent(top)
-    sessions.pools = pools  # a pooled server's sessions, on any transport, are served by its pool
     ctx = GatewayContext(config=config, sessions=sessions, heartbeat=heartbeat, reactor=reactor, metrics=metrics,
                          cluster=cluster, pools=pools)
     if cluster is not None:

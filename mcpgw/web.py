@@ -17,6 +17,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site, UnsupportedMethod
 
 from mcpgw import __version__, jsonrpc, logs
+from mcpgw.aggregate import AggregateUpstream
 from mcpgw.auth import Authenticator, Unauthorized, principal_of
 from mcpgw.channel import ADMIT, ChannelLimits, Connections, GatewayChannel
 from mcpgw.config import ServerConfig
@@ -27,6 +28,7 @@ from mcpgw.transports.common import GatewayContext, error_reply
 from mcpgw.transports.legacy import MessagesEndpoint, SseEndpoint
 from mcpgw.transports.streamable import StreamableEndpoint
 from mcpgw.transports.websocket import websocket_resource
+from mcpgw.upstream import innermost
 
 ALLOW_HEADERS = b"Content-Type, Authorization, Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID, Mcp-Method, Mcp-Name"
 
@@ -278,7 +280,8 @@ def _server_kind(ctx: GatewayContext, server: ServerConfig) -> dict[str, Any]:
         sessions = [s for s in ctx.sessions.sessions.values() if s.server.name == server.name]
         members = []
         for member in server.aggregate.members:
-            down = [s.upstream.member_down(member.name) for s in sessions if hasattr(s.upstream, "member_down")]
+            down = [up.member_down(member.name) for s in sessions
+                    if isinstance(up := innermost(s.upstream), AggregateUpstream)]
             reasons = sorted({r for r in down if r})
             members.append({"name": member.name, "kind": member.kind, "downIn": sum(1 for r in down if r),
                             "reasons": reasons[:5]})
@@ -319,7 +322,7 @@ class Ready(Resource):
     def render_GET(self, request: Request) -> bytes:
         problems = []
         if not self._ctx.sessions.accepting:
-            problems.append("draining" if getattr(self._ctx.sessions, "draining", False) else "shutting down")
+            problems.append("draining" if self._ctx.sessions.draining else "shutting down")
         for server in self._ctx.config.servers.values():
             if server.kind == "stdio" and not os.access(server.executable, os.X_OK):
                 problems.append(f"{server.name}: {server.executable} is not executable")

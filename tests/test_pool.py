@@ -319,6 +319,38 @@ class ManagerTests(unittest.TestCase):
             t.exit(0)
         self.successResultOf(d)
 
+    def test_session_factory_injected_into_the_session_manager(self) -> None:
+        """A pooled server's sessions are PooledSessions whose upstream is a lease on the pool (no child
+        of their own); the lease holds the session's subscriptions and gives them back when it ends."""
+        from mcpgw.pool import PooledSession, PoolLease
+        from mcpgw.session import Session, SessionManager
+
+        config = parse({"mcpServers": {
+            "a": {"command": sys.executable, "sessions": "pooled", "poolSize": 1},
+            "b": {"command": sys.executable},
+        }}, environ={})
+        reactor = FakeProcessReactor()
+        pools = PoolManager(config, reactor)
+        sessions = SessionManager(config, reactor, pooled=pools.session_factory)
+        self.assertIsNone(pools.session_factory(config.servers["b"]))
+        plain = sessions.create(config.servers["b"], "streamable")
+        self.assertIs(type(plain), Session)
+        pooled = sessions.create(config.servers["a"], "streamable")
+        self.assertIsInstance(pooled, PooledSession)
+        lease = pooled.upstream
+        self.assertIsInstance(lease, PoolLease)
+        self.assertEqual(len(reactor.spawned), 1)  # b's child; a's session spawned nothing
+        pool = pools.pools["a"]
+        self.assertEqual(pool.listeners, {pooled._notification})
+        route = Route()
+        pooled.request({"jsonrpc": "2.0", "id": 1, "method": "resources/subscribe", "params": {"uri": "file:///x"}},
+                       b"{}", route)
+        self.assertEqual(pool._subscriptions, {"file:///x": 1})
+        self.successResultOf(pooled.close())
+        self.assertTrue(lease.ended)
+        self.assertEqual((pool.listeners, pool._subscriptions), (set(), {}))
+        self.assertNotIn(pooled.id, sessions.sessions)
+
 
 class ConfigTests(unittest.TestCase):
     def parse_server(self, **kw: Any) -> ServerConfig:

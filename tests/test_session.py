@@ -5,6 +5,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
+import attrs
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -509,6 +510,24 @@ class SessionManagerTests(ManagerTestCase):
         self.assertIs(self.manager.get(session.id), session)
         record = self.successResultOf(self.manager.store.get(session.id))
         self.assertEqual((record.server, record.transport), ("time", "streamable"))
+
+    def test_a_factory_gets_every_setting_at_construction(self) -> None:
+        """A session is complete when constructed: the factory is given the owner, quota key, limits and
+        hooks, so nothing about the session is configured after it exists (mcpgw.interfaces.ILocalSession)."""
+        seen: dict[str, Any] = {}
+
+        def factory(*args: Any, **kw: Any) -> Session:
+            session = Session(*args, **kw)
+            seen.update(owner=session.owner, quota_key=session.quota_key, max_pending=session.max_pending,
+                        request_timeout=session.request_timeout, on_version=session.on_version)
+            return session
+
+        self.manager.config = attrs.evolve(self.manager.config, limits=attrs.evolve(
+            self.manager.config.limits, maxPendingRequests=7, requestTimeout=9.0))
+        self.manager.create(SERVER, "streamable", owner="alice", factory=factory)
+        self.assertEqual({k: v for k, v in seen.items() if k != "on_version"},
+                         {"owner": "alice", "quota_key": "id:alice", "max_pending": 7, "request_timeout": 9.0})
+        self.assertIsNotNone(seen["on_version"])
 
     def test_getForged(self) -> None:
         """get() with a forged, empty or missing id returns None."""

@@ -13,10 +13,10 @@ from mcpgw.metrics import Metrics, NoMetrics
 from mcpgw.session import SessionManager
 from mcpgw.transports.sse import Heartbeat
 
-#: Protocol versions whose handshake the gateway relays (newest last).
-SUPPORTED_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
-#: Assumed when a Streamable HTTP client sends no MCP-Protocol-Version (spec 2025-06-18, transports).
-DEFAULT_VERSION = "2025-03-26"
+# Re-exported: the transports import them from here (they live in mcpgw.versions so that pools and
+# upstreams can use them without importing the transports).
+from mcpgw.versions import DEFAULT_VERSION as DEFAULT_VERSION
+from mcpgw.versions import SUPPORTED_VERSIONS as SUPPORTED_VERSIONS
 
 
 @attrs.define
@@ -64,11 +64,6 @@ class HttpError(Exception):
         self.data = data
 
 
-class Deferring(Exception):
-    """The request was taken over (mcpgw.cluster looks its session up in Redis and renders it again):
-    answer ``NOT_DONE_YET`` and nothing else."""
-
-
 def error_reply(request: Request, status: int, code: int, message: str, id: Any = None, data: Any = None) -> bytes:
     """Set a JSON-RPC error response and return its body for ``render_*``."""
     body = jsonrpc.error_bytes(id, code, message, data)
@@ -87,7 +82,7 @@ SHUTTING_DOWN = ("Service Unavailable", "shutting down", "gateway is shutting do
 
 def not_accepting(sessions: Any) -> tuple[str, str, str]:
     """Why ``sessions`` takes no new session: DRAINING or SHUTTING_DOWN."""
-    return DRAINING if getattr(sessions, "draining", False) else SHUTTING_DOWN
+    return DRAINING if sessions.draining else SHUTTING_DOWN
 
 
 def refuse_new_session(request: Request, sessions: Any, id: Any = None) -> bytes:

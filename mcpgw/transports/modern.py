@@ -59,10 +59,12 @@ from typing import Any
 
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from mcpgw import jsonrpc, logs
 from mcpgw.auth import identity_of
 from mcpgw.config import ServerConfig
+from mcpgw.interfaces import IRoute
 from mcpgw.metrics import NULL_BOUND, BoundMetrics, mark_fallback
 from mcpgw.pool import CAPABILITY_OF, ChildPool, Pending, PoolFull, StateRejected, capability_refusal, params_of
 from mcpgw.responding import gone
@@ -168,6 +170,7 @@ def stamp(raw: bytes, server_info: Any, method: str | None = None) -> tuple[byte
     return raw, msg
 
 
+@implementer(IRoute)
 class ModernExchange:
     """The answer to one 2026-07-28 POST: JSON, or an SSE stream scoped to the request."""
 
@@ -307,7 +310,7 @@ class ModernEndpoint:
         self.metrics = ctx.metrics.bound("modern", server.name)
 
     def pool(self) -> ChildPool | None:
-        pools = getattr(self._ctx, "pools", None)
+        pools = self._ctx.pools
         return pools.get(self._server) if pools is not None else None
 
     def supported(self) -> list[str]:

@@ -47,11 +47,13 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mcpgw import __version__, jsonrpc, logs
 from mcpgw._fast import websocket as fast_websocket
 from mcpgw.auth import Principal, principal_of
 from mcpgw.config import ServerConfig
+from mcpgw.interfaces import IOutlet, IRoute
 from mcpgw.ratelimit import Decision, ip_key
 from mcpgw.session import Session, SessionRefused
 from mcpgw.transports.common import (
@@ -82,6 +84,7 @@ _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSING = WebSocketProtocol.STATE_CLOSING
 
 
+@implementer(IRoute, IOutlet)
 class WsConnection:
     """The one WebSocket of a session: its Route and its Outlet."""
 

@@ -1,45 +1,26 @@
-"""Upstreams: what a Session relays to. ``make_upstream`` picks one by the server's config.
+"""Upstreams: what a Session relays to. ``make_upstream`` picks one by the server's kind.
 
-Every upstream has the StdioUpstream surface: ``spawn()``, ``send(raw) -> bool``,
-``stop() -> Deferred`` (fires when it is really gone), ``pauseProducing()`` /
-``resumeProducing()``, ``ended``, ``pid`` (None when there is no child), ``metrics``;
-it reports to an UpstreamDelegate (``upstreamMessage`` / ``upstreamProtocolError`` /
-``upstreamEnded``).
+Every upstream provides ``mcpgw.interfaces.IUpstream`` and reports to an ``IUpstreamDelegate``.
+Each kind registers itself with ``mcpgw.interfaces.upstream_kind`` when its module is imported:
+stdio and remote are imported here; mcpgw.aggregate, which makes its members with
+``make_upstream``, registers itself when mcpgw.session imports it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from zope.interface import Attribute, Interface, classImplements, implementer
+from zope.interface import implementer
 
 from mcpgw import jsonrpc
 from mcpgw.config import ServerConfig, ToolFilter
-from mcpgw.metrics import NULL_BOUND, BoundMetrics
+from mcpgw.interfaces import UPSTREAM_KINDS, IUpstream, IUpstreamDelegate, upstream_kind
+from mcpgw.metrics import BoundMetrics
+from mcpgw.upstream import remote, stdio
 
-
-class IUpstream(Interface):
-    """What a Session relays to (stdio child, remote server, aggregate, tool filter)."""
-
-    ended = Attribute("True once the upstream is gone for good")
-    pid = Attribute("the child's process id, or None (no child of its own)")
-    metrics = Attribute("the session's BoundMetrics (child gauges)")
-
-    def spawn() -> None:
-        """Start (a child, an SSE stream, the members); may raise if it cannot."""
-
-    def send(raw: bytes, msg: Any = None) -> bool:
-        """Relay one client message (``msg``: ``raw`` decoded, when the caller has it: an upstream
-        that reads the message need not decode it again); False if it can no longer take it."""
-
-    def stop() -> Any:
-        """End it; a Deferred that fires once it is really gone."""
-
-    def pauseProducing() -> None:
-        """A slow client: stop reading from upstream."""
-
-    def resumeProducing() -> None:
-        """Read from upstream again."""
+__all__ = ["IUpstream", "FilteredUpstream", "innermost", "make_upstream", "upstream_kind"]
+#: The kinds every gateway serves (imported so that they are registered).
+BUILTIN_KINDS = (remote.RemoteUpstream, stdio.StdioUpstream)
 
 
 def make_upstream(server: ServerConfig, delegate: Any, reactor: Any, base: Any = None) -> Any:
@@ -55,31 +36,30 @@ def make_upstream(server: ServerConfig, delegate: Any, reactor: Any, base: Any =
     return _base(server, delegate, reactor) if base is None else _adopt(base, delegate)
 
 
+def innermost(upstream: Any) -> Any:
+    """The upstream behind a tool filter (or ``upstream`` itself, when it has none)."""
+    return upstream.inner if isinstance(upstream, FilteredUpstream) else upstream
+
+
 def _adopt(base: Any, delegate: Any) -> Any:
     base.delegate = delegate
     return base
 
 
 def _base(server: ServerConfig, delegate: Any, reactor: Any) -> Any:
-    if server.aggregate is not None:
-        from mcpgw.aggregate import AggregateUpstream
-
-        return AggregateUpstream(server, delegate, reactor)
-    if server.url is not None:
-        from mcpgw.upstream.remote import RemoteUpstream
-
-        return RemoteUpstream(server, delegate, reactor)
-    from mcpgw.upstream.stdio import StdioUpstream
-
-    return StdioUpstream(server, delegate, reactor)
+    make = UPSTREAM_KINDS.get(server.kind)
+    if make is None:
+        raise LookupError(f"no upstream serves {server.kind!r} servers: its module is not imported")
+    return make(server, delegate, reactor)
 
 
-@implementer(IUpstream)
+@implementer(IUpstream, IUpstreamDelegate)
 class FilteredUpstream:
     """``tools.allow`` / ``tools.deny``: hidden tools are left out of ``tools/list`` results and a
     ``tools/call`` of one is answered here (-32602, as for an unknown tool) without reaching the server."""
 
     inner: Any
+    routes_on_view = False
 
     def __init__(self, tools: ToolFilter, delegate: Any):
         self.tools = tools
@@ -98,13 +78,16 @@ class FilteredUpstream:
 
     @property
     def metrics(self) -> BoundMetrics:
-        return getattr(self.inner, "metrics", NULL_BOUND)
+        metrics: BoundMetrics = self.inner.metrics
+        return metrics
 
     @metrics.setter
     def metrics(self, value: BoundMetrics) -> None:
         self.inner.metrics = value
 
     def __getattr__(self, name: str) -> Any:
+        # The inner upstream's own features (an aggregate's ``member_down``, a child's ``started_at``)
+        # reach its callers through the filter.
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
@@ -160,17 +143,3 @@ class FilteredUpstream:
 def _key(id: Any) -> Any:
     return (type(id).__name__, id) if isinstance(id, (str, int, float)) else None
 
-
-def _declare() -> None:
-    """Every upstream class provides IUpstream (StdioUpstream declared from here)."""
-    from mcpgw.aggregate import AggregateUpstream
-    from mcpgw.upstream.remote import RemoteUpstream
-    from mcpgw.upstream.stdio import StdioUpstream
-
-    # One call per class, not a loop: mypy-zope reads the class from each call's first argument.
-    classImplements(StdioUpstream, IUpstream)
-    classImplements(RemoteUpstream, IUpstream)
-    classImplements(AggregateUpstream, IUpstream)
-
-
-_declare()

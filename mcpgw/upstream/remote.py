@@ -1,7 +1,6 @@
 """The remote side: an MCP server reached over HTTP (Streamable HTTP or the 2024-11-05 HTTP+SSE).
 
-A RemoteUpstream has the surface of a StdioUpstream (``spawn``, ``send(raw) -> bool``,
-``stop() -> Deferred``, ``pauseProducing``/``resumeProducing``, ``ended``, ``pid``), so a
+A RemoteUpstream provides IUpstream (mcpgw.interfaces) as a StdioUpstream does, so a
 Session relays to it exactly as to a child: the gateway is the remote server's MCP client,
 one upstream session per client session, and the client's own ``initialize`` is what opens
 it (the conversation stays end to end; the gateway only keeps the upstream's
@@ -15,7 +14,7 @@ log level, negotiated version).
 
 A request of the remote server's for a client capability (sampling, elicitation, roots) the client
 did not declare in its ``initialize`` never reaches the client: the gateway answers it upstream as
-the client's SDK would (mcpgw.pool ``capability_refusal``).
+the client's SDK would (mcpgw.versions ``capability_refusal``).
 
 Credentials: only the configured ``headers`` go upstream; nothing of the client's request
 (its ``Authorization``, cookies, session id) ever does, because only message bytes cross.
@@ -23,28 +22,24 @@ Credentials: only the configured ``headers`` go upstream; nothing of the client'
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from treq.client import HTTPClient
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IProtocolFactory, IPushProducer, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
-from twisted.web.error import SchemeNotSupported
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from mcpgw import jsonrpc, logs
 from mcpgw.config import ServerConfig
+from mcpgw.interfaces import IUpstream, IUpstreamDelegate, upstream_kind
 from mcpgw.metrics import NULL_BOUND, BoundMetrics
-from mcpgw.upstream.stdio import UpstreamDelegate
+from mcpgw.upstream.http import Body, SseParser, http_client
+from mcpgw.upstream.http import _QuietEndpoints as _QuietEndpoints  # re-exported: tests check the quiet client here
+from mcpgw.versions import capability_refusal, undeclared
+
+_client = http_client  # the name tests/test_remote_upstream.py knows it by
 
 #: What a client is told of a connection failure: its kind, never the error's own text, which
 #: can name an internal host, address or certificate (the log keeps the whole reason).
@@ -78,168 +73,19 @@ _INITIALIZED = object()  # the gate while notifications/initialized is on its wa
 MAX_STREAM_RETRIES = 5
 
 
-_clients: dict[int, Any] = {}
-
-
-@implementer(IStreamClientEndpoint)
-class _QuietEndpoint:
-    """An endpoint whose connections' factories say nothing: no "Starting factory" log line per
-    upstream connection."""
-
-    def __init__(self, endpoint: IStreamClientEndpoint):
-        self._endpoint = endpoint
-
-    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
-        if isinstance(protocolFactory, Factory):
-            protocolFactory.noisy = False
-        return self._endpoint.connect(protocolFactory)
-
-
-@implementer(IAgentEndpointFactory)
-class _QuietEndpoints:
-    """Agent's own endpoints (TCP for http, TLS over TCP with the browser-like policy for https), quiet."""
-
-    def __init__(self, reactor: Any):
-        self._reactor = reactor
-        self._tls = BrowserLikePolicyForHTTPS()
-
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        try:
-            host = uri.host.decode("ascii")
-        except UnicodeDecodeError:
-            raise ValueError(f"The host of the provided URI ({uri.host!r}) contains non-ASCII octets, "
-                             "it should be ASCII decodable.") from None
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, uri.port, bindAddress=None)
-        if uri.scheme in (b"https", b"wss"):
-            endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
-        elif uri.scheme not in (b"http", b"ws"):
-            raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
-        return _QuietEndpoint(endpoint)
-
-
-def _client(reactor: Any) -> Any:
-    """One treq HTTPClient (and connection pool) per reactor."""
-    client = _clients.get(id(reactor))
-    if client is None:
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 16
-        agent = Agent.usingEndpointFactory(reactor, _QuietEndpoints(reactor), pool=pool)
-        client = _clients[id(reactor)] = HTTPClient(agent)
-    return client
-
-
-class SseParser:
-    """Incremental ``text/event-stream`` parser: ``event(name, data, id)`` per dispatched event."""
-
-    def __init__(self, event: Callable[[str, str, str | None], None], max_bytes: int, overflow: Callable[[], None]):
-        self._event = event
-        self._max = max_bytes
-        self._overflow = overflow
-        self._buffer = b""
-        self._data: list[str] = []
-        self._name = ""
-        self._size = 0
-        self.last_id: str | None = None
-        self.retry: int | None = None
-        self.broken = False
-
-    def feed(self, chunk: bytes) -> None:
-        if self.broken:
-            return
-        self._buffer += chunk
-        while True:
-            cut = min((i for i in (self._buffer.find(b"\n"), self._buffer.find(b"\r")) if i >= 0), default=-1)
-            if cut < 0:
-                break
-            line = self._buffer[:cut]
-            end = cut + 1
-            if self._buffer[cut:cut + 2] == b"\r\n":
-                end += 1
-            elif self._buffer[cut:cut + 1] == b"\r" and end == len(self._buffer):
-                break  # a CR at the end of the chunk may be half a CRLF
-            self._buffer = self._buffer[end:]
-            self._line(line.decode("utf-8", "replace"))
-            if self.broken:
-                return
-        if len(self._buffer) + self._size > self._max:
-            self._break()
-
-    def _line(self, line: str) -> None:
-        if not line:
-            if self._data:
-                self._event(self._name or "message", "\n".join(self._data), self.last_id)
-            self._data, self._name, self._size = [], "", 0
-            return
-        if line.startswith(":"):
-            return
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "data":
-            self._data.append(value)
-            self._size += len(value) + 1
-            if self._size > self._max:
-                self._break()
-        elif field == "event":
-            self._name = value
-        elif field == "id" and "\0" not in value:
-            self.last_id = value
-        elif field == "retry" and value.isdigit():
-            self.retry = int(value)
-
-    def _break(self) -> None:
-        self.broken = True
-        self._buffer = b""
-        self._data = []
-        self._overflow()
-
-
-class _Body(Protocol):
-    """One response body being read (a POST's SSE answer, the GET stream), fed to ``feed``.
-
-    Its transport (twisted.web's TransportProxyProducer) pauses and resumes the connection;
-    ``close()`` drops it, so an upstream stream never outlives its session."""
-
-    def __init__(self, feed: Callable[[bytes], None]):
-        self._feed = feed
-        self.d: defer.Deferred[None] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self._feed(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.d.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.d.callback(None)
-        else:
-            self.d.errback(reason)
-
-    def pause(self) -> None:
-        if self.transport is not None:
-            cast(IPushProducer, self.transport).pauseProducing()
-
-    def resume(self) -> None:
-        if self.transport is not None:
-            cast(IPushProducer, self.transport).resumeProducing()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            cast(IPushProducer, self.transport).stopProducing()
-        if not self.d.called:
-            self.d.callback(None)
-
-
+@upstream_kind("remote")
+@implementer(IUpstream)
 class RemoteUpstream:
     """One upstream MCP session on a remote server, for one client session."""
 
     log = Logger(observer=logs.observer)
     metrics: BoundMetrics = NULL_BOUND
 
-    def __init__(self, server: ServerConfig, delegate: UpstreamDelegate, reactor: Any, http: Any = None):
+    def __init__(self, server: ServerConfig, delegate: IUpstreamDelegate, reactor: Any, http: Any = None):
         self.server = server
         self.delegate = delegate
         self._reactor = reactor
-        self._http = http if http is not None else _client(reactor)
+        self._http = http if http is not None else http_client(reactor)
         self.pid: int | None = None
         self.ended = False
         self.exit_reason = ""
@@ -248,7 +94,7 @@ class RemoteUpstream:
         self.started_at = reactor.seconds()
         self._stopping = False
         self._waiters: list[defer.Deferred[None]] = []
-        self._bodies: set[_Body] = set()
+        self._bodies: set[Body] = set()
         self._posts: set[defer.Deferred[Any]] = set()
         self._paused = False
         #: Messages held back until the upstream can take them (the initialize answer, the SSE endpoint).
@@ -529,7 +375,7 @@ class RemoteUpstream:
         parser = SseParser(self._event, self.server.maxMessageBytes,
                            lambda: self.delegate.upstreamProtocolError(
                                f"message from the MCP server exceeds {self.server.maxMessageBytes} bytes"))
-        body = _Body(parser.feed)
+        body = Body(parser.feed)
         d = body.d
         response.deliverBody(body)
         self._bodies.add(body)
@@ -589,8 +435,6 @@ class RemoteUpstream:
             self._release()
             return
         if "id" in msg and "method" in msg:
-            from mcpgw.pool import capability_refusal, undeclared
-
             needed = undeclared(msg["method"], self.client_capabilities)
             if needed is not None:
                 refusal = capability_refusal(msg["id"], needed)

@@ -14,17 +14,19 @@ import signal
 import tempfile
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mcpgw import jsonrpc, logs, procsec
 from mcpgw._fast import process as fast_process
 from mcpgw.config import PRIVATE_ENV, ServerConfig
+from mcpgw.interfaces import IUpstream, IUpstreamDelegate, upstream_kind
 from mcpgw.metrics import NULL_BOUND, BoundMetrics
 
 #: Variables a child gets from the gateway's environment when they are set (and LC_*).
@@ -200,21 +202,6 @@ class ServerActivity:
         self.stderr.append({"time": when, "pid": pid, "line": text[: self.max_line_length]})
 
 
-class UpstreamDelegate(Protocol):
-    """What a StdioUpstream reports to (the session).
-
-    A delegate with a true ``routes_on_view`` attribute takes a large line's message as
-    ``jsonrpc.route_view`` gives it (values of ``jsonrpc.SMALL_VALUE`` bytes or more ``Undecoded``);
-    any other gets every line fully decoded.
-    """
-
-    def upstreamMessage(self, raw: bytes, msg: dict[str, Any]) -> None: ...
-
-    def upstreamProtocolError(self, reason: str) -> None: ...
-
-    def upstreamEnded(self, reason: str) -> None: ...
-
-
 class LineFramer:
     """Split a byte stream into lines of at most ``max_length`` bytes."""
 
@@ -296,6 +283,8 @@ class LineFramer:
         self._overflow(length)
 
 
+@upstream_kind("stdio")
+@implementer(IUpstream)
 class StdioUpstream(ProcessProtocol):
     """A child process for one session; relays raw lines both ways."""
 
@@ -321,7 +310,7 @@ class StdioUpstream(ProcessProtocol):
     #: The child's descendants (``procsec.snapshot``) when it was asked to stop; killed once it has exited.
     _tree: list[tuple[int, int]] = []
 
-    def __init__(self, server: ServerConfig, delegate: UpstreamDelegate, reactor: Any):
+    def __init__(self, server: ServerConfig, delegate: IUpstreamDelegate, reactor: Any):
         self.server = server
         self.delegate = delegate
         self._reactor = reactor
@@ -419,7 +408,7 @@ class StdioUpstream(ProcessProtocol):
 
     def _outLine(self, line: bytes) -> None:
         try:
-            if len(line) >= jsonrpc.LARGE_MESSAGE and getattr(self.delegate, "routes_on_view", False):
+            if len(line) >= jsonrpc.LARGE_MESSAGE and getattr(self.delegate, "routes_on_view", False):  # undeclared: decode it all
                 msg = jsonrpc.route_view(line)  # id/method without decoding a large payload
             else:
                 msg = jsonrpc.loads(line)

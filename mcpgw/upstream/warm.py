@@ -18,9 +18,11 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mcpgw import logs
 from mcpgw.config import ServerConfig
+from mcpgw.interfaces import IUpstreamDelegate
 from mcpgw.upstream.stdio import ServerActivity, StdioUpstream
 
 BACKOFF_FIRST = 0.5
@@ -39,8 +41,11 @@ def warmable(server: ServerConfig) -> bool:
     return server.warmPool > 0 and server.kind == "stdio" and server.sessions == "per-client"
 
 
+@implementer(IUpstreamDelegate)
 class _Waiting:
     """The delegate of a warm child nobody has taken yet."""
+
+    routes_on_view = False
 
     def __init__(self, pool: WarmChildren, child: StdioUpstream):
         self._pool = pool
