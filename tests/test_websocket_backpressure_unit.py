@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mcpgw.config import ConfigError, WebSocketConfig, parse
 from mcpgw.ratelimit import MemoryRateLimiter
+from mcpgw.transports.websocket import PUBLIC_PIECE
 from tests.test_websocket_fastpath import CONT, Recorder, SocketConnection
 from tests.test_websocket_unit import (
     CLOSE,
@@ -103,10 +104,34 @@ class ProducerStateTests(WebSocketTestCase):
         proto.onMessage = answer_then_fill  # type: ignore[method-assign]
         proto.dataReceived(GARBAGE * 3)
         first = outcome(self.frames(transport))
+        # The fast path stops after the frame whose reply filled the buffer; Autobahn's parser,
+        # fed a piece of the read at a time (PUBLIC_PIECE), after the piece that did.
         self.assertEqual(first, [PARSE_ERROR] if self.fast else [PARSE_ERROR] * 3)
         proto.onMessage = answer  # type: ignore[method-assign]
         transport.producer.resumeProducing()
         self.assertEqual(outcome(self.frames(transport)), [PARSE_ERROR] * 2 if self.fast else [])
+
+    def test_a_long_read_is_parsed_on_only_when_the_buffer_drains_on_either_path(self) -> None:
+        """More than one PUBLIC_PIECE of small messages with the buffer full after the first:
+        neither path parses the whole read at once; the rest comes when it drains."""
+        proto, transport, _ = self.open()
+        answer = proto.onMessage
+        count = PUBLIC_PIECE // len(GOOD) * 3
+        seen: list[bytes] = []
+
+        def answer_then_fill(payload: bytes, is_binary: bool) -> None:
+            seen.append(payload)
+            answer(payload, is_binary)
+            transport.producer.pauseProducing()  # as Twisted does past bufferSize
+
+        proto.onMessage = answer_then_fill  # type: ignore[method-assign]
+        proto.dataReceived(GOOD * count)
+        self.assertLess(len(seen), count)
+        for _ in range(count):
+            if transport.producerState != "paused":
+                break
+            transport.producer.resumeProducing()
+        self.assertEqual(len(seen), count)
         self.assertEqual(transport.producerState, "producing")
 
     def test_a_lost_connection_gives_back_the_sessions_pause(self) -> None:

@@ -79,6 +79,9 @@ CLOSE_INVALID_PAYLOAD = WebSocketProtocol.CLOSE_STATUS_CODE_INVALID_PAYLOAD  # 1
 CLOSE_TRY_AGAIN_LATER = 1013
 #: Messages held while the rate limiter decides on an earlier one (an asynchronous limiter).
 MAX_WAITING = 1024
+#: Bytes of one read handed to Autobahn's parser at a time on the public path: between pieces a full
+#: write buffer (a peer that sends and never reads) holds the rest until it drains.
+PUBLIC_PIECE = 4096
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSING = WebSocketProtocol.STATE_CLOSING
@@ -138,8 +141,7 @@ class _Backpressure:
         if self.paused:
             self.paused = False
             protocol = self._protocol
-            if protocol._fast is not None:
-                protocol._fast.resume()  # the rest of the read that paused it, first
+            protocol.resume_held()  # the rest of the read that paused it, first
             if not (self.paused or protocol.stopped_reading):
                 protocol.socket().resumeProducing()
             self._share.resumeProducing()
@@ -163,6 +165,8 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
     _pause: _PauseShare | None = None
     #: The socket's producer once the session is open (the fast path holds reads while it is paused).
     backpressure: _Backpressure | None = None
+    #: Public path: the rest of a read held while the write buffer is full (_public_received).
+    _held = b""
     _waiting = 0
     #: Taken out of mcp_gateway_active_connections (onClose).
     _uncounted = False
@@ -362,7 +366,28 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         if self._fast is not None:
             self._fast.data_received(data)
         else:
-            super().dataReceived(data)
+            self._public_received(self._held + data if self._held else data)
+
+    def _public_received(self, data: bytes) -> None:
+        """Autobahn's parser, a piece at a time while the replies leave room in the write buffer
+        (as the fast path does frame by frame), so one read of small frames cannot hold the reactor."""
+        self._held = b""
+        for pos in range(0, len(data), PUBLIC_PIECE):
+            if self.stopped_reading:
+                return
+            end = pos + PUBLIC_PIECE
+            super().dataReceived(data[pos:end])
+            backpressure = self.backpressure
+            if backpressure is not None and backpressure.paused and end < len(data):
+                self._held = data[end:]
+                return
+
+    def resume_held(self) -> None:
+        """The write buffer drained: parse what the read that filled it left."""
+        if self._fast is not None:
+            self._fast.resume()
+        elif self._held and not self.stopped_reading:
+            self._public_received(self._held)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._pause is not None:
