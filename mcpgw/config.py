@@ -300,7 +300,8 @@ class GatewayConfig:
 # -- checking helpers ---------------------------------------------------------
 
 
-def _expect(value: Any, kind: type | tuple[type, ...], key: str, what: str) -> Any:
+def expect(value: Any, kind: type | tuple[type, ...], key: str, what: str) -> Any:
+    """``value`` if it is of ``kind`` (a bool is never a number), else ConfigError naming ``key``."""
     if isinstance(value, bool) and kind in (int, float, (int, float)):
         raise ConfigError(key, f"must be {what}, not {json.dumps(value)}")
     if not isinstance(value, kind):
@@ -308,8 +309,9 @@ def _expect(value: Any, kind: type | tuple[type, ...], key: str, what: str) -> A
     return value
 
 
-def _object(value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
-    _expect(value, dict, key, "an object")
+def check_object(value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+    """``value`` if it is an object with no key outside ``allowed``, else ConfigError naming the key."""
+    expect(value, dict, key, "an object")
     for k in value:
         if k not in allowed:
             raise ConfigError(f"{key}.{k}" if key else k, f"unknown key (allowed: {', '.join(sorted(allowed))})")
@@ -317,21 +319,21 @@ def _object(value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
 
 
 def _string_list(value: Any, key: str) -> tuple[str, ...]:
-    _expect(value, list, key, "a list of strings")
+    expect(value, list, key, "a list of strings")
     for i, item in enumerate(value):
-        _expect(item, str, f"{key}[{i}]", "a string")
+        expect(item, str, f"{key}[{i}]", "a string")
     return tuple(value)
 
 
 def _positive(value: Any, key: str, kind: type | tuple[type, ...] = int) -> Any:
-    _expect(value, kind, key, "a positive number" if kind is not int else "a positive integer")
+    expect(value, kind, key, "a positive number" if kind is not int else "a positive integer")
     if value <= 0:
         raise ConfigError(key, f"must be positive, not {value}")
     return value
 
 
 def _port(value: Any, key: str) -> int:
-    _expect(value, int, key, "an integer port")
+    expect(value, int, key, "an integer port")
     if not 0 <= value <= 65535:
         raise ConfigError(key, f"must be a port between 0 and 65535, not {value}")
     return value
@@ -352,16 +354,16 @@ def _optional_positive(value: Any, key: str, kind: type | tuple[type, ...] = int
 
 
 def _static_tokens(value: Any, key: str) -> list[StaticToken]:
-    _expect(value, list, key, "a list of tokens (strings or {\"name\", \"token\"} objects)")
+    expect(value, list, key, "a list of tokens (strings or {\"name\", \"token\"} objects)")
     tokens = []
     for i, item in enumerate(value):
         k = f"{key}[{i}]"
         if isinstance(item, dict):
-            _object(item, k, {"name", "token"})
-            name = _expect(item.get("name"), str, f"{k}.name", "a string")
-            token = _expect(item.get("token"), str, f"{k}.token", "a string")
+            check_object(item, k, {"name", "token"})
+            name = expect(item.get("name"), str, f"{k}.name", "a string")
+            token = expect(item.get("token"), str, f"{k}.token", "a string")
         else:
-            token = _expect(item, str, k, "a string or a {\"name\", \"token\"} object")
+            token = expect(item, str, k, "a string or a {\"name\", \"token\"} object")
             name = "token-" + hashlib.sha256(token.encode()).hexdigest()[:12]
         if len(token) < 16:
             raise ConfigError(k, "a token must be at least 16 characters")
@@ -395,17 +397,17 @@ def load_jwks(path: str) -> dict[str | None, Any]:
 
 def _jwt(value: Any, environ: Mapping[str, str]) -> JwtConfig:
     key = "auth.jwt"
-    raw = dict(_object(value, key, {"secret", "jwksFile", "issuer", "audience", "leeway"}))
+    raw = dict(check_object(value, key, {"secret", "jwksFile", "issuer", "audience", "leeway"}))
     if "MCPGW_JWT_SECRET" in environ:
         raw["secret"] = environ["MCPGW_JWT_SECRET"]
     secret = raw.get("secret")
     jwks = raw.get("jwksFile")
     if secret is not None:
-        _expect(secret, str, f"{key}.secret", "a string")
+        expect(secret, str, f"{key}.secret", "a string")
         if len(secret.encode()) < 32:
             raise ConfigError(f"{key}.secret", "an HS256 secret must be at least 32 bytes (openssl rand -hex 32)")
     if jwks is not None:
-        _expect(jwks, str, f"{key}.jwksFile", "a path")
+        expect(jwks, str, f"{key}.jwksFile", "a path")
         load_jwks(jwks)
     if (secret is None) == (jwks is None):
         raise ConfigError(key, "needs exactly one of secret (HS256) and jwksFile")
@@ -414,22 +416,22 @@ def _jwt(value: Any, environ: Mapping[str, str]) -> JwtConfig:
     if "audience" not in raw:
         raise ConfigError(f"{key}.audience", "is required")
     audience = raw["audience"]
-    audiences = (_expect(audience, str, f"{key}.audience", "a string or a list of strings"),) if not isinstance(audience, list) \
+    audiences = (expect(audience, str, f"{key}.audience", "a string or a list of strings"),) if not isinstance(audience, list) \
         else _string_list(audience, f"{key}.audience")
     if not audiences:
         raise ConfigError(f"{key}.audience", "must name at least one audience")
     leeway = raw.get("leeway", 0)
-    _expect(leeway, (int, float), f"{key}.leeway", "a number of seconds")
+    expect(leeway, (int, float), f"{key}.leeway", "a number of seconds")
     if leeway < 0:
         raise ConfigError(f"{key}.leeway", f"must not be negative, not {leeway}")
     return JwtConfig(
-        issuer=_expect(raw["issuer"], str, f"{key}.issuer", "a string"),
+        issuer=expect(raw["issuer"], str, f"{key}.issuer", "a string"),
         audience=audiences, secret=secret, jwksFile=jwks, leeway=float(leeway),
     )
 
 
 def _auth(value: Any, environ: Mapping[str, str]) -> AuthConfig:
-    raw = _object(value, "auth", {"enabled", "bearerTokens", "apiKeyHeader", "jwt", "realm"})
+    raw = check_object(value, "auth", {"enabled", "bearerTokens", "apiKeyHeader", "jwt", "realm"})
     tokens = _static_tokens(raw.get("bearerTokens", []), "auth.bearerTokens")
     if environ.get("MCPGW_AUTH_TOKENS"):
         extra = [t.strip() for t in environ["MCPGW_AUTH_TOKENS"].split(",") if t.strip()]
@@ -440,22 +442,22 @@ def _auth(value: Any, environ: Mapping[str, str]) -> AuthConfig:
             raise ConfigError("auth.bearerTokens", f"two tokens share the name {name!r}")
     jwt_config = _jwt(raw["jwt"], environ) if raw.get("jwt") is not None else None
     configured = bool(tokens) or jwt_config is not None
-    enabled = _expect(raw.get("enabled", configured), bool, "auth.enabled", "true or false")
+    enabled = expect(raw.get("enabled", configured), bool, "auth.enabled", "true or false")
     if enabled and not configured:
         raise ConfigError("auth.enabled", "is true but no bearerTokens, MCPGW_AUTH_TOKENS or jwt are configured")
     header = raw.get("apiKeyHeader", "X-API-Key")
     if header is not None:
-        _expect(header, str, "auth.apiKeyHeader", "a header name or null")
+        expect(header, str, "auth.apiKeyHeader", "a header name or null")
         if not re.fullmatch(r"[A-Za-z0-9-]+", header) or header.lower() == "authorization":
             raise ConfigError("auth.apiKeyHeader", f"{header!r} is not a usable header name")
-    realm = _expect(raw.get("realm", "mcpgw"), str, "auth.realm", "a string")
+    realm = expect(raw.get("realm", "mcpgw"), str, "auth.realm", "a string")
     if not re.fullmatch(r"[\x20-\x7e]*", realm) or '"' in realm or "\\" in realm:
         raise ConfigError("auth.realm", "must be printable ASCII without quotes or backslashes")
     return AuthConfig(enabled=enabled, bearerTokens=tuple(tokens), apiKeyHeader=header, jwt=jwt_config, realm=realm)
 
 
 def _limits(value: Any) -> LimitsConfig:
-    raw = _object(value, "limits", {"maxHeaderBytes", "maxBatchMessages", "maxPendingRequests", "requestTimeout", "maxSessions",
+    raw = check_object(value, "limits", {"maxHeaderBytes", "maxBatchMessages", "maxPendingRequests", "requestTimeout", "maxSessions",
                                   "maxSessionsPerIdentity", "headerTimeout", "bodyTimeout", "maxPipelined",
                                   "maxConnections", "maxConnectionsPerIp"})
     header = _positive(raw.get("maxHeaderBytes", 16384), "limits.maxHeaderBytes")
@@ -478,7 +480,7 @@ def _limits(value: Any) -> LimitsConfig:
 
 def _not_negative(value: Any, key: str) -> int:
     """A count where 0 means no cap."""
-    _expect(value, int, key, "an integer (0: no limit)")
+    expect(value, int, key, "an integer (0: no limit)")
     if value < 0:
         raise ConfigError(key, f"must be 0 (no limit) or more, not {value}")
     return value
@@ -486,11 +488,11 @@ def _not_negative(value: Any, key: str) -> int:
 
 def _admin(value: Any, environ: Mapping[str, str]) -> AdminConfig:
     """``admin``: ``{"token": ..., "statsInterval": 5}``; ``MCPGW_ADMIN_TOKEN`` overrides the token."""
-    raw = _object(value, "admin", {"token", "statsInterval"})
+    raw = check_object(value, "admin", {"token", "statsInterval"})
     token = environ.get("MCPGW_ADMIN_TOKEN") or raw.get("token")
     key = "MCPGW_ADMIN_TOKEN" if environ.get("MCPGW_ADMIN_TOKEN") else "admin.token"
     if token is not None:
-        _expect(token, str, key, "a string")
+        expect(token, str, key, "a string")
         if len(token) < 16 or not re.fullmatch(r"[\x21-\x7e]+", token):
             raise ConfigError(key, "must be at least 16 visible ASCII characters (openssl rand -hex 32)")
     interval = _positive(raw.get("statsInterval", 5.0), "admin.statsInterval", (int, float))
@@ -537,7 +539,7 @@ SESSION_MODES = ("per-client", "pooled")
 
 def _pooling(raw: dict[str, Any], key: str) -> dict[str, Any]:
     """``sessions``, ``poolSize``, ``poolQueue`` of one stdio server (mcpgw.pool)."""
-    mode = _expect(raw.get("sessions", "per-client"), str, f"{key}.sessions", '"per-client" or "pooled"')
+    mode = expect(raw.get("sessions", "per-client"), str, f"{key}.sessions", '"per-client" or "pooled"')
     if mode not in SESSION_MODES:
         raise ConfigError(f"{key}.sessions", f'must be "per-client" or "pooled", not {json.dumps(mode)}')
     for option in ("poolSize", "poolQueue", "poolInputWait"):
@@ -548,7 +550,7 @@ def _pooling(raw: dict[str, Any], key: str) -> dict[str, Any]:
         raise ConfigError(f"{key}.poolSize", f"must be at most 256, not {size}")
     queue = _positive(raw.get("poolQueue", 256), f"{key}.poolQueue")
     wait = float(_positive(raw.get("poolInputWait", 60.0), f"{key}.poolInputWait", (int, float)))
-    warm = _expect(raw.get("warmPool", 0), int, f"{key}.warmPool", "a whole number from 0 to 64")
+    warm = expect(raw.get("warmPool", 0), int, f"{key}.warmPool", "a whole number from 0 to 64")
     if not 0 <= warm <= 64:
         raise ConfigError(f"{key}.warmPool", f"must be a whole number from 0 to 64, not {json.dumps(warm)}")
     if warm and mode != "per-client":
@@ -577,25 +579,25 @@ def _server(name: str, raw: Any, environ: Mapping[str, str]) -> ServerConfig:
                "tools", "sessions", "poolSize", "poolQueue", "poolInputWait", "warmPool", "user", "group"}
     if isinstance(raw, dict) and "url" in raw:
         return _remote_server(name, raw, environ)
-    _object(raw, key, allowed)
+    check_object(raw, key, allowed)
     if "command" not in raw:
         raise ConfigError(f"{key}.command", "is required")
-    command = _expect(raw["command"], str, f"{key}.command", "a string")
+    command = expect(raw["command"], str, f"{key}.command", "a string")
     args = _string_list(raw.get("args", []), f"{key}.args")
-    env = _expect(raw.get("env", {}), dict, f"{key}.env", "an object of strings")
+    env = expect(raw.get("env", {}), dict, f"{key}.env", "an object of strings")
     for k, v in env.items():
-        _expect(v, str, f"{key}.env.{k}", "a string")
+        expect(v, str, f"{key}.env.{k}", "a string")
     cwd = raw.get("cwd")
     if cwd is not None:
-        _expect(cwd, str, f"{key}.cwd", "a string")
+        expect(cwd, str, f"{key}.cwd", "a string")
         if not os.path.isdir(cwd):
             raise ConfigError(f"{key}.cwd", f"{cwd!r} is not a directory")
-    default = _expect(raw.get("default", False), bool, f"{key}.default", "true or false")
+    default = expect(raw.get("default", False), bool, f"{key}.default", "true or false")
     inherit = _string_list(raw.get("inheritEnv", []), f"{key}.inheritEnv")
     for i, variable in enumerate(inherit):
         if variable in PRIVATE_ENV:
             raise ConfigError(f"{key}.inheritEnv[{i}]", f"{variable} is the gateway's own secret or setting and is never passed to a child")
-    _expect(raw.get("disabled", False), bool, f"{key}.disabled", "true or false")
+    expect(raw.get("disabled", False), bool, f"{key}.disabled", "true or false")
     path = env.get("PATH", environ.get("PATH", os.defpath))
     if os.sep in command:
         base = os.path.join(cwd, command) if cwd and not os.path.isabs(command) else command
@@ -672,7 +674,7 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 def _tool_filter(value: Any, key: str) -> ToolFilter | None:
     if value is None:
         return None
-    raw = _object(value, key, {"allow", "deny"})
+    raw = check_object(value, key, {"allow", "deny"})
     allow = _string_list(raw["allow"], f"{key}.allow") if "allow" in raw else None
     return ToolFilter(allow=allow, deny=_string_list(raw.get("deny", []), f"{key}.deny"))
 
@@ -680,20 +682,20 @@ def _tool_filter(value: Any, key: str) -> ToolFilter | None:
 def _remote_server(name: str, raw: dict[str, Any], environ: Mapping[str, str]) -> ServerConfig:
     """``{"url": ..., "transport": "streamable-http" | "sse", "headers": {...}, ...}``."""
     key = f"mcpServers.{name}"
-    _object(raw, key, {"url", "transport", "headers", "connectTimeout", "requestTimeout", "default", "disabled",
+    check_object(raw, key, {"url", "transport", "headers", "connectTimeout", "requestTimeout", "default", "disabled",
                        "maxSessions", "maxMessageBytes", "tools"})
-    url = _expect(raw["url"], str, f"{key}.url", "a string")
+    url = expect(raw["url"], str, f"{key}.url", "a string")
     if not re.match(r"^https?://[^/\s]+", url):
         raise ConfigError(f"{key}.url", f"must be an http:// or https:// URL, not {url!r}")
     if "@" in url.split("/", 3)[2]:
         raise ConfigError(f"{key}.url", "must not carry credentials (user:password@): put them in headers")
-    transport = _expect(raw.get("transport", "streamable-http"), str, f"{key}.transport", "a string")
+    transport = expect(raw.get("transport", "streamable-http"), str, f"{key}.transport", "a string")
     if transport not in REMOTE_TRANSPORTS:
         raise ConfigError(f"{key}.transport", f"must be one of {', '.join(REMOTE_TRANSPORTS)}, not {transport!r}")
-    headers_raw = _expect(raw.get("headers", {}), dict, f"{key}.headers", "an object of strings")
+    headers_raw = expect(raw.get("headers", {}), dict, f"{key}.headers", "an object of strings")
     headers = {}
     for header, value in headers_raw.items():
-        _expect(value, str, f"{key}.headers.{header}", "a string")
+        expect(value, str, f"{key}.headers.{header}", "a string")
         if not re.fullmatch(r"[A-Za-z0-9-]+", header):
             raise ConfigError(f"{key}.headers.{header}", "is not a usable header name")
 
@@ -708,7 +710,7 @@ def _remote_server(name: str, raw: dict[str, Any], environ: Mapping[str, str]) -
     return ServerConfig(
         name=name,
         command="",
-        default=_expect(raw.get("default", False), bool, f"{key}.default", "true or false"),
+        default=expect(raw.get("default", False), bool, f"{key}.default", "true or false"),
         maxMessageBytes=_positive(raw.get("maxMessageBytes", DEFAULT_MAX_MESSAGE_BYTES), f"{key}.maxMessageBytes"),
         maxSessions=_optional_positive(raw.get("maxSessions"), f"{key}.maxSessions"),
         url=url,
@@ -722,8 +724,8 @@ def _remote_server(name: str, raw: dict[str, Any], environ: Mapping[str, str]) -
 
 def _aggregate(value: Any, servers: Mapping[str, ServerConfig]) -> ServerConfig:
     """Top-level ``aggregate``: a server made of other servers (mcpgw.aggregate)."""
-    raw = _object(value, "aggregate", {"name", "servers", "separator", "prefix", "default", "maxSessions"})
-    name = _expect(raw.get("name", "all"), str, "aggregate.name", "a string")
+    raw = check_object(value, "aggregate", {"name", "servers", "separator", "prefix", "default", "maxSessions"})
+    name = expect(raw.get("name", "all"), str, "aggregate.name", "a string")
     check_server_name(name, "aggregate.name")
     if name in servers:
         raise ConfigError("aggregate.name", f"{name!r} is also the name of a server in mcpServers")
@@ -735,15 +737,15 @@ def _aggregate(value: Any, servers: Mapping[str, ServerConfig]) -> ServerConfig:
             raise ConfigError(f"aggregate.servers[{i}]", f"{member!r} is not an enabled server in mcpServers")
         if names.count(member) > 1:
             raise ConfigError(f"aggregate.servers[{i}]", f"{member!r} is listed twice")
-    separator = _expect(raw.get("separator", "__"), str, "aggregate.separator", "a string")
+    separator = expect(raw.get("separator", "__"), str, "aggregate.separator", "a string")
     if not separator or not re.fullmatch(r"[A-Za-z0-9_.:/-]+", separator):
         raise ConfigError("aggregate.separator", "must be one or more of letters, digits and _ . : / -")
-    prefix = _expect(raw.get("prefix", "always"), str, "aggregate.prefix", "a string")
+    prefix = expect(raw.get("prefix", "always"), str, "aggregate.prefix", "a string")
     if prefix not in ("always", "on-collision"):
         raise ConfigError("aggregate.prefix", f'must be "always" or "on-collision", not {prefix!r}')
     return ServerConfig(
         name=name, command="",
-        default=_expect(raw.get("default", False), bool, "aggregate.default", "true or false"),
+        default=expect(raw.get("default", False), bool, "aggregate.default", "true or false"),
         maxSessions=_optional_positive(raw.get("maxSessions"), "aggregate.maxSessions"),
         aggregate=AggregateConfig(members=tuple(servers[m] for m in names), separator=separator, prefix=prefix),
     )
@@ -757,7 +759,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         "metrics", "auth", "mcpServers", "maxBodyBytes", "limits", "trustedProxies", "aggregate",
         "admin", "allowedHosts", "fastPaths",
     }
-    _object(raw, "", top)
+    check_object(raw, "", top)
     raw = dict(raw)
     # Environment overrides the file.
     if "MCPGW_PORT" in environ:
@@ -787,48 +789,48 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
             redis_raw["password"] = environ["REDIS_PASSWORD"]
         raw["redis"] = redis_raw
 
-    level = _expect(raw.get("logLevel", "info"), str, "logLevel", "a string")
+    level = expect(raw.get("logLevel", "info"), str, "logLevel", "a string")
     level = {"warning": "warn"}.get(level.lower(), level.lower())
     if level not in LOG_LEVELS:
         raise ConfigError("logLevel", f"must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
-    log_format = _expect(raw.get("logFormat", "text"), str, "logFormat", "a string")
+    log_format = expect(raw.get("logFormat", "text"), str, "logFormat", "a string")
     if log_format not in LOG_FORMATS:
         raise ConfigError("logFormat", f"must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
 
-    cors_raw = _object(raw.get("cors", {}), "cors", {"enabled", "origins"})
+    cors_raw = check_object(raw.get("cors", {}), "cors", {"enabled", "origins"})
     cors = CorsConfig(
-        enabled=_expect(cors_raw.get("enabled", True), bool, "cors.enabled", "true or false"),
+        enabled=expect(cors_raw.get("enabled", True), bool, "cors.enabled", "true or false"),
         origins=_string_list(cors_raw.get("origins", []), "cors.origins"),
     )
-    rl_raw = _object(raw.get("rateLimit", {}), "rateLimit", {"enabled", "max", "window", "maxKeys"})
-    window = _expect(rl_raw.get("window", "15m"), str, "rateLimit.window", 'a duration like "15m"')
+    rl_raw = check_object(raw.get("rateLimit", {}), "rateLimit", {"enabled", "max", "window", "maxKeys"})
+    window = expect(rl_raw.get("window", "15m"), str, "rateLimit.window", 'a duration like "15m"')
     if not _WINDOW.match(window):
         raise ConfigError("rateLimit.window", f'must be a duration like "900s", "15m" or "1h", not {window!r}')
     rate_limit = RateLimitConfig(
-        enabled=_expect(rl_raw.get("enabled", False), bool, "rateLimit.enabled", "true or false"),
+        enabled=expect(rl_raw.get("enabled", False), bool, "rateLimit.enabled", "true or false"),
         max=_positive(rl_raw.get("max", 100), "rateLimit.max"),
         window=window,
         maxKeys=_positive(rl_raw.get("maxKeys", 100_000), "rateLimit.maxKeys"),
     )
     if duration_seconds(window) <= 0:
         raise ConfigError("rateLimit.window", f"must be longer than zero, not {window!r}")
-    s_raw = _object(raw.get("session", {}), "session", {"secret", "maxAge", "maxLifetime"})
+    s_raw = check_object(raw.get("session", {}), "session", {"secret", "maxAge", "maxLifetime"})
     secret = s_raw.get("secret")
     if secret is not None:
-        _expect(secret, str, "session.secret", "a string")
+        expect(secret, str, "session.secret", "a string")
     session = SessionConfig(
         secret=secret,
         maxAge=_positive(s_raw.get("maxAge", 3_600_000), "session.maxAge"),
         maxLifetime=_optional_positive(s_raw.get("maxLifetime", 86_400_000), "session.maxLifetime"),
     )
-    sse_raw = _object(raw.get("sse", {}), "sse", {"keepalive", "replayEvents", "replayBytes", "retry"})
+    sse_raw = check_object(raw.get("sse", {}), "sse", {"keepalive", "replayEvents", "replayBytes", "retry"})
     sse = SseConfig(
         keepalive=_positive(sse_raw.get("keepalive", 15.0), "sse.keepalive", (int, float)),
         replayEvents=_positive(sse_raw.get("replayEvents", 256), "sse.replayEvents"),
         replayBytes=_positive(sse_raw.get("replayBytes", 4 * 1024 * 1024), "sse.replayBytes"),
         retry=_positive(sse_raw.get("retry", 1000), "sse.retry"),
     )
-    ws_raw = _object(raw.get("websocket", {}), "websocket", {"pingInterval", "pingTimeout", "maxMessageBytes", "maxErrors"})
+    ws_raw = check_object(raw.get("websocket", {}), "websocket", {"pingInterval", "pingTimeout", "maxMessageBytes", "maxErrors"})
     websocket = WebSocketConfig(
         pingInterval=_positive(ws_raw.get("pingInterval", 30.0), "websocket.pingInterval", (int, float)),
         pingTimeout=_positive(ws_raw.get("pingTimeout", 10.0), "websocket.pingTimeout", (int, float)),
@@ -837,20 +839,20 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     )
     redis: RedisConfig | None = None
     if raw.get("redis") is not None:
-        r_raw = _object(raw["redis"], "redis", {"url", "password", "timeout", "heartbeat", "keyPrefix"})
-        url = _expect(r_raw.get("url", "redis://127.0.0.1:6379/0"), str, "redis.url", "a string")
+        r_raw = check_object(raw["redis"], "redis", {"url", "password", "timeout", "heartbeat", "keyPrefix"})
+        url = expect(r_raw.get("url", "redis://127.0.0.1:6379/0"), str, "redis.url", "a string")
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("redis.url", f"must start with redis://, rediss:// or unix://, not {url!r}")
         password = r_raw.get("password")
         if password is not None:
-            _expect(password, str, "redis.password", "a string")
+            expect(password, str, "redis.password", "a string")
         from mcpgw.store.redis_url import parse_url  # validation parses the URL: no Redis client
 
         try:
             parse_url(url, password)
         except ValueError as e:
             raise ConfigError("redis.url", str(e)) from None
-        prefix = _expect(r_raw.get("keyPrefix", "mcpgw:"), str, "redis.keyPrefix", "a string")
+        prefix = expect(r_raw.get("keyPrefix", "mcpgw:"), str, "redis.keyPrefix", "a string")
         if not re.fullmatch(r"[A-Za-z0-9_.:{}-]*", prefix):
             raise ConfigError("redis.keyPrefix", "may use letters, digits and _ . : { } - only")
         redis = RedisConfig(
@@ -859,14 +861,14 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
             heartbeat=_positive(r_raw.get("heartbeat", 1.0), "redis.heartbeat", (int, float)),
             keyPrefix=prefix,
         )
-    host = _expect(raw.get("host", "127.0.0.1"), str, "host", "a string")
-    m_raw = _object(raw.get("metrics", {}), "metrics", {"enabled", "port", "host"})
+    host = expect(raw.get("host", "127.0.0.1"), str, "host", "a string")
+    m_raw = check_object(raw.get("metrics", {}), "metrics", {"enabled", "port", "host"})
     metrics = MetricsConfig(
-        enabled=_expect(m_raw.get("enabled", True), bool, "metrics.enabled", "true or false"),
+        enabled=expect(m_raw.get("enabled", True), bool, "metrics.enabled", "true or false"),
         port=_port(m_raw.get("port", 9091), "metrics.port"),
         # The gateway's own interface unless set: loopback by default; the image's MCPGW_HOST=0.0.0.0
         # opens both to its container network, where Prometheus scrapes.
-        host=_expect(m_raw.get("host", host), str, "metrics.host", "a string"),
+        host=expect(m_raw.get("host", host), str, "metrics.host", "a string"),
     )
     auth = _auth(raw.get("auth", {}), environ)
     limits = _limits(raw.get("limits", {}))
@@ -877,7 +879,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     servers_raw = raw.get("mcpServers")
     if servers_raw is None:
         raise ConfigError("mcpServers", "is required: configure at least one MCP server")
-    _expect(servers_raw, dict, "mcpServers", "an object of servers")
+    expect(servers_raw, dict, "mcpServers", "an object of servers")
     servers = {
         name: _server(name, spec, environ)
         for name, spec in servers_raw.items()
@@ -911,7 +913,7 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         trustedProxies=trusted,
         admin=admin,
         allowedHosts=allowed_hosts,
-        fastPaths=_expect(raw.get("fastPaths", True), bool, "fastPaths", "true or false"),
+        fastPaths=expect(raw.get("fastPaths", True), bool, "fastPaths", "true or false"),
     )
 
 

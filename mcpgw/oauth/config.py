@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
-from mcpgw.config import ConfigError
+from mcpgw.config import ConfigError, check_object, expect
 
 #: The environment variable that overrides ``introspection.clientSecret`` (keeps it out of the file).
 CLIENT_SECRET_ENV = "MCPGW_OAUTH_CLIENT_SECRET"
@@ -95,12 +95,12 @@ def parse_oauth(raw: Any, key: str = "auth.oauth", environ: Mapping[str, str] | 
     """The OAuthConfig of ``raw`` (the JSON object at ``key``); ConfigError naming the key path."""
     allowed = {"resource", "authorizationServers", "scopesSupported", "audience", "jwksCacheSeconds",
                "jwksMinRefreshSeconds", "httpTimeout", "leeway", "requireAtJwt", "introspection", "scopes", "toolScopes"}
-    raw = _object(raw, key, allowed)
+    raw = check_object(raw, key, allowed)
     for required in ("resource", "authorizationServers"):
         if required not in raw:
             raise ConfigError(f"{key}.{required}", "is required")
     resource = _url(raw["resource"], f"{key}.resource", resource=True)
-    servers = _expect(raw["authorizationServers"], list, f"{key}.authorizationServers", "a list of issuer URLs")
+    servers = expect(raw["authorizationServers"], list, f"{key}.authorizationServers", "a list of issuer URLs")
     if not servers:
         raise ConfigError(f"{key}.authorizationServers", "must name at least one authorization server")
     issuers = tuple(_url(s, f"{key}.authorizationServers[{i}]", resource=False) for i, s in enumerate(servers))
@@ -108,7 +108,7 @@ def parse_oauth(raw: Any, key: str = "auth.oauth", environ: Mapping[str, str] | 
         raise ConfigError(f"{key}.authorizationServers", "names an authorization server twice")
     audience = raw.get("audience")
     if audience is not None:
-        _expect(audience, str, f"{key}.audience", "a string")
+        expect(audience, str, f"{key}.audience", "a string")
         if not audience or _UNQUOTABLE.search(audience):
             raise ConfigError(f"{key}.audience", "must be a non-empty string without spaces, quotes or backslashes")
         audience = canonical_uri(audience)
@@ -124,10 +124,10 @@ def parse_oauth(raw: Any, key: str = "auth.oauth", environ: Mapping[str, str] | 
         jwksMinRefreshSeconds=_seconds(raw.get("jwksMinRefreshSeconds", 30), f"{key}.jwksMinRefreshSeconds"),
         httpTimeout=_seconds(raw.get("httpTimeout", 10), f"{key}.httpTimeout"),
         leeway=_seconds(raw.get("leeway", 0), f"{key}.leeway", zero=True),
-        requireAtJwt=_expect(raw.get("requireAtJwt", True), bool, f"{key}.requireAtJwt", "true or false"),
+        requireAtJwt=expect(raw.get("requireAtJwt", True), bool, f"{key}.requireAtJwt", "true or false"),
         introspection=introspection,
         scopes={name: _scopes(v, f"{key}.scopes.{name}", empty=False)
-                for name, v in _expect(raw.get("scopes", {}), dict, f"{key}.scopes", "an object").items()},
+                for name, v in expect(raw.get("scopes", {}), dict, f"{key}.scopes", "an object").items()},
         toolScopes=_tool_scopes(raw.get("toolScopes", {}), f"{key}.toolScopes"),
     )
 
@@ -145,14 +145,14 @@ def check_servers(config: OAuthConfig, names: set[str] | frozenset[str], key: st
 
 
 def _introspection(value: Any, key: str, issuers: tuple[str, ...], environ: Mapping[str, str]) -> IntrospectionConfig:
-    raw = dict(_object(value, key, {"clientId", "clientSecret", "authorizationServer", "endpoint", "cacheSeconds",
+    raw = dict(check_object(value, key, {"clientId", "clientSecret", "authorizationServer", "endpoint", "cacheSeconds",
                                     "cacheSize"}))
     if CLIENT_SECRET_ENV in environ:
         raw["clientSecret"] = environ[CLIENT_SECRET_ENV]
     for required in ("clientId", "clientSecret"):
         if required not in raw:
             raise ConfigError(f"{key}.{required}", "is required" + (f" (or {CLIENT_SECRET_ENV})" if required == "clientSecret" else ""))
-        if not _expect(raw[required], str, f"{key}.{required}", "a string"):
+        if not expect(raw[required], str, f"{key}.{required}", "a string"):
             raise ConfigError(f"{key}.{required}", "must not be empty")
     server = raw.get("authorizationServer", issuers[0])
     if server not in issuers:
@@ -160,7 +160,7 @@ def _introspection(value: Any, key: str, issuers: tuple[str, ...], environ: Mapp
     endpoint = raw.get("endpoint")
     if endpoint is not None:
         endpoint = _url(endpoint, f"{key}.endpoint", resource=False)
-    size = _expect(raw.get("cacheSize", 10000), int, f"{key}.cacheSize", "a positive integer")
+    size = expect(raw.get("cacheSize", 10000), int, f"{key}.cacheSize", "a positive integer")
     if size <= 0:
         raise ConfigError(f"{key}.cacheSize", f"must be positive, not {size}")
     return IntrospectionConfig(
@@ -171,8 +171,8 @@ def _introspection(value: Any, key: str, issuers: tuple[str, ...], environ: Mapp
 
 def _tool_scopes(value: Any, key: str) -> dict[str, dict[str, tuple[str, ...]]]:
     out: dict[str, dict[str, tuple[str, ...]]] = {}
-    for server, tools in _expect(value, dict, key, "an object of servers").items():
-        _expect(tools, dict, f"{key}.{server}", "an object of tool names to scope lists")
+    for server, tools in expect(value, dict, key, "an object of servers").items():
+        expect(tools, dict, f"{key}.{server}", "an object of tool names to scope lists")
         out[server] = {tool: _scopes(v, f"{key}.{server}.{tool}", empty=False) for tool, v in tools.items()}
     return out
 
@@ -180,7 +180,7 @@ def _tool_scopes(value: Any, key: str) -> dict[str, dict[str, tuple[str, ...]]]:
 def _url(value: Any, key: str, *, resource: bool) -> str:
     """An absolute http(s) URL without fragment (RFC 8707 section 2, RFC 8414 section 2); https unless the
     host is loopback (OAuth 2.1 section 1.5). A resource is also made canonical and has no query."""
-    _expect(value, str, key, "an http(s) URL")
+    expect(value, str, key, "an http(s) URL")
     if _UNQUOTABLE.search(value):
         raise ConfigError(key, "must not contain spaces, quotes or backslashes")
     try:
@@ -214,36 +214,18 @@ def _loopback(host: str) -> bool:
 
 
 def _scopes(value: Any, key: str, empty: bool = True) -> tuple[str, ...]:
-    _expect(value, list, key, "a list of scopes")
+    expect(value, list, key, "a list of scopes")
     if not value and not empty:
         raise ConfigError(key, "must name at least one scope")
     for i, scope in enumerate(value):
-        _expect(scope, str, f"{key}[{i}]", "a string")
+        expect(scope, str, f"{key}[{i}]", "a string")
         if not _SCOPE.fullmatch(scope):
             raise ConfigError(f"{key}[{i}]", f"{json.dumps(scope)[:60]} is not a scope token (RFC 6749 section 3.3)")
     return tuple(dict.fromkeys(value))
 
 
 def _seconds(value: Any, key: str, zero: bool = False) -> float:
-    _expect(value, (int, float), key, "a number of seconds")
+    expect(value, (int, float), key, "a number of seconds")
     if value < 0 or (value == 0 and not zero):
         raise ConfigError(key, f"must be {'non-negative' if zero else 'positive'}, not {value}")
     return float(value)
-
-
-# mcpgw.config has twins of these two, private to it (and being reshaped); the copies keep this module
-# standalone until it is wired in.
-def _expect(value: Any, kind: type | tuple[type, ...], key: str, what: str) -> Any:
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise ConfigError(key, f"must be {what}, not {json.dumps(value)}")
-    if not isinstance(value, kind):
-        raise ConfigError(key, f"must be {what}, not {json.dumps(value)[:60]}")
-    return value
-
-
-def _object(value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
-    _expect(value, dict, key, "an object")
-    for k in value:
-        if k not in allowed:
-            raise ConfigError(f"{key}.{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
-    return value
