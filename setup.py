@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="An event-driven MCP gateway on Twisted: stdio MCP servers over Streamable HTTP and HTTP+SSE.",
     python_requires=">=3.11",
-    packages=["mcpgw", "mcpgw._fast", "mcpgw.oauth", "mcpgw.upstream", "mcpgw.store", "mcpgw.store.redis", "mcpgw.cluster", "mcpgw.pool", "mcpgw.transports", "twisted.plugins"],
+    packages=["mcpgw", "mcpgw.config", "mcpgw._fast", "mcpgw.oauth", "mcpgw.upstream", "mcpgw.store", "mcpgw.store.redis", "mcpgw.cluster", "mcpgw.pool", "mcpgw.transports", "twisted.plugins"],
     # A static .pth (not a finder hook) for `pip install -e .`, so twistd sees twisted/plugins/.
     package_dir={"": "."},
     # The web console's static files (mcpgw.admin serves them at /console/).

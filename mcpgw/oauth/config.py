@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
-from mcpgw.config import ConfigError, check_object, expect
+from mcpgw.config.checks import ConfigError, check_object, expect
 
 #: The environment variable that overrides ``introspection.clientSecret`` (keeps it out of the file).
 CLIENT_SECRET_ENV = "MCPGW_OAUTH_CLIENT_SECRET"
