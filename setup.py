@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="An event-driven MCP gateway on Twisted: stdio MCP servers over Streamable HTTP and HTTP+SSE.",
     python_requires=">=3.11",
-    packages=["mcpgw", "mcpgw.config", "mcpgw._fast", "mcpgw.oauth", "mcpgw.upstream", "mcpgw.store", "mcpgw.store.redis", "mcpgw.cluster", "mcpgw.pool", "mcpgw.transports", "twisted.plugins"],
+    packages=["mcpgw", "mcpgw.config", "mcpgw._fast", "mcpgw.oauth", "mcpgw.tracing", "mcpgw.upstream", "mcpgw.store", "mcpgw.store.redis", "mcpgw.cluster", "mcpgw.pool", "mcpgw.transports", "twisted.plugins"],
     # A static .pth (not a finder hook) for `pip install -e .`, so twistd sees twisted/plugins/.
     package_dir={"": "."},
     # The web console's static files (mcpgw.admin serves them at /console/).
@@ -47,6 +47,17 @@ setup(
             "websockets",
             # tests/test_bench_smoke.py drives the bench, whose WebSocket client is aiohttp.
             "aiohttp",
+            # Tracing's tests: the SDK and its OTLP/HTTP exporter (the otel extra), and the OTLP messages
+            # tests/otlp_receiver.py decodes.
+            "opentelemetry-sdk",
+            "opentelemetry-exporter-otlp-proto-http",
+            "opentelemetry-proto",
+        ],
+        # OpenTelemetry traces (``tracing``): off by default, so the default install goes without them.
+        "otel": [
+            "opentelemetry-api",
+            "opentelemetry-sdk",
+            "opentelemetry-exporter-otlp-proto-http",
         ],
         # .ci/run's code checks (pyproject.toml configures both).
         "lint": [

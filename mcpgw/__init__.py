@@ -37,12 +37,12 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> Any:  # PEP 562: the lazy exports above, imported at their first use
     if name in _LAZY:
         import importlib
 
         module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
+        value = vars(importlib.import_module(module))[attr]
         globals()[name] = value
         return value
     raise AttributeError(f"module 'mcpgw' has no attribute {name!r}")

@@ -24,11 +24,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from mcpgw import jsonrpc, logs
 from mcpgw.channel import ADMIT
 from mcpgw.config import ConfigError, check_server_name
 from mcpgw.control import ServerConflict, ServerControl, UnknownServer
+from mcpgw.request import IHeadChecked, head_decision
 from mcpgw.responding import gone
 from mcpgw.stats import StatsSampler
 
@@ -76,6 +78,7 @@ class AdminAuth:
         return hmac.compare_digest(hashlib.sha256(presented).digest(), self._digest) and bool(presented)
 
 
+@implementer(IHeadChecked)
 class AdminResource(Resource):
     """``/admin/...``: checks the token, then dispatches on the path (a leaf: one place for auth)."""
 
@@ -99,10 +102,10 @@ class AdminResource(Resource):
         return _error(request, 401, "admin token required (Authorization: Bearer <admin.token>)")
 
     def render(self, request: Request) -> Any:
-        reply = getattr(request, "head_reply", None)
+        reply, verdict = head_decision(request)
         if reply is not None:
             return reply  # refused on the head (or its body was over maxBodyBytes)
-        if getattr(request, "guard_verdict", None) is not ADMIT:
+        if verdict is not ADMIT:
             verdict = self.check(request)  # a request that did not come through GatewayChannel
             if verdict is not ADMIT:
                 return verdict

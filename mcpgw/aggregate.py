@@ -53,7 +53,7 @@ from mcpgw.aggregate_members import (
     _template_regex,
     merge_capabilities,
 )
-from mcpgw.config import ServerConfig
+from mcpgw.config import AggregateServer
 from mcpgw.interfaces import IUpstream, upstream_kind
 from mcpgw.metrics import NULL_BOUND, BoundMetrics
 from mcpgw.upstream import make_upstream
@@ -74,18 +74,17 @@ class AggregateUpstream:
     log = Logger(observer=logs.observer)
     pid: int | None = None
 
-    def __init__(self, server: ServerConfig, delegate: Any, reactor: Any):
-        assert server.aggregate is not None
+    def __init__(self, server: AggregateServer, delegate: Any, reactor: Any):
         self.server = server
         self.delegate = delegate
         self._reactor = reactor
-        self._sep = server.aggregate.separator
-        self._always = server.aggregate.prefix == "always"
+        self._sep = server.separator
+        self._always = server.prefix == "always"
         self.ended = False
         self.exit_reason = ""
         self._stopping = False
         self._metrics: BoundMetrics = NULL_BOUND
-        self.members = [_Member(config, i) for i, config in enumerate(server.aggregate.members)]
+        self.members = [_Member(config, i) for i, config in enumerate(server.members)]
         for member in self.members:
             member.upstream = make_upstream(member.config, _MemberDelegate(self, member), reactor)
         self._by_name = {m.name: m for m in self.members}

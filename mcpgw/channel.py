@@ -30,6 +30,7 @@ from typing import Any, Protocol, cast
 
 import attrs
 from twisted.internet import interfaces, tcp
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -163,7 +164,9 @@ class GatewayChannel(HTTPChannel):
         self._gate = ReadGate(interfaces.IPushProducer(transport, NoProducer()))
         self._socket = transport  # kept for the accounting when a WebSocket takes the transport over
         self._through = _fast_web.writes_through(transport)
-        self._ip = getattr(self.getPeer(), "host", None) or "local"
+        peer = self.getPeer()
+        # A peer without an IP address (a UNIX socket's) is counted as "local".
+        self._ip = peer.host if isinstance(peer, (IPv4Address, IPv6Address)) and peer.host else "local"
         refusal = self._connections.opened(self, self._ip, fileno(transport))
         if refusal is not None:
             self._refuse_connection(refusal)
@@ -193,12 +196,11 @@ class GatewayChannel(HTTPChannel):
         return cast(tcp.Connection, self.transport)
 
     def _cancel_calls(self) -> None:
-        for name in ("_deadline", "_abort_call", "_linger_call", "_replay_call"):
-            call = getattr(self, name)
-            if call is not None:
-                setattr(self, name, None)
-                if call.active():
-                    call.cancel()
+        calls = (self._deadline, self._abort_call, self._linger_call, self._replay_call)
+        self._deadline = self._abort_call = self._linger_call = self._replay_call = None
+        for call in calls:
+            if call is not None and call.active():
+                call.cancel()
 
     # -- addresses ---------------------------------------------------------------------------
 

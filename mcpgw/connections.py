@@ -150,7 +150,7 @@ class Connections:
     def _prune_upgraded(self) -> None:
         """Drop the WebSockets whose socket has closed (their end is not reported here)."""
         for transport, ip in list(self._upgraded.items()):
-            if not getattr(transport, "connected", False):
+            if not transport.connected:  # FileDescriptor's (through a TLS wrapper, the TCP one's)
                 del self._upgraded[transport]
                 self._forget(ip)
 

@@ -27,6 +27,8 @@ from mcpgw.config import GatewayConfig, ServerConfig, parse_server
 from mcpgw.session import Session
 from mcpgw.transports.common import GatewayContext
 from mcpgw.upstream import innermost
+from mcpgw.upstream.remote import RemoteUpstream
+from mcpgw.upstream.stdio import StdioUpstream
 
 
 class UnknownServer(KeyError):
@@ -185,11 +187,13 @@ class ServerControl:
         now = self._reactor.seconds()
         sessions = [s for s in list(self._ctx.sessions.sessions.values()) if s.server.name == name]
         activity = self._ctx.sessions.activity.get(name)
+        crashes = activity.crashes if activity is not None else 0
         children = []
         for s in sessions:
             upstream = s.upstream
             # A stdio child or a remote session has its own start time; a pool lease or an aggregate, the session's.
-            started = getattr(innermost(upstream), "started_at", s.created)
+            inner = innermost(upstream)
+            started = inner.started_at if isinstance(inner, (StdioUpstream, RemoteUpstream)) else s.created
             children.append({
                 "pid": upstream.pid,
                 "session": s.id,
@@ -200,23 +204,24 @@ class ServerControl:
             })
         kind = server.kind
         problems = []
-        if kind == "stdio" and not os.access(server.executable, os.X_OK):
+        if server.kind == "stdio" and not os.access(server.executable, os.X_OK):
             problems.append(f"{server.executable} is not executable")
         base = f"/servers/{name}"
         return {
             "name": name,
             "kind": kind,
             "default": name == self._ctx.config.default_server.name,
-            "command": server.command,
-            "args": list(server.args),
-            "executable": server.executable,
+            "command": server.command if server.kind == "stdio" else "",
+            "args": list(server.args) if server.kind == "stdio" else [],
+            "executable": server.executable if server.kind == "stdio" else "",
             "health": "ok" if not problems else "unavailable",
             "problems": problems,
             "paths": {"mcp": f"{base}/mcp", "sse": f"{base}/sse", "messages": f"{base}/messages", "ws": f"{base}/ws"},
             "sessions": len(sessions),
             "inFlight": sum(c["inFlight"] for c in children),
             "starts": activity.starts if activity is not None else 0,
-            "restarts": activity.restarts if activity is not None else 0,
+            "crashes": crashes,
+            "restarts": crashes,  # deprecated: the same count, under a name that says restarts
             "children": children,
             "stderr": list(activity.stderr) if activity is not None else [],
         }

@@ -305,5 +305,5 @@ def makeService(options: Options, reactor: Any = None) -> ExporterService:
         sys.stderr.flush()
         raise SystemExit(2) from e
     prometheus_client.disable_created_metrics()
-    top.log_observer = logs.observer_for(getattr(options, "parent", None), options["log-format"] or config.logFormat)
+    top.log_observer = logs.observer_for(options.parent, options["log-format"] or config.logFormat)
     return top

@@ -21,6 +21,12 @@ from zope.interface import Attribute, Interface
 class IRoute(Interface):
     """A client stream that waits for responses (a POST exchange, an SSE stream, a WebSocket)."""
 
+    open_stream = Attribute(
+        "True while the route is a POST's response that is still open to more messages, on this instance or "
+        "another: StreamableOutlet.unbound puts a server message no request claims on the newest such route, "
+        "where the client is reading already. False for a route that is the session's outlet too "
+        "(an HTTP+SSE stream, a WebSocket) or that no client reads (a pool's own fetch)")
+
     def answer(id: Any, raw: bytes) -> None:
         """The response to request ``id`` that this route carried."""
 
@@ -97,7 +103,8 @@ class ISession(Interface):
     metrics = Attribute("its BoundMetrics")
     ended = Attribute("True once it is over")
     end_reason = Attribute('why it ended ("" while it runs)')
-    outlet = Attribute("its IOutlet, or None while no transport listens")
+    outlet = Attribute("its IOutlet, made with the session for the transport that created it, or None: no "
+                       "transport listens (a session made without one, as in unit tests)")
 
     def request(msg: dict[str, Any], raw: bytes, route: Any) -> None:
         """Relay a client request; its response goes to ``route`` (an IRoute)."""
@@ -136,7 +143,8 @@ class ILocalSession(ISession, IUpstreamDelegate):
     request_timeout = Attribute("limits.requestTimeout in seconds, or None")
     on_version = Attribute("called with the session once its protocol version is known, or None")
     on_initialized = Attribute("called once the client said notifications/initialized, or None")
-    recorded = Attribute("a Deferred that fires once the store has its record, or None before")
+    recorded = Attribute("a Deferred that fires (with None) once the store has its record or failed to write it; "
+                         "never for a session whose child could not start (it is not recorded)")
     start_child = Attribute("a lazily started session: starts its child at its first message; else None")
 
     def start() -> None:

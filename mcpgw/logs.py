@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import re
 import sys
 import time
@@ -214,11 +215,12 @@ def _text(value: Any) -> str:
 
 @implementer(ILogObserver)
 class JsonLinesObserver:
-    """Writes each event as one line of JSON to ``out`` (a text or binary file)."""
+    """Writes each event as one line of JSON to ``out``: str to a text stream (``io.TextIOBase``:
+    stdout, a StringIO), bytes to anything else (a binary file, twistd's LogFile)."""
 
     def __init__(self, out: IO[Any]):
         self._out = out
-        self._binary = "b" in getattr(out, "mode", "") or not hasattr(out, "encoding")
+        self._binary = not isinstance(out, io.TextIOBase)
 
     def __call__(self, event: dict[str, Any]) -> None:
         line = orjson.dumps(json_event(event), default=_text) + b"\n"

@@ -8,7 +8,7 @@ label values were resolved once:
   (latency from the start time kept with the pending request, bytes out, errors);
 - ``SseResponse`` open/close and its writes: active connections, SSE events;
 - WebSocket open/close: active connections;
-- ``StdioUpstream`` spawn/stop/exit: child process gauges, restarts;
+- ``StdioUpstream`` spawn/stop/exit: child process gauges, crashes;
 - ``Metrics.wrap`` around each MCP endpoint: HTTP error replies by kind;
 - ``Metrics.redis_op`` and ``Metrics.rate_limited``: hooks for the Redis store and the rate limiter;
 - ``mark_fallback`` where a protocol-version probe is refused as designed (``server/discover`` to a
@@ -20,9 +20,9 @@ label values were resolved once:
 
 The per-message figures (requests, bytes, SSE events, the latency histogram)
 are plain numbers on those objects, turned into families by ``_HotCollector``
-at scrape time: about 0.3 us per request and response, against ~2.5 us through
-prometheus-client's locked counters. Everything, scrapes included, runs on the
-reactor thread. The rest (errors, gauges, child processes, Redis) are ordinary
+at scrape time: a dict update per request and response rather than a lock taken
+per prometheus-client counter. Everything, scrapes included, runs on the reactor
+thread, so the plain numbers need no lock. The rest (errors, gauges, child processes, Redis) are ordinary
 prometheus-client metrics.
 
 Labels stay bounded: transports and error kinds are fixed sets, servers come
@@ -32,6 +32,7 @@ rest. ``NoMetrics`` has the same surface and does nothing (``metrics.enabled: fa
 
 from __future__ import annotations
 
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
@@ -86,8 +87,9 @@ MODERN_OUTCOMES = ("input_required", "resumed", "state_unknown", "header_mismatc
 #:             400/-32022 or 404 because the server serves handshake versions only; the client goes on
 #:             with initialize (2026-07-28 basic/versioning: the client falls back)
 NEGOTIATION_OUTCOMES = ("fallback",)
-#: The request attribute a transport sets on a refusal that is a version fallback (``mark_fallback``).
-_FALLBACK = "mcpgw_version_fallback"
+#: The requests whose error reply is a version fallback (``mark_fallback``), read by ``_CountErrors``;
+#: weak, so a request answered and dropped leaves nothing behind.
+_fallbacks: weakref.WeakSet[Any] = weakref.WeakSet()
 
 #: Error kinds (``mcp_gateway_errors_total{kind}``).
 #:   upstream_error     the MCP server answered a request with a JSON-RPC error
@@ -125,7 +127,7 @@ def method_label(method: Any) -> str:
 
 def mark_fallback(request: Any) -> None:
     """The error reply being written to ``request`` is a version fallback, not an error (see NEGOTIATION_OUTCOMES)."""
-    setattr(request, _FALLBACK, True)
+    _fallbacks.add(request)
 
 
 def error_kind(status: int) -> str:
@@ -163,6 +165,7 @@ class BoundMetrics:
         self._running = m.child_processes.labels(server, "running")
         self._stopping = m.child_processes.labels(server, "stopping")
         self._child_starts = m.child_starts.labels(server)
+        self._crashes = m.child_crashes.labels(server)
         self._restarts = m.child_restarts.labels(server)
         self._durations = m.durations
 
@@ -229,11 +232,13 @@ class BoundMetrics:
         self._stopping.inc()
 
     def child_exited(self, stopping: bool) -> None:
-        """A child exited; ``stopping`` if the gateway had asked it to. An unasked exit is a restart."""
+        """A child exited; ``stopping`` if the gateway had asked it to. An unasked exit is a crash
+        (counted under the deprecated restarts name too)."""
         if stopping:
             self._stopping.dec()
         else:
             self._running.dec()
+            self._crashes.inc()
             self._restarts.inc()
 
 
@@ -318,9 +323,16 @@ class Metrics:
             ["server", "state"], registry=r)
         self.child_starts = Counter(
             "mcp_gateway_child_starts", "MCP server child processes spawned.", ["server"], registry=r)
+        self.child_crashes = Counter(
+            "mcp_gateway_child_crashes",
+            "MCP server children that exited without being asked to (the client has to re-initialize).",
+            ["server"], registry=r)
+        #: Deprecated: what child_crashes counts, under a name that says restarts (a per-session
+        #: child is never restarted; its client re-initializes); kept for the dashboards and alerts
+        #: that read it.
         self.child_restarts = Counter(
             "mcp_gateway_child_restarts",
-            "MCP server children that exited without being asked to (the client has to re-initialize).",
+            "Deprecated: mcp_gateway_child_crashes under its former name (same value).",
             ["server"], registry=r)
         self.redis_operations = Counter(
             "mcp_gateway_redis_operations", "Redis operations by outcome (ok, error, timeout).",
@@ -495,7 +507,7 @@ class _CountErrors(Resource):
     def render(self, request: Request) -> Any:
         result = self._inner.render(request)
         if request.code >= 400:
-            if getattr(request, _FALLBACK, False):
+            if request in _fallbacks:
                 self._bound.negotiated("fallback")
             else:
                 self._bound.error(error_kind(request.code))

@@ -123,7 +123,7 @@ class HostPolicy:
         ``config.host`` when there are none (a Guard built without tap.build_service)."""
         descriptions = list(listens or ())
         interfaces = [listen_interface(d) for d in descriptions] if descriptions else [config.host]
-        return cls(interfaces, getattr(config, "allowedHosts", ()), config.cors.origins)
+        return cls(interfaces, config.allowedHosts, config.cors.origins)
 
     # -- Host --------------------------------------------------------------------
 

@@ -102,15 +102,14 @@ class Session:
     #: Called once the client has said ``notifications/initialized`` (the handshake is over: a warm
     #: pool refills then, off the session's setup path).
     on_initialized: Callable[[], None] | None = None
-    #: Fires once the store has the session's record (other instances can find it), or failed to; set by
-    #: the SessionManager once the session has started (a session whose child cannot start is never recorded).
-    recorded: defer.Deferred[None] | None = None
 
     def __init__(self, id: str, server: ServerConfig, transport: str, reactor: Any, on_end: Callable[[Session], None],
                  metrics: BoundMetrics = NULL_BOUND, upstream: Any = None, *, owner: str | None = None,
                  quota_key: str | None = None, max_pending: int | None = None, request_timeout: float | None = None,
                  on_version: Callable[[Session], None] | None = None, on_initialized: Callable[[], None] | None = None,
-                 start_later: Callable[[Session], None] | None = None):
+                 start_later: Callable[[Session], None] | None = None, outlet: Callable[[Session], Any] | None = None):
+        """``outlet``: makes the session's IOutlet for the transport that creates it (the outlet needs
+        the session, so the session makes it, as the last step of its construction)."""
         self.id = id
         self.owner = owner
         self.quota_key = quota_key
@@ -129,8 +128,10 @@ class Session:
         self.last_seen = self.created
         self.ended = False
         self.end_reason = ""
-        #: Its IOutlet, or None while no transport listens (Any until every transport's outlet declares IOutlet).
-        self.outlet: Any = None
+        #: Fires (with None) once the store has the session's record, so that other instances can find it,
+        #: or failed to write it; the SessionManager fires it once the session has started (a session whose
+        #: child cannot start is never recorded).
+        self.recorded: defer.Deferred[None] = defer.Deferred()
         #: request id -> (route, method label, start time): the pending request and what its metrics need.
         self._requests: dict[Any, tuple[IRoute, str, float]] = {}
         self._token_route: dict[Any, IRoute] = {}
@@ -144,20 +145,13 @@ class Session:
         self.prespawned = upstream is not None
         self.upstream = self._upstream_for(upstream)
         self.upstream.metrics = metrics
+        #: Its IOutlet (``outlet``), or None: no transport listens (a session made without one).
+        self.outlet: Any = None if outlet is None else outlet(self)
 
     @property
     def request_timeout(self) -> float | None:
         """limits.requestTimeout (seconds), or None."""
         return self._deadlines.timeout
-
-    @request_timeout.setter
-    def request_timeout(self, value: float | None) -> None:
-        self._deadlines.timeout = value
-
-    @property
-    def _deadline(self) -> Any:
-        """The pending requests' one timer, or None (tests/test_limits.py checks that close() stops it)."""
-        return self._deadlines.timer
 
     def _upstream_for(self, base: Any) -> Any:
         """The session's IUpstream: stdio, remote or aggregate (mcpgw.upstream); ``base``: a warm child to adopt."""
@@ -179,8 +173,8 @@ class Session:
         self.upstream = make_upstream(self.server, self, self._reactor, base=upstream)
         self.upstream.metrics = self.metrics
 
-    def _started(self) -> str | None:
-        """Start a lazily started session's child now; None, or why it could not be started."""
+    def _start_child_error(self) -> str | None:
+        """Start a lazily started session's child now; why it could not be started, or None."""
         start, self.start_child = self.start_child, None
         if start is None:
             return None
@@ -201,7 +195,7 @@ class Session:
         id = msg["id"]
         method = self.metrics.request(msg["method"], len(raw))
         if self.start_child is not None and not self.ended:
-            failed = self._started()
+            failed = self._start_child_error()
             if failed is not None:  # answered on its route (the SSE stream), then the session (and stream) ends
                 route.answer(id, jsonrpc.error_bytes(id, jsonrpc.CONNECTION_CLOSED, failed))
                 self._end(failed)
@@ -236,7 +230,7 @@ class Session:
         self.last_seen = self._reactor.seconds()
         self.metrics.received(len(raw))
         if self.start_child is not None and not self.ended:
-            failed = self._started()
+            failed = self._start_child_error()
             if failed is not None:
                 self._end(failed)
                 return
@@ -446,12 +440,14 @@ class SessionManager(Service):
         return None
 
     def create(self, server: ServerConfig, transport: str, owner: str | None = None,
-               factory: SessionFactory | None = None, lazy: bool = False, principal: Any = None) -> Session:
+               factory: SessionFactory | None = None, lazy: bool = False, principal: Any = None,
+               outlet: Callable[[Session], Any] | None = None) -> Session:
         """Start a session (and its child) for ``owner``; SessionRefused when a cap is reached.
 
         ``lazy`` (legacy SSE streams): a stdio server's child is started by the session's first
         message instead (``Session.start_child``), so an idle stream holds no child and no pipes.
         ``principal`` (mcpgw.auth.principal_of): keys an anonymous client's quota by its address.
+        ``outlet``: makes the session's IOutlet (the transport's), given the session as it is made.
         """
         refused = self.room_for(server, owner, principal)
         if refused is not None:
@@ -469,7 +465,7 @@ class SessionManager(Service):
             owner=owner, quota_key=quota_key(owner, principal), max_pending=self.config.limits.maxPendingRequests,
             request_timeout=self.config.limits.requestTimeout, on_version=self._version,
             on_initialized=None if warm is None else warm.settled,
-            start_later=(lambda s: self._start_child(s, warm)) if lazy else None, **extra)
+            start_later=(lambda s: self._start_child(s, warm)) if lazy else None, outlet=outlet, **extra)
         session.metrics.session_started()
         child = innermost(session.upstream)
         if isinstance(child, StdioUpstream):
@@ -484,8 +480,9 @@ class SessionManager(Service):
                 session.metrics.error("spawn")
                 self._forget(session)
                 raise
-        session.recorded = self.store.add(SessionRecord(session.id, server.name, transport, session.created, owner=owner))
-        self._stored(session.recorded, session)
+        stored = self.store.add(SessionRecord(session.id, server.name, transport, session.created, owner=owner))
+        self._stored(stored, session)
+        stored.addCallback(session.recorded.callback)
         # Logged on the next reactor turn: after the caller has sent the session's first message to
         # the child, so that formatting the line overlaps the child's work instead of preceding it.
         self._reactor.callLater(0, self.log.info, "session {session} started ({server}/{transport})",
@@ -503,8 +500,8 @@ class SessionManager(Service):
         """The live session with this id that ``owner`` created, or None.
 
         Only ids this gateway issued are ever keys of ``sessions``, so a hit needs no
-        HMAC (one ``hmac.new`` per request was ~5% of the gateway's time per call);
-        a miss is still checked, so a forged id never reaches a store lookup.
+        HMAC (an ``hmac.new`` on every request is a cost each call pays); a miss is still
+        checked, so a forged id never reaches a store lookup.
         """
         if not session_id:
             return None
@@ -555,10 +552,10 @@ class SessionManager(Service):
     def reap(self) -> None:
         """End sessions idle for longer than ``session.maxAge``, and any older than ``session.maxLifetime``."""
         now = self._reactor.seconds()
-        limit = now - self.config.session.maxAge / 1000.0
-        lifetime = self.config.session.maxLifetime
+        limit = now - self.config.session.idleSeconds
+        lifetime = self.config.session.lifetimeSeconds
         for session in list(self.sessions.values()):
-            if lifetime is not None and session.created <= now - lifetime / 1000.0:
+            if lifetime is not None and session.created <= now - lifetime:
                 session.close("older than session.maxLifetime")
                 continue
             if session.last_seen < limit and not session.has_pending() and session.transport not in ("sse", "ws"):
@@ -569,7 +566,7 @@ class SessionManager(Service):
         tune_allocator()  # large messages: reuse heap memory instead of fresh mappings per buffer
         self._reaper = LoopingCall(self.reap)
         self._reaper.clock = self._reactor
-        interval = min(60.0, self.config.session.maxAge / 1000.0, (self.config.session.maxLifetime or 60_000) / 1000.0)
+        interval = min(60.0, self.config.session.idleSeconds, self.config.session.lifetimeSeconds or 60.0)
         self._reaper.start(interval, now=False).addErrback(lambda f: self.log.failure("reaper stopped", f))
         for server in self.config.servers.values():
             if warmable(server) and server.name not in self.warm:

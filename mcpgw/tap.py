@@ -65,7 +65,7 @@ def install_default_reactor(options: usage.Options) -> bool:
     """
     from twisted.application.app import ServerOptions
 
-    if not isinstance(getattr(options, "parent", None), ServerOptions):
+    if not isinstance(options.parent, ServerOptions):
         return False
     if "twisted.internet.reactor" in sys.modules or not sys.platform.startswith("linux"):
         return False
@@ -269,5 +269,5 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         procsec.GuardService(guard).setServiceParent(top)
     warn_if_open(config, options["listen"])
     # Text or JSON, behind logLevel and the cleaning of client-controlled fields (mcpgw.logs).
-    top.log_observer = logs.observer_for(getattr(options, "parent", None), options["log-format"] or config.logFormat)
+    top.log_observer = logs.observer_for(options.parent, options["log-format"] or config.logFormat)
     return top

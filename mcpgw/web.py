@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import Any, cast
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
@@ -14,16 +14,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site, UnsupportedMethod
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from mcpgw import __version__, jsonrpc, logs
 from mcpgw.aggregate import AggregateUpstream
-from mcpgw.auth import Authenticator, Unauthorized, principal_of
+from mcpgw.auth import Authenticator, InsufficientScope, Unauthorized, principal_of
 from mcpgw.channel import ADMIT, ChannelLimits, Connections, GatewayChannel
 from mcpgw.config import ServerConfig
+from mcpgw.oauth.metadata import well_known
 from mcpgw.origin import HostPolicy
 from mcpgw.ratelimit import Decision, MemoryRateLimiter
+from mcpgw.request import GatewayRequest, HeadChecked, IHeadChecked, head_decision
 from mcpgw.responding import gone
+from mcpgw.toolpolicy import forbidden_reply
 from mcpgw.transports.common import GatewayContext, error_reply
 from mcpgw.transports.legacy import MessagesEndpoint, SseEndpoint
 from mcpgw.transports.streamable import StreamableEndpoint
@@ -50,9 +53,19 @@ def _param_headers(request: Request) -> bytes:
 
 
 def unauthorized_reply(auth: Authenticator, request: Request, e: Unauthorized) -> bytes:
-    """401 with ``WWW-Authenticate: Bearer ...`` (RFC 6750)."""
-    request.setHeader(b"www-authenticate", auth.challenge(e))
+    """401 with ``WWW-Authenticate: Bearer ...`` (RFC 6750; with ``resource_metadata``, RFC 9728); 503 with
+    ``Retry-After`` when the authorization server that would decide cannot be asked."""
+    if e.status == 503:
+        request.setHeader(b"retry-after", b"5")
+        return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.description}")
+    request.setHeader(b"www-authenticate", auth.challenge(e, request))
     return error_reply(request, 401, jsonrpc.CONNECTION_CLOSED, f"Unauthorized: {e.description}")
+
+
+def _refusal(failure: Failure) -> Unauthorized:
+    failure.trap(Unauthorized)
+    assert isinstance(failure.value, Unauthorized)
+    return failure.value
 
 
 class Guard(Resource):
@@ -102,8 +115,7 @@ class Guard(Resource):
         return verdict
 
     def render(self, request: Request) -> Any:
-        verdict = getattr(request, "guard_verdict", None)
-        reply = getattr(request, "head_reply", None)
+        reply, verdict = head_decision(request)
         if reply is not None:
             return reply  # refused on the head (or its body was over maxBodyBytes)
         if verdict is None:
@@ -135,13 +147,21 @@ class Guard(Resource):
                     request.setHeader(b"access-control-allow-headers", ALLOW_HEADERS + _param_headers(request))
                     request.setHeader(b"access-control-max-age", b"86400")
                     return b""
-        unauthorized = None
+        server = self.server_name if self.server_name != "other" else None
         try:
-            self._auth.principal(request)
+            found = self._auth.principal(request, server)
         except Unauthorized as e:
-            unauthorized = e  # answered after the rate limit has counted it
+            return self._limit(request, e)
+        if isinstance(found, Deferred):
+            # An OAuth access token: checked by its authorization server's keys or introspection.
+            return found.addCallbacks(lambda principal: self._limit(request, self._auth.scope_refusal(principal, server)),
+                                      lambda failure: self._limit(request, _refusal(failure)))
+        return self._limit(request, self._auth.scope_refusal(found, server))
+
+    def _limit(self, request: Request, refusal: Unauthorized | InsufficientScope | None) -> Any:
+        """The rate limit, then ``refusal`` (counted first, so guessing tokens is limited per address too)."""
         if self._limiter is None:
-            return self._admit(request, None, unauthorized)
+            return self._admit(request, None, refusal)
         principal = principal_of(request)
         assert principal is not None  # attached by Authenticator.principal, even when refused
         outcome: list[Any] = []
@@ -152,9 +172,9 @@ class Guard(Resource):
         else:
             d.addBoth(outcome.append)
         if outcome:
-            return self._admit(request, outcome[0], unauthorized)
+            return self._admit(request, outcome[0], refusal)
         decided: Deferred[Any] = Deferred()
-        d.addCallback(lambda _: decided.callback(self._admit(request, outcome[0], unauthorized)))
+        d.addCallback(lambda _: decided.callback(self._admit(request, outcome[0], refusal)))
         d.addErrback(lambda f: self.log.failure("guard failed", f))
         return decided
 
@@ -171,7 +191,8 @@ class Guard(Resource):
                 request.setHeader(b"access-control-allow-credentials", b"true")
         request.setHeader(b"access-control-expose-headers", b"Mcp-Session-Id")
 
-    def _admit(self, request: Request, outcome: Decision | Failure | None, unauthorized: Unauthorized | None) -> Any:
+    def _admit(self, request: Request, outcome: Decision | Failure | None,
+               refusal: Unauthorized | InsufficientScope | None) -> Any:
         if isinstance(outcome, Failure):
             self.log.failure("rate limiter failed; request let through", outcome)
         elif outcome is not None:
@@ -185,8 +206,10 @@ class Guard(Resource):
                 )
                 request.setResponseCode(429, b"Too Many Requests")
                 return body
-        if unauthorized is not None:
-            return unauthorized_reply(self._auth, request, unauthorized)
+        if isinstance(refusal, Unauthorized):
+            return unauthorized_reply(self._auth, request, refusal)
+        if refusal is not None:
+            return forbidden_reply(self._auth, request, refusal)
         return ADMIT
 
     def _render_later(self, verdict: Any, request: Request) -> Any:
@@ -224,9 +247,7 @@ def _guarded(inner: IResource, ctx: GatewayContext, transport: str, server: str)
     """``inner`` behind its Guard, with its error replies counted (``Metrics.wrap``; as is without metrics)."""
     guard = Guard(inner, ctx)
     guard.transport, guard.server_name = transport, server
-    wrapped = ctx.metrics.wrap(guard, transport, server)
-    cast(Any, wrapped).head_guard = guard  # what GatewaySite.head_received asks on the request head
-    return wrapped
+    return HeadChecked(ctx.metrics.wrap(guard, transport, server), guard)
 
 
 class NotFound(Resource):
@@ -250,12 +271,20 @@ class ServersIndex(Resource):
             return self
         return NotFound()
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> Any:
         ctx = self._ctx
         try:
-            ctx.auth.principal(request)  # what the gateway runs is not for anonymous eyes
+            found = ctx.auth.principal(request)  # what the gateway runs is not for anonymous eyes
         except Unauthorized as e:
             return unauthorized_reply(ctx.auth, request, e)
+        if isinstance(found, Deferred):
+            found.addCallbacks(lambda _: self._index(request), lambda f: unauthorized_reply(ctx.auth, request, _refusal(f)))
+            found.addCallback(_finish, request)
+            return NOT_DONE_YET
+        return self._index(request)
+
+    def _index(self, request: Request) -> bytes:
+        ctx = self._ctx
         default = ctx.config.default_server.name
         servers = []
         for name, server in ctx.config.servers.items():
@@ -263,7 +292,7 @@ class ServersIndex(Resource):
             servers.append({
                 "name": name,
                 "default": name == default,
-                "command": server.command,
+                "command": server.command if server.kind == "stdio" else "",
                 **_server_kind(ctx, server),
                 "paths": {"sse": f"{base}/sse", "messages": f"{base}/messages", "mcp": f"{base}/mcp", "ws": f"{base}/ws"},
                 "sessions": ctx.sessions.count(name),
@@ -271,22 +300,27 @@ class ServersIndex(Resource):
         return _json(request, {"servers": servers})
 
 
+def _finish(body: bytes, request: Request) -> None:
+    if not gone(request):
+        request.write(body)
+        request.finish()
+
+
 def _server_kind(ctx: GatewayContext, server: ServerConfig) -> dict[str, Any]:
     """``kind`` and what belongs to it in ``/servers``: a remote's URL (never its headers), an aggregate's
     members with the number of its live sessions in which each one is down (mcpgw.aggregate)."""
     if server.kind == "remote":
         return {"kind": "remote", "url": server.url, "transport": server.transport}
-    if server.aggregate is not None:
+    if server.kind == "aggregate":
         sessions = [s for s in ctx.sessions.sessions.values() if s.server.name == server.name]
         members = []
-        for member in server.aggregate.members:
+        for member in server.members:
             down = [up.member_down(member.name) for s in sessions
                     if isinstance(up := innermost(s.upstream), AggregateUpstream)]
             reasons = sorted({r for r in down if r})
             members.append({"name": member.name, "kind": member.kind, "downIn": sum(1 for r in down if r),
                             "reasons": reasons[:5]})
-        return {"kind": "aggregate", "members": members, "separator": server.aggregate.separator,
-                "prefix": server.aggregate.prefix}
+        return {"kind": "aggregate", "members": members, "separator": server.separator, "prefix": server.prefix}
     return {"kind": server.kind}
 
 
@@ -338,13 +372,17 @@ class Root(Resource):
         super().__init__()
         config = ctx.config
         if ctx.auth is None:
-            ctx.auth = Authenticator(config.auth, ctx.reactor, config.trustedProxies)
+            ctx.auth = Authenticator(config.auth, ctx.reactor, config.trustedProxies,
+                                     servers=config.servers, default=config.default_server.name)
         if ctx.limiter is None and config.rateLimit.enabled:
             rl = config.rateLimit
             ctx.limiter = MemoryRateLimiter(rl.max, rl.window_seconds, ctx.reactor, rl.maxKeys)
         self.putChild(b"health", Health(ctx))
         self.putChild(b"ready", Ready(ctx))
         self.putChild(b"servers", ServersIndex(ctx))
+        if ctx.auth.resources is not None:
+            # RFC 9728: public, outside every Guard (a client reads it to learn how to get a token).
+            self.putChild(b".well-known", well_known(ctx.auth.resources))
         default = ServerResource(ctx, ctx.config.default_server)
         for name in (b"sse", b"messages", b"mcp", b"ws"):
             self.putChild(name, default.children[name])
@@ -356,93 +394,12 @@ class Root(Resource):
         return _json(request, {"name": "mcpgw", "version": __version__, "health": "/health", "servers": "/servers"})
 
 
-class _MethodNotAllowed:
-    """A resource whose UnsupportedMethod is a JSON 405 with ``Allow``: twisted.web answers 501
-    for any method besides GET, HEAD and POST (DELETE /health), and the gateway never says 5xx
-    about a client's request."""
-
-    def __init__(self, resource: Any):
-        self._resource = resource
-
-    def render(self, request: Request) -> Any:
-        try:
-            return self._resource.render(request)
-        except UnsupportedMethod as e:
-            if request.method == b"HEAD" and b"GET" in e.allowedMethods:
-                raise  # twisted.web answers HEAD with the GET's headers
-            allowed: list[bytes] = list(e.allowedMethods)
-            request.setHeader(b"allow", b", ".join(allowed))
-            return _json(request, {"error": "method not allowed", "allowed": [m.decode() for m in allowed]}, 405)
-
-
-class _Reply(Resource):
-    """A refusal decided on the request head (its status and headers are already set)."""
-
-    isLeaf = True
-
-    def __init__(self, body: bytes):
-        super().__init__()
-        self._body = body
-
-    def render(self, request: Request) -> bytes:
-        return self._body
-
-
-class GatewayRequest(Request):
-    """A request read by mcpgw.channel.GatewayChannel: its body in memory, and what was decided
-    on its head (GatewaySite.head_received)."""
-
-    #: The body of an answer decided before the body was read (401, 403, 429, 413...).
-    head_reply: bytes | None = None
-    #: The Guard that decided on the head (None: the path has none).
-    head_guard: Any = None
-    #: Guard.check's verdict from the head: ADMIT, a refusal, or a pending Deferred (None: not asked).
-    guard_verdict: Any = None
-    #: (resource, prepath, postpath) found on the head, so the tree is walked once per request.
-    head_route: Any = None
-    #: maxBodyBytes (set by the channel with the head).
-    max_body = 16 * 1024 * 1024
-
-    def gotLength(self, length: int | None) -> None:
-        # In memory, whatever the length: the channel refuses more than maxBodyBytes.
-        self.content = io.BytesIO()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.head_reply is not None:
-            return  # answered without its body; what still arrives is dropped
-        content = cast(io.BytesIO, self.content)
-        content.write(data)
-        if content.tell() > self.max_body:
-            cast(GatewayChannel, self.channel).body_too_large(self)  # a chunked body (a declared length is checked on the head)
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        channel = cast(GatewayChannel, self.channel)
-        if getattr(channel, "_head", None) is not None:
-            channel.flush_head()  # the head of a response started without body bytes (GatewayChannel.writeHeaders)
-
-    def refuse_too_large(self, length: int | None, limit: int) -> None:
-        """413 before (Content-Length) or the moment (chunked) the body passes ``maxBodyBytes``."""
-        size = f" of {length} bytes" if length is not None else ""
-        self.head_reply = error_reply(self, 413, jsonrpc.INVALID_REQUEST,
-                                      f"request body{size} exceeds the limit of {limit} bytes")
-
-    def render(self, resrc: Any) -> None:
-        if self.head_reply is not None and self.head_guard is None:
-            resrc = _Reply(self.head_reply)
-        super().render(_MethodNotAllowed(resrc))
-        if not self.finished:  # (a finished request has let go of its channel)
-            channel = self.channel
-            if channel is not None and channel.transport is None and hasattr(channel, "taken_over"):
-                channel.taken_over()  # a WebSocket upgrade took the connection over
-
-
 class GatewaySite(Site):
     """A Site without the per-request costs a gateway does not need, and with the connection
     limits of mcpgw.channel.
 
-    No form parsing of POST bodies (36% of request time, PERFORMANCE_NOTES)
-    and no access log line per request (21%).
+    No form parsing of POST bodies and no access log line per request: both are large shares of
+    a small request's time in twisted.web (docs/performance.md).
     """
 
     protocol = GatewayChannel  # type: ignore[assignment]
@@ -479,11 +436,11 @@ class GatewaySite(Site):
         request.postpath = [unquote_to_bytes(p) for p in segments] if b"%" in path else segments
         resource = Site.getResourceFor(self, request)
         request.head_route = (resource, request.prepath, request.postpath)
-        guard = getattr(resource, "head_guard", None)
-        if guard is None:
+        if not IHeadChecked.providedBy(resource):
             return None
+        guard = resource.head_guard
         request.head_guard = guard
-        verdict = request.guard_verdict = guard.check(request)
+        verdict = request.guard_verdict = _settled(guard.check(request))
         if verdict is ADMIT:
             return None
         if isinstance(verdict, Deferred):
@@ -492,7 +449,7 @@ class GatewaySite(Site):
         return None
 
     def getResourceFor(self, request: Any) -> Any:
-        route = getattr(request, "head_route", None)
+        route = request.head_route if isinstance(request, GatewayRequest) else None
         if route is None:
             return super().getResourceFor(request)
         request.head_route = None
@@ -504,6 +461,24 @@ class GatewaySite(Site):
     def getContentFile(self, length: int | None) -> Any:
         """Bodies are kept in memory, never spooled to disk (maxBodyBytes bounds them)."""
         return io.BytesIO()
+
+
+def _settled(verdict: Any) -> Any:
+    """A Deferred verdict that has already fired (a token checked against cached keys), as its result: the
+    channel then goes on as for any verdict decided at once, without holding the body for a later one."""
+    if not isinstance(verdict, Deferred):
+        return verdict
+    box: list[Any] = []
+
+    def keep(result: Any) -> Any:
+        box.append(result)
+        return result
+
+    verdict.addBoth(keep)
+    if box and not isinstance(box[0], Failure):
+        verdict.addErrback(lambda f: None)  # (the result is taken: nothing is left to fail)
+        return box[0]
+    return verdict
 
 
 def build_site(ctx: GatewayContext) -> GatewaySite:

@@ -121,8 +121,8 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 def _gateway_factory():
     started: list[Gateway] = []
 
-    def start(config, env=None) -> Gateway:
-        gw = Gateway(config, env)
+    def start(config, env=None, port=0) -> Gateway:
+        gw = Gateway(config, env, port=port)
         started.append(gw)
         return gw
 

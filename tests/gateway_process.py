@@ -56,8 +56,10 @@ def fixture_server(**extra: Any) -> dict[str, Any]:
 class Gateway:
     """A gateway process listening on a free loopback port; ``stop()`` ends it and checks it ended."""
 
-    def __init__(self, config: dict[str, Any], env: dict[str, str] | None = None, nofile: int | None = None):
-        """``nofile``: the gateway's RLIMIT_NOFILE (soft and hard), for descriptor-exhaustion tests."""
+    def __init__(self, config: dict[str, Any], env: dict[str, str] | None = None, nofile: int | None = None,
+                 port: int = 0):
+        """``nofile``: the gateway's RLIMIT_NOFILE (soft and hard), for descriptor-exhaustion tests; ``port``:
+        the one to listen on, for a test whose config names the gateway's own URL (0: a free one)."""
         config = {"host": "127.0.0.1", "port": 0, **config}
         self._dir = tempfile.TemporaryDirectory(prefix="mcpgw-test-")
         self.config_path = os.path.join(self._dir.name, "gateway.json")
@@ -66,7 +68,7 @@ class Gateway:
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
             # /metrics on a free port too (never the default 9091, which gateways here would share).
-            [*TWISTD, "mcpgw", "--config", self.config_path, "--listen", "tcp:0:interface=127.0.0.1:backlog=1024",
+            [*TWISTD, "mcpgw", "--config", self.config_path, "--listen", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
              "--metrics-listen", "tcp:0:interface=127.0.0.1"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, cwd=self._dir.name,
             preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),

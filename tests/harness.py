@@ -193,8 +193,8 @@ class Harness:
         del client.headers["accept"]
         return client
 
-    def open_sse(self, path: str = "/sse") -> SseConnection:
-        return SseConnection(self, path)
+    def open_sse(self, path: str = "/sse", headers: Mapping[str, str] | None = None) -> SseConnection:
+        return SseConnection(self, path, headers)
 
     # -- time ----------------------------------------------------------------------
 
@@ -523,11 +523,12 @@ class SseConnection:
     """A legacy ``GET /sse`` held open (tests/wire.py's RawSseStream): ``endpoint`` is the announced
     message URI, ``received`` what the stream carried since the last ``clear()``."""
 
-    def __init__(self, harness: Harness, path: str = "/sse"):
+    def __init__(self, harness: Harness, path: str = "/sse", headers: Mapping[str, str] | None = None):
         self.harness = harness
         self.conn = harness.connect()
-        self.conn.send(b"GET %s HTTP/1.1\r\nhost: %s:%d\r\naccept: text/event-stream\r\n\r\n"
-                       % (path.encode(), HOST.encode(), harness.port))
+        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in (headers or {}).items())
+        self.conn.send(b"GET %s HTTP/1.1\r\nhost: %s:%d\r\naccept: text/event-stream\r\n%s\r\n"
+                       % (path.encode(), HOST.encode(), harness.port, extra))
         self._mark = 0
         pattern = re.compile(rb"event: endpoint\r?\ndata: ([^\r\n]+)\r?\n\r?\n")
         if not harness.run_until(lambda: pattern.search(self.conn.received) is not None, 10.0):

@@ -446,7 +446,7 @@ def test_config_aggregate_is_a_server():
     config = parse({"mcpServers": {"a": {"command": sys.executable}, "b": {"command": sys.executable}},
                     "aggregate": {"name": "all", "servers": ["a", "b"], "separator": "."}}, {})
     server = config.servers["all"]
-    assert server.kind == "aggregate" and [m.name for m in server.aggregate.members] == ["a", "b"]
+    assert server.kind == "aggregate" and [m.name for m in server.members] == ["a", "b"]
     assert config.default_server.name == "a"
 
 

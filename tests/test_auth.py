@@ -38,8 +38,8 @@ from mcpgw.config import (
     AuthConfig,
     ConfigError,
     JwtConfig,
-    ServerConfig,
     StaticToken,
+    StdioServer,
     parse,
 )
 from mcpgw.upstream.stdio import child_environment
@@ -279,13 +279,13 @@ class ChildEnvironmentTests(SynchronousTestCase):
             "SESSION_SECRET": "s", "REDIS_PASSWORD": "p", "REDIS_URL": "redis://:p@h", "MCPGW_AUTH_TOKENS": ALICE,
             "MCPGW_JWT_SECRET": SECRET, "AWS_SECRET_ACCESS_KEY": "aws", "GITHUB_TOKEN": "gh",
         }
-        server = ServerConfig(name="s", command="c", env={"DEBUG": "1"}, inheritEnv=("GITHUB_TOKEN", "UNSET"))
+        server = StdioServer(name="s", command="c", env={"DEBUG": "1"}, inheritEnv=("GITHUB_TOKEN", "UNSET"))
         self.assertEqual(child_environment(server, environ), {
             "PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "LC_TIME": "C", "TZ": "UTC", "GITHUB_TOKEN": "gh", "DEBUG": "1",
         })
 
     def test_path_defaults(self) -> None:
-        self.assertEqual(child_environment(ServerConfig(name="s", command="c"), {})["PATH"], os.defpath)
+        self.assertEqual(child_environment(StdioServer(name="s", command="c"), {})["PATH"], os.defpath)
 
     def test_inherit_env_config(self) -> None:
         config = parse(doc(mcpServers={"s": {"command": sys.executable, "inheritEnv": ["GITHUB_TOKEN", "HTTPS_PROXY"]}}), {})

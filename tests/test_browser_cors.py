@@ -35,8 +35,8 @@ from mcpgw.config import (
     AuthConfig,
     CorsConfig,
     GatewayConfig,
-    ServerConfig,
     StaticToken,
+    StdioServer,
 )
 from mcpgw.transports.common import GatewayContext
 from mcpgw.web import ALLOW_HEADERS, Guard
@@ -245,7 +245,7 @@ class Inner(Resource):
 
 class CorsRuleTests(SynchronousTestCase):
     def guard(self, origins: tuple[str, ...], host: str = "0.0.0.0", auth: AuthConfig | None = None) -> Guard:
-        config = GatewayConfig(servers={"fx": ServerConfig(name="fx", command="fx")}, host=host,
+        config = GatewayConfig(servers={"fx": StdioServer(name="fx", command="fx")}, host=host,
                                cors=CorsConfig(enabled=True, origins=origins))
         ctx = GatewayContext(config=config, sessions=None, heartbeat=None, reactor=Clock(),  # type: ignore[arg-type]
                              auth=Authenticator(auth or AuthConfig(), Clock()))

@@ -18,9 +18,10 @@ from twisted.web.server import NOT_DONE_YET
 from mcpgw import _fast
 from mcpgw.auth import Authenticator
 from mcpgw.channel import ChannelLimits, Connections, GatewayChannel
-from mcpgw.config import AuthConfig, GatewayConfig, ServerConfig, StaticToken
+from mcpgw.config import AuthConfig, GatewayConfig, StaticToken, StdioServer
 from mcpgw.connections import DESCRIPTORS
 from mcpgw.ratelimit import Decision
+from mcpgw.request import HeadChecked
 from mcpgw.transports.common import GatewayContext
 from mcpgw.web import GatewaySite, Guard
 
@@ -108,13 +109,12 @@ class ChannelTestCase(SynchronousTestCase):
         self.guard()
 
     def guard(self, limiter: Any = None) -> None:
-        config = GatewayConfig(servers={"fx": ServerConfig(name="fx", command="fx")}, host="0.0.0.0")
+        config = GatewayConfig(servers={"fx": StdioServer(name="fx", command="fx")}, host="0.0.0.0")
         auth = Authenticator(AuthConfig(enabled=True, bearerTokens=(StaticToken("alice", TOKEN),)), self.clock)
         ctx = GatewayContext(config=config, sessions=None, heartbeat=None, reactor=self.clock,  # type: ignore[arg-type]
                              auth=auth, limiter=limiter)
         guard = Guard(self.echo, ctx)
-        guard.head_guard = guard  # as mcpgw.web._guarded marks it
-        self.root.putChild(b"mcp", guard)
+        self.root.putChild(b"mcp", HeadChecked(guard, guard))  # as mcpgw.web._guarded marks it
 
     def connect(self, host: str = "127.0.0.1", port: int = 40000) -> tuple[GatewayChannel, StringTransport]:
         address = IPv4Address("TCP", host, port)

@@ -149,6 +149,15 @@ def test_post_to_another_instance(cluster):
     assert b.cluster.routes.routes == {} and a.cluster.owner.routes_out == {}
 
 
+def test_the_registry_refreshes_the_records_of_this_instances_sessions(cluster):
+    """``Cluster.bind`` gives the instance registry the SessionManager's live sessions: the ones whose
+    records its heartbeat loop keeps from expiring."""
+    a, b = cluster(2)
+    sid = open_session(a)
+    assert [s.id for s in a.cluster.backend.registry.sessions()] == [sid]
+    assert list(b.cluster.backend.registry.sessions()) == []
+
+
 def test_delete_through_another_instance(cluster):
     """DELETE through B ends the session on A (its child stops); both answer 404 after."""
     a, b = cluster(2)

@@ -16,7 +16,21 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcpgw import tap
-from mcpgw.config import DEFAULT_MAX_MESSAGE_BYTES, ConfigError, GatewayConfig, load, parse
+from mcpgw.config import (
+    CLIENT_SECRET_ENV,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PRIVATE_ENV,
+    AggregateServer,
+    ConfigError,
+    GatewayConfig,
+    OAuthConfig,
+    RemoteServer,
+    ServerConfig,
+    StdioServer,
+    load,
+    parse,
+)
+from mcpgw.upstream.stdio import child_environment
 from tests.gateway_process import TWISTD
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +82,7 @@ class DefaultsTests(ConfigTestCase):
         c = self.config
         self.assertEqual((c.cors.enabled, c.cors.origins), (True, ()))
         self.assertEqual((c.rateLimit.enabled, c.rateLimit.max, c.rateLimit.window), (False, 100, "15m"))
-        self.assertEqual((c.session.secret, c.session.maxAge), (None, 3_600_000))
+        self.assertEqual((c.session.secret, c.session.idleSeconds, c.session.lifetimeSeconds), (None, 3600.0, 86400.0))
         self.assertEqual((c.sse.keepalive, c.sse.replayEvents, c.sse.retry), (15.0, 256, 1000))
         self.assertIsNone(c.redis)
         self.assertEqual((c.metrics.enabled, c.metrics.port), (True, 9091))
@@ -333,7 +347,7 @@ class EnvironmentTests(ConfigTestCase):
     def test_sessionSecret(self) -> None:
         """SESSION_SECRET sets session.secret and keeps the file's other session keys."""
         config = self.parse(doc(session={"maxAge": 5000, "secret": "file"}), {"SESSION_SECRET": "env"})
-        self.assertEqual((config.session.secret, config.session.maxAge), ("env", 5000))
+        self.assertEqual((config.session.secret, config.session.idleSeconds), ("env", 5.0))
 
     def test_sessionSecretWithBadSession(self) -> None:
         """SESSION_SECRET with a non-object session is still a ConfigError naming session."""
@@ -386,6 +400,112 @@ class EnvironmentTests(ConfigTestCase):
     def test_unrelatedEnvironmentIgnored(self) -> None:
         """Variables the gateway does not know change nothing."""
         self.assertEqual(self.parse(doc(), {"PORT": "1", "HOST": "x"}), self.parse(doc()))
+
+
+class ServerKindTests(ConfigTestCase):
+    """Each kind of server is its own record, holding only its kind's fields."""
+
+    def test_stdio(self) -> None:
+        """A ``command`` entry is a StdioServer, with the pool options and no remote fields."""
+        s = self.parse(server(sessions="pooled", poolSize=2)).servers["s"]
+        self.assertIsInstance(s, StdioServer)
+        self.assertIsInstance(s, ServerConfig)
+        self.assertEqual((s.kind, s.sessions, s.poolSize), ("stdio", "pooled", 2))
+        self.assertFalse(hasattr(s, "url") or hasattr(s, "members"))
+
+    def test_remote(self) -> None:
+        """A ``url`` entry is a RemoteServer: no command, no pool options."""
+        config = self.parse({"mcpServers": {"r": {"url": "https://mcp.example.com/mcp", "transport": "sse",
+                                                  "headers": {"Authorization": "Bearer ${TOKEN}"}}}}, {"TOKEN": "t"})
+        r = config.servers["r"]
+        self.assertIsInstance(r, RemoteServer)
+        self.assertEqual((r.kind, r.url, r.transport, dict(r.headers)),
+                         ("remote", "https://mcp.example.com/mcp", "sse", {"Authorization": "Bearer t"}))
+        self.assertFalse(hasattr(r, "command") or hasattr(r, "poolSize") or hasattr(r, "warmPool"))
+
+    def test_remoteRefusesPoolOptions(self) -> None:
+        """Pooling is a stdio server's option: on a remote server it is an unknown key."""
+        self.assertKey({"mcpServers": {"r": {"url": "https://mcp.example.com/mcp", "poolSize": 2}}},
+                       "mcpServers.r.poolSize")
+
+    def test_aggregate(self) -> None:
+        """``aggregate`` is an AggregateServer whose members are the other servers' own records."""
+        config = self.parse({"mcpServers": {"a": {"command": COMMAND}, "b": {"command": COMMAND}},
+                             "aggregate": {"servers": ["b", "a"], "prefix": "on-collision"}})
+        agg = config.servers["all"]
+        self.assertIsInstance(agg, AggregateServer)
+        self.assertEqual((agg.kind, agg.prefix, agg.separator), ("aggregate", "on-collision", "__"))
+        self.assertEqual(agg.members, (config.servers["b"], config.servers["a"]))
+        self.assertFalse(hasattr(agg, "command") or hasattr(agg, "url"))
+
+
+class SessionDurationTests(ConfigTestCase):
+    def test_millisecondsInTheFileSecondsInTheRecord(self) -> None:
+        """session.maxAge and session.maxLifetime are written in ms and held in seconds."""
+        s = self.parse(doc(session={"maxAge": 1500, "maxLifetime": 90_000})).session
+        self.assertEqual((s.idleSeconds, s.lifetimeSeconds), (1.5, 90.0))
+        self.assertIsNone(self.parse(doc(session={"maxLifetime": None})).session.lifetimeSeconds)
+
+
+#: A valid ``auth.oauth`` for the one server ``s`` of ``doc()``.
+OAUTH = {"resource": "https://gw.example.com", "authorizationServers": ["https://as.example.com"],
+         "scopes": {"s": ["files:read"]}, "toolScopes": {"s": {"read": ["files:read"]}}}
+
+
+class OAuthTests(ConfigTestCase):
+    """``auth.oauth`` is part of ``auth``, checked against the configured servers."""
+
+    def test_parsed(self) -> None:
+        """auth.oauth becomes AuthConfig.oauth, and turns auth on by itself."""
+        auth = self.parse(doc(auth={"oauth": OAUTH})).auth
+        self.assertIsInstance(auth.oauth, OAuthConfig)
+        assert auth.oauth is not None
+        self.assertEqual((auth.oauth.resource, auth.oauth.authorizationServers, dict(auth.oauth.scopes)),
+                         ("https://gw.example.com", ("https://as.example.com",), {"s": ("files:read",)}))
+        self.assertTrue(auth.enabled)
+        self.assertIsNone(self.parse(doc()).auth.oauth)
+
+    def test_badValueNamesItsKey(self) -> None:
+        """A problem inside auth.oauth names its whole key path."""
+        self.assertKey(doc(auth={"oauth": {**OAUTH, "resource": "http://gw.example.com"}}), "auth.oauth.resource")
+
+    def test_unknownServerInScopes(self) -> None:
+        """Scopes for a server that is not configured are refused, naming the server's key."""
+        self.assertKey(doc(auth={"oauth": {**OAUTH, "scopes": {"nope": ["x"]}}}), "auth.oauth.scopes.nope")
+        self.assertKey(doc(auth={"oauth": {**OAUTH, "toolScopes": {"nope": {"t": ["x"]}}}}),
+                       "auth.oauth.toolScopes.nope")
+
+    def test_disabledServerIsUnknown(self) -> None:
+        """A disabled server is not configured: scopes for it are refused too."""
+        raw = {"mcpServers": {"s": {"command": COMMAND}, "off": {"command": COMMAND, "disabled": True}},
+               "auth": {"oauth": {**OAUTH, "scopes": {"off": ["x"]}}}}
+        self.assertKey(raw, "auth.oauth.scopes.off")
+
+    def test_aggregateServerIsKnown(self) -> None:
+        """The aggregated server is a server like the others: it may have scopes of its own."""
+        config = self.parse(doc(aggregate={}, auth={"oauth": {**OAUTH, "scopes": {"all": ["x"]}}}))
+        assert config.auth.oauth is not None
+        self.assertEqual(config.auth.oauth.scopes["all"], ("x",))
+
+    def test_clientSecretFromEnvironment(self) -> None:
+        """MCPGW_OAUTH_CLIENT_SECRET supplies (or overrides) introspection.clientSecret."""
+        raw = doc(auth={"oauth": {**OAUTH, "introspection": {"clientId": "gw"}}})
+        self.assertKey(raw, "auth.oauth.introspection.clientSecret")
+        oauth = self.parse(raw, {CLIENT_SECRET_ENV: "from-env"}).auth.oauth
+        assert oauth is not None and oauth.introspection is not None
+        self.assertEqual(oauth.introspection.clientSecret, "from-env")
+        raw["auth"]["oauth"]["introspection"]["clientSecret"] = "from-file"
+        oauth = self.parse(raw, {CLIENT_SECRET_ENV: "from-env"}).auth.oauth
+        assert oauth is not None and oauth.introspection is not None
+        self.assertEqual(oauth.introspection.clientSecret, "from-env")
+
+    def test_clientSecretIsPrivate(self) -> None:
+        """The client secret's variable is the gateway's own: no inheritEnv passes it to a child."""
+        self.assertEqual(CLIENT_SECRET_ENV, "MCPGW_OAUTH_CLIENT_SECRET")
+        self.assertIn(CLIENT_SECRET_ENV, PRIVATE_ENV)
+        self.assertKey(server(inheritEnv=[CLIENT_SECRET_ENV]), "mcpServers.s.inheritEnv[0]")
+        child = StdioServer(name="s", command=COMMAND, inheritEnv=(CLIENT_SECRET_ENV,))
+        self.assertNotIn(CLIENT_SECRET_ENV, child_environment(child, {CLIENT_SECRET_ENV: "secret", "PATH": "/bin"}))
 
 
 class LoadTests(ConfigTestCase):

@@ -53,7 +53,7 @@ class HelperTests(SynchronousTestCase):
     def test_heartbeatTtlIsTheRegistrys(self) -> None:
         """The exporter's TTL rule is the one InstanceRegistry writes with."""
         for interval in (0.2, 1.0, 5.0):
-            registry = InstanceRegistry(None, RedisSessionStore(None, Keys(), "1", 1000, task.Clock()),  # type: ignore[arg-type]
+            registry = InstanceRegistry(None, RedisSessionStore(None, Keys(), "1", 1.0, task.Clock()),  # type: ignore[arg-type]
                                         task.Clock(), interval=interval)
             self.assertEqual(exporter.heartbeat_ttl(interval), registry.ttl)
 
@@ -148,7 +148,7 @@ async def test_reader_counts_what_the_store_writes(redis):
         clock = task.Clock()
         stores = {}
         for instance in ("111111111", "222222222"):
-            store = RedisSessionStore(conn, keys, instance, 60_000, clock)
+            store = RedisSessionStore(conn, keys, instance, 60.0, clock)
             stores[instance] = store
             registry = InstanceRegistry(conn, store, clock, interval=1.0)
             await conn.execute("SET", keys.instance(instance), registry.heartbeat(), "PX", int(registry.ttl * 1000))
@@ -157,8 +157,8 @@ async def test_reader_counts_what_the_store_writes(redis):
         await stores["222222222"].add(SessionRecord("s3", "fx", "sse", clock.seconds()))
         await stores["222222222"].add(SessionRecord("s4", "beta", "ws", clock.seconds()))
         # A record whose owner has no heartbeat, and keys of another prefix (another cluster).
-        await RedisSessionStore(conn, keys, "999999999", 60_000, clock).add(SessionRecord("s5", "fx", "ws", 0.0))
-        await RedisSessionStore(conn, Keys("other:"), "333333333", 60_000, clock).add(
+        await RedisSessionStore(conn, keys, "999999999", 60.0, clock).add(SessionRecord("s5", "fx", "ws", 0.0))
+        await RedisSessionStore(conn, Keys("other:"), "333333333", 60.0, clock).add(
             SessionRecord("x1", "fx", "streamable", 0.0))
         await conn.execute("SET", "other:instance:333333333", b"{}", "PX", 5000)
 

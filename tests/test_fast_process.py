@@ -126,7 +126,9 @@ class PipeTests(SynchronousTestCase):
         self.in_r, self.in_w = self.pipe()
         self.reader = tprocess.ProcessReader(self.memory, self.proc, 1, self.out_r)
         self.writer = tprocess.ProcessWriter(self.memory, self.proc, 0, self.in_w, forceReadHack=True)
-        self.transport = SimpleNamespace(pipes={0: self.writer, 1: self.reader})
+        # Twisted's Process with these pipes, never spawned (tune_pipes reads only its ``pipes``).
+        self.transport = tprocess.Process.__new__(tprocess.Process)
+        self.transport.pipes = {0: self.writer, 1: self.reader}
 
     def pipe(self) -> tuple[int, int]:
         r, w = os.pipe()
@@ -172,7 +174,7 @@ class PipeTests(SynchronousTestCase):
         self.assertEqual(len(self.proc.got[0][1]), 8192)
 
     def test_notTwistedsProcess(self) -> None:
-        """A transport without Twisted's pipes (a test's stand-in): nothing to take over."""
+        """A transport that is not Twisted's Process (a test's stand-in): nothing to take over."""
         self.assertIsNone(fast_process.tune_pipes(SimpleNamespace(pid=1)))
 
 

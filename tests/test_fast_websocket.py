@@ -61,11 +61,10 @@ class Gateway:
 
 
 @pytest.fixture
-def switch() -> Iterator[None]:
-    """Give back the switch as the test found it."""
-    was = _fast.enabled()
-    yield
-    _fast.configure(was)
+def switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Give back the switch as the test found it: restored with whatever else the test patched
+    (configure(was) at teardown would read a MCPGW_FAST_PATHS=0 the test set and not yet undone)."""
+    monkeypatch.setattr(_fast, "_enabled", _fast.enabled())
 
 
 @pytest.fixture

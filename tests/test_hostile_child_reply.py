@@ -23,7 +23,7 @@ import httpx
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcpgw.config import ServerConfig
+from mcpgw.config import StdioServer
 from mcpgw.metrics import NULL_BOUND
 from mcpgw.upstream.stdio import StdioUpstream, UnreadableReply, reply_id
 from tests import wire
@@ -183,7 +183,7 @@ class UnreadableLineTests(SynchronousTestCase):
         self.logs = LogCapture(self)
         self.reactor = FakeProcessReactor()
         self.delegate = RecordingDelegate()
-        server = ServerConfig(name="h", command="h", executable="/bin/true")
+        server = StdioServer(name="h", command="h", executable="/bin/true")
         self.upstream = StdioUpstream(server, self.delegate, self.reactor)
         self.upstream.metrics = self.metrics = CountingMetrics()  # type: ignore[assignment]
         self.upstream.spawn()
@@ -222,7 +222,7 @@ class SessionCountsItOnceTests(SynchronousTestCase):
 
         reactor = FakeProcessReactor()
         metrics = CountingMetrics()
-        server = ServerConfig(name="h", command="h", executable="/bin/true")
+        server = StdioServer(name="h", command="h", executable="/bin/true")
         session = Session("s1", server, "streamable", reactor, lambda s: None, metrics=metrics)  # type: ignore[arg-type]
         session.start()
         answers: list[tuple[Any, bytes]] = []

@@ -27,7 +27,7 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcpgw import procsec
-from mcpgw.config import ServerConfig
+from mcpgw.config import StdioServer
 from mcpgw.upstream import stdio
 from mcpgw.upstream.stdio import StdioUpstream
 from tests import runas, wire
@@ -292,7 +292,7 @@ class SpawnHardeningTests(SynchronousTestCase):
         self.reactor = RecordingReactor()
 
     def spawn(self, **kw: Any) -> StdioUpstream:
-        server = ServerConfig(name="h", command="h", executable="/opt/h", **kw)
+        server = StdioServer(name="h", command="h", executable="/opt/h", **kw)
         upstream = StdioUpstream(server, RecordingDelegate(), self.reactor)
         upstream.spawn()
         return upstream

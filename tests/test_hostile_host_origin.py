@@ -26,7 +26,7 @@ import httpx
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcpgw.config import ConfigError, CorsConfig, GatewayConfig, ServerConfig, parse
+from mcpgw.config import ConfigError, CorsConfig, GatewayConfig, StdioServer, parse
 from mcpgw.origin import HostPolicy, host_name, listen_interface
 from tests.gateway_process import (
     ACTIVATED_LISTEN,
@@ -114,7 +114,7 @@ EXPECTED: dict[str, dict[str, str]] = {
 
 def policy_for(name: str) -> HostPolicy:
     host, listens, allowed, origins = CONFIGS[name]
-    config = GatewayConfig(servers={"fx": ServerConfig(name="fx", command="fx")}, host=host,
+    config = GatewayConfig(servers={"fx": StdioServer(name="fx", command="fx")}, host=host,
                            cors=CorsConfig(origins=origins), allowedHosts=allowed)
     return HostPolicy.for_listens(config, listens)
 
@@ -197,7 +197,7 @@ class PolicyMatrixTests(SynchronousTestCase):
 
     def test_without_listens_the_config_host_decides(self) -> None:
         """A Guard built without build_service (an embedded gateway, a unit test): config.host."""
-        config = GatewayConfig(servers={"fx": ServerConfig(name="fx", command="fx")}, host="127.0.0.1")
+        config = GatewayConfig(servers={"fx": StdioServer(name="fx", command="fx")}, host="127.0.0.1")
         self.assertTrue(HostPolicy.for_listens(config).loopback)
         self.assertFalse(HostPolicy.for_listens(config, ["tcp:3000:interface=0.0.0.0"]).loopback)
 

@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from mcpgw.auth import Principal
-from mcpgw.config import ConfigError, GatewayConfig, LimitsConfig, ServerConfig, SessionConfig, parse
+from mcpgw.config import ConfigError, GatewayConfig, LimitsConfig, SessionConfig, StdioServer, parse
 from mcpgw.session import SessionManager, SessionRefused
 from mcpgw.upstream import stdio
 from tests import wire
@@ -32,7 +32,7 @@ from tests.fake_process import FakeProcessReactor
 from tests.gateway_process import fixture_server, wait_until
 from tests.hostile import LegitClient, proc_stats
 
-SERVER = ServerConfig(name="fx", command="fx", executable="/opt/bin/fx")
+SERVER = StdioServer(name="fx", command="fx", executable="/opt/bin/fx")
 QUOTA = 3
 
 

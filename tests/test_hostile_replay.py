@@ -22,7 +22,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcpgw.config import ConfigError, GatewayConfig, ServerConfig, SseConfig, parse
+from mcpgw.config import ConfigError, GatewayConfig, SseConfig, StdioServer, parse
 from mcpgw.transports.common import GatewayContext
 from mcpgw.transports.sse import Heartbeat, frame
 from mcpgw.transports.streamable import (
@@ -126,7 +126,7 @@ class OutletReplayTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.heartbeat = Heartbeat(15.0, self.clock)
-        server = ServerConfig(name="fx", command="t", executable="/bin/t")
+        server = StdioServer(name="fx", command="t", executable="/bin/t")
         config = GatewayConfig(servers={"fx": server}, sse=SseConfig(replayBytes=self.replay_bytes))
         ctx = GatewayContext(config=config, sessions=None, heartbeat=self.heartbeat, reactor=self.clock)  # type: ignore[arg-type]
         self.outlet = StreamableOutlet(FakeSession("2025-03-26"), ctx)  # type: ignore[arg-type]

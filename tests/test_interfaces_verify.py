@@ -19,14 +19,23 @@ from zope.interface.verify import verifyObject
 import mcpgw
 from mcpgw.aggregate import AggregateUpstream
 from mcpgw.aggregate_members import _Member, _MemberDelegate
-from mcpgw.config import ServerConfig, ToolFilter, parse
+from mcpgw.cluster.directory import RemoteLegacyOutlet, RemoteSession
+from mcpgw.cluster.memory import MemoryWorld
+from mcpgw.cluster.routes import RemoteRoute
+from mcpgw.cluster.service import Cluster
+from mcpgw.cluster.streams import ClusterOutlet, RemoteOutlet
+from mcpgw.config import RemoteServer, StdioServer, ToolFilter, parse
 from mcpgw.interfaces import ILocalSession, IOutlet, IRoute, ISession, IUpstream, IUpstreamDelegate
 from mcpgw.pool import ChildPool, PooledChild, PooledSession, PoolLease, ToolsFetch
 from mcpgw.pool.session import _SessionRoute
-from mcpgw.session import Session
+from mcpgw.session import Session, SessionManager
+from mcpgw.store import SessionRecord
+from mcpgw.toolpolicy import HiddenTools
 from mcpgw.transports.common import GatewayContext
+from mcpgw.transports.legacy import LegacyStream
 from mcpgw.transports.modern import ModernExchange
 from mcpgw.transports.sse import Heartbeat
+from mcpgw.transports.streamable import PostExchange, StreamableOutlet
 from mcpgw.transports.websocket import WsConnection
 from mcpgw.upstream import FilteredUpstream, make_upstream
 from mcpgw.upstream.remote import RemoteUpstream
@@ -38,8 +47,8 @@ from tests.fakes import RecordingRoute
 OURS = (ISession, ILocalSession, IRoute, IOutlet, IUpstream, IUpstreamDelegate)
 
 
-def stdio(**kw: Any) -> ServerConfig:
-    return ServerConfig(**{"name": "s", "command": sys.executable, "executable": sys.executable, **kw})
+def stdio(**kw: Any) -> StdioServer:
+    return StdioServer(**{"name": "s", "command": sys.executable, "executable": sys.executable, **kw})
 
 
 class Delegate:
@@ -55,6 +64,12 @@ class Delegate:
 
     def upstreamEnded(self, reason: str) -> None:
         pass
+
+
+class ClientRoute(RecordingRoute):
+    """A client's route as a transport makes one: it is not a POST's open stream."""
+
+    open_stream = False
 
 
 class ProviderTests(unittest.TestCase):
@@ -76,12 +91,9 @@ class ProviderTests(unittest.TestCase):
                         "aggregate": {"name": "all", "servers": ["a", "b"]}}, {})
         aggregate = AggregateUpstream(config.servers["all"], Delegate(), reactor)
         filtered = make_upstream(stdio(tools=ToolFilter(allow=("x",))), Delegate(), reactor)
-        remote = RemoteUpstream(stdio(url="http://127.0.0.1:1/mcp"), Delegate(), reactor, http=object())
+        remote = RemoteUpstream(RemoteServer(name="r", url="http://127.0.0.1:1/mcp"), Delegate(), reactor, http=object())
         warm = WarmChildren(stdio(warmPool=1), reactor)
         child = StdioUpstream(stdio(), Delegate(), reactor)
-        ctx = GatewayContext(config=config, sessions=None, heartbeat=Heartbeat(15, reactor),  # type: ignore[arg-type]
-                             reactor=reactor)
-        ws = WsConnection(session, protocol=None)  # type: ignore[arg-type]
         return self.verified(
             (ILocalSession, session), (ISession, session), (IUpstreamDelegate, session),
             (ILocalSession, pooled), (IUpstream, pooled.upstream),
@@ -89,14 +101,45 @@ class ProviderTests(unittest.TestCase):
             (IUpstreamDelegate, filtered), (IUpstreamDelegate, PooledChild(self.pool, 1)),
             (IUpstreamDelegate, _Waiting(warm, child)),
             (IUpstreamDelegate, _MemberDelegate(aggregate, _Member(config.servers["a"], 0))),
+        ) | self.transport_providers(session, pooled) | self.cluster_providers()
+
+    def transport_providers(self, session: Session, pooled: PooledSession) -> set[type]:
+        """The routes and outlets of the transports (and of the pool's own requests), verified."""
+        reactor = self.reactor
+        heartbeat = Heartbeat(15, reactor)
+        ctx = GatewayContext(config=parse({"mcpServers": {"a": {"command": sys.executable}}}, {}),
+                             sessions=None, heartbeat=heartbeat, reactor=reactor)  # type: ignore[arg-type]
+        ws = WsConnection(session, protocol=None)  # type: ignore[arg-type]
+        outlet = StreamableOutlet(session, ctx)
+        legacy = LegacyStream(session, DummyRequest([b""]), heartbeat)
+        return self.verified(
             (IRoute, ws), (IOutlet, ws), (IRoute, ModernExchange(ctx, self.pool, DummyRequest([b""]))),
-            (IRoute, _SessionRoute(pooled, RecordingRoute(), 1)), (IRoute, ToolsFetch(self.pool, 0)),
+            (IRoute, _SessionRoute(pooled, ClientRoute(), 1)), (IRoute, ToolsFetch(self.pool, 0)),
+            (IOutlet, outlet), (IRoute, PostExchange(outlet, DummyRequest([b""]), [1], False)),
+            (IRoute, legacy), (IOutlet, legacy), (IRoute, HiddenTools(ClientRoute(), frozenset({"x"}))),
+        )
+
+    def cluster_providers(self) -> set[type]:
+        """What an instance of a cluster makes of sessions owned here and elsewhere, verified."""
+        reactor = self.reactor
+        config = parse({"mcpServers": {"a": {"command": sys.executable}}, "redis": {"url": "redis://127.0.0.1:9/0"}}, {})
+        cluster = Cluster(config, reactor, backend=MemoryWorld(reactor).backend("100000001"))
+        ctx = GatewayContext(config=config, sessions=SessionManager(config, reactor, store=cluster.store),
+                             heartbeat=Heartbeat(15, reactor), reactor=reactor, cluster=cluster)
+        cluster.bind(ctx)
+        server = config.servers["a"]
+        streamable, legacy = (RemoteSession(cluster.directory, SessionRecord(id, "a", transport, 0.0, instance="100000002"),
+                                            server) for id, transport in (("s1", "streamable"), ("s2", "sse")))
+        owned = Session("sid", server, "streamable", reactor, lambda s: None, outlet=lambda s: cluster.outlet(s, ctx))
+        return self.verified(
+            (ISession, streamable), (IOutlet, streamable.outlet), (ISession, legacy), (IRoute, legacy.outlet),
+            (IOutlet, legacy.outlet), (IOutlet, owned.outlet), (IRoute, RemoteRoute(cluster.owner, owned, "100000002", 1)),
         )
 
     def test_every_provider_verifies(self) -> None:
         checked = self.providers()
-        self.assertIn(FilteredUpstream, checked)
-        self.assertIn(PoolLease, checked)
+        self.assertLessEqual({FilteredUpstream, PoolLease, RemoteSession, RemoteOutlet, RemoteLegacyOutlet, ClusterOutlet,
+                              RemoteRoute, StreamableOutlet, PostExchange, LegacyStream}, checked)
 
     def test_every_declared_provider_is_verified_here(self) -> None:
         checked = self.providers()

@@ -22,10 +22,11 @@ from mcpgw.config import (
     ConfigError,
     GatewayConfig,
     LimitsConfig,
-    ServerConfig,
     SessionConfig,
+    StdioServer,
     parse,
 )
+from mcpgw.deadlines import DeadlineQueue
 from mcpgw.session import Session, SessionManager, SessionRefused
 from mcpgw.transports.common import HttpError, parse_messages
 from mcpgw.upstream import stdio
@@ -34,8 +35,8 @@ from tests.fake_process import FakeProcessReactor
 from tests.gateway_process import fixture_server, wait_until
 from tests.wire import POST_HEADERS, raw_http, raw_status, session_headers
 
-SERVER = ServerConfig(name="fx", command="fx", executable="/opt/bin/fx")
-OTHER = ServerConfig(name="fy", command="fy", executable="/opt/bin/fy", maxSessions=1)
+SERVER = StdioServer(name="fx", command="fx", executable="/opt/bin/fx")
+OTHER = StdioServer(name="fy", command="fy", executable="/opt/bin/fy", maxSessions=1)
 
 
 class Route:
@@ -62,7 +63,7 @@ def call(id: Any) -> tuple[dict[str, Any], bytes]:
 
 class ManagerCase(SynchronousTestCase):
     limits = LimitsConfig(requestTimeout=5.0, maxPendingRequests=2, maxSessions=3)
-    session_config = SessionConfig(secret="k", maxAge=60_000, maxLifetime=5_000)
+    session_config = SessionConfig(secret="k", idleSeconds=60.0, lifetimeSeconds=5.0)
 
     def setUp(self) -> None:
         self.patch(stdio, "_SETSID", None)
@@ -102,15 +103,16 @@ class RequestTimeoutTests(ManagerCase):
         session.upstream.outReceived(b'{"jsonrpc":"2.0","id":7,"result":{}}\n')
         self.assertEqual(len(route.answers), 1)
 
-    def test_an_answer_in_time_stops_the_timer(self) -> None:
+    def test_an_answer_in_time_is_not_timed_out(self) -> None:
+        """The timer finds nothing pending at the deadline, and none is left running."""
         session = self.manager.create(SERVER, "streamable")
         route = Route()
         session.request(*call(7), route)
         session.upstream.outReceived(b'{"jsonrpc":"2.0","id":7,"result":{}}\n')
-        self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.func == session._timed_out], [])
         self.reactor.advance(10)
         self.assertEqual([r["result"] for _, r in route.answers], [{}])
         self.assertNotIn("notifications/cancelled", [m.get("method") for m in self.sent(session)])
+        self.assertEqual(self.expiry_timers(), [])
 
     def test_client_cancellation_and_session_end_stop_timers(self) -> None:
         session = self.manager.create(SERVER, "streamable")
@@ -121,11 +123,11 @@ class RequestTimeoutTests(ManagerCase):
                        b'{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}')
         self.assertEqual(len(self.expiry_timers()), 1)  # one timer for the session, not one per request
         session.close()
-        self.assertIsNone(session._deadline)
         self.assertEqual(self.expiry_timers(), [])
 
     def expiry_timers(self) -> list[Any]:
-        return [d for d in self.reactor.getDelayedCalls() if getattr(d.func, "__name__", "") == "_expire"]
+        """The clock's calls that expire requests (a DeadlineQueue's timer)."""
+        return [d for d in self.reactor.getDelayedCalls() if isinstance(getattr(d.func, "__self__", None), DeadlineQueue)]
 
     def test_one_timer_follows_the_oldest_pending_request(self) -> None:
         """Requests at t=0, 2 and 3 s with a 5 s timeout; the first answered at 1 s: the timer it
@@ -194,7 +196,9 @@ class LifetimeTests(ManagerCase):
         stream = self.manager.create(SERVER, "ws")
         for _ in range(4):
             self.reactor.advance(1)
-            busy.last_seen = stream.last_seen = self.reactor.seconds()
+            for session in (busy, stream):  # in use: idle expiry does not apply
+                session.notify({"jsonrpc": "2.0", "method": "notifications/roots/list_changed"},
+                               b'{"jsonrpc":"2.0","method":"notifications/roots/list_changed"}')
         self.assertFalse(busy.ended or stream.ended)
         self.reactor.advance(1)
         self.assertTrue(busy.ended and stream.ended)
@@ -215,10 +219,10 @@ class ParseLimitTests(SynchronousTestCase):
         c = parse(base, {})
         self.assertEqual(c.limits, LimitsConfig())
         self.assertEqual((c.limits.maxHeaderBytes, c.limits.maxBatchMessages, c.limits.maxPendingRequests,
-                          c.limits.requestTimeout, c.limits.maxSessions, c.session.maxLifetime),
-                         (16384, 100, 128, 300.0, None, 86_400_000))
+                          c.limits.requestTimeout, c.limits.maxSessions, c.session.lifetimeSeconds),
+                         (16384, 100, 128, 300.0, None, 86_400.0))
         c = parse({**base, "limits": {"requestTimeout": None, "maxSessions": 10}, "session": {"maxLifetime": None}}, {})
-        self.assertEqual((c.limits.requestTimeout, c.limits.maxSessions, c.session.maxLifetime), (None, 10, None))
+        self.assertEqual((c.limits.requestTimeout, c.limits.maxSessions, c.session.lifetimeSeconds), (None, 10, None))
         c = parse({"mcpServers": {"s": {"command": "/bin/sh", "maxSessions": 2}}}, {})
         self.assertEqual(c.servers["s"].maxSessions, 2)
         for raw, key in [

@@ -104,7 +104,7 @@ class TwistdWiringTests(SynchronousTestCase):
         config.write_text(json.dumps({"host": "127.0.0.1", "mcpServers": {"fx": fixture_server()}}))
         options = tap.Options()
         options.parseOptions(["--config", str(config), "--listen", "tcp:0", *args])
-        options.parent = {"nodaemon": True, "logfile": None}  # type: ignore[attr-defined]  # twistd's own options
+        options.parent = {"nodaemon": True, "logfile": None}  # type: ignore[assignment]  # twistd's own options
         return options
 
     def test_jsonObserverOnTheApplication(self) -> None:

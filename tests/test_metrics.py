@@ -22,7 +22,7 @@ from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 from websockets.sync.client import connect as ws_connect
 
 from mcpgw import jsonrpc, tap
-from mcpgw.config import GatewayConfig, MetricsConfig, ServerConfig
+from mcpgw.config import GatewayConfig, MetricsConfig, StdioServer
 from mcpgw.metrics import (
     DURATION_BUCKETS,
     MAX_REDIS_OPS,
@@ -42,7 +42,7 @@ from tests.fakes import FakeUpstream, RecordingRoute
 from tests.gateway_process import Gateway, fixture_server, wait_until
 from tests.wire import POST_HEADERS, RawSseStream, http_client, messages_of, open_session, session_headers
 
-SERVER = ServerConfig(name="fx", command="fx", executable="/opt/bin/fx")
+SERVER = StdioServer(name="fx", command="fx", executable="/opt/bin/fx")
 
 #: Every family the gateway exports: (name as the parser reports it, type, label names of its samples).
 FAMILIES = {
@@ -54,7 +54,8 @@ FAMILIES = {
     "mcp_gateway_request_duration_seconds": ("histogram", {"method"}),
     "mcp_gateway_child_processes": ("gauge", {"server", "state"}),
     "mcp_gateway_child_starts": ("counter", {"server"}),
-    "mcp_gateway_child_restarts": ("counter", {"server"}),
+    "mcp_gateway_child_crashes": ("counter", {"server"}),
+    "mcp_gateway_child_restarts": ("counter", {"server"}),  # deprecated: the same value as child_crashes
     "mcp_gateway_redis_operations": ("counter", {"op", "outcome"}),
     "mcp_gateway_received_bytes": ("counter", {"transport", "server"}),
     "mcp_gateway_sent_bytes": ("counter", {"transport", "server"}),
@@ -279,7 +280,8 @@ class ManagerTests(SynchronousTestCase):
 
 
 class ChildGaugeTests(SynchronousTestCase):
-    """StdioUpstream spawn / stop / exit move the child gauges; an exit nobody asked for is a restart."""
+    """StdioUpstream spawn / stop / exit move the child gauges; an exit nobody asked for is a crash
+    (counted under the deprecated restarts name too)."""
 
     def setUp(self) -> None:
         self.patch(stdio, "_SETSID", None)
@@ -287,6 +289,8 @@ class ChildGaugeTests(SynchronousTestCase):
         self.metrics = Metrics(["fx"], process=False)
 
         class Delegate:
+            routes_on_view = False
+
             def upstreamMessage(self, raw: bytes, msg: dict[str, Any]) -> None:
                 pass
 
@@ -302,10 +306,12 @@ class ChildGaugeTests(SynchronousTestCase):
 
     def gauges(self) -> tuple[float, float, float, float]:
         s = registry_scrape(self.metrics)
+        crashes = s.value("mcp_gateway_child_crashes_total", server="fx")
+        self.assertEqual(s.value("mcp_gateway_child_restarts_total", server="fx"), crashes)
         return (s.value("mcp_gateway_child_processes", server="fx", state="running"),
                 s.value("mcp_gateway_child_processes", server="fx", state="stopping"),
                 s.value("mcp_gateway_child_starts_total", server="fx"),
-                s.value("mcp_gateway_child_restarts_total", server="fx"))
+                crashes)
 
     def test_stopThenExit(self) -> None:
         self.assertEqual(self.gauges(), (1, 0, 1, 0))
@@ -316,7 +322,7 @@ class ChildGaugeTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(self.gauges(), (0, 0, 1, 0))
 
-    def test_unaskedExitIsARestart(self) -> None:
+    def test_unaskedExitIsACrash(self) -> None:
         self.reactor.spawned[-1].exit(3)
         self.assertEqual(self.gauges(), (0, 0, 1, 1))
 
@@ -519,8 +525,9 @@ class TestScrape:
         assert r.status_code == 404
         assert scrape(gw).value("mcp_gateway_errors_total", **labels) == before + 1
 
-    def test_crash_is_an_error_and_a_restart(self, gw: Gateway) -> None:
-        """The fixture's ``crash`` tool: the in-flight call fails (upstream_exit), the child counts as a restart."""
+    def test_crash_is_an_error_and_a_child_crash(self, gw: Gateway) -> None:
+        """The fixture's ``crash`` tool: the in-flight call fails (upstream_exit), the child counts as
+        a crash (and under the deprecated restarts name)."""
         before = scrape(gw)
         with http_client(gw.url) as client:
             sid = open_session(client, version="2025-06-18")
@@ -535,8 +542,8 @@ class TestScrape:
             before.value("mcp_gateway_errors_total", kind="upstream_exit", **labels) == 1
         assert after.value("mcp_gateway_errors_total", kind="session_not_found", **labels) - \
             before.value("mcp_gateway_errors_total", kind="session_not_found", **labels) == 1
-        assert after.value("mcp_gateway_child_restarts_total", server="fx") - \
-            before.value("mcp_gateway_child_restarts_total", server="fx") == 1
+        for name in ("mcp_gateway_child_crashes_total", "mcp_gateway_child_restarts_total"):
+            assert after.value(name, server="fx") - before.value(name, server="fx") == 1, name
 
     def test_child_error_and_other_method(self, gw: Gateway) -> None:
         """A JSON-RPC error from the child is upstream_error; an unknown method is counted as ``other``."""

@@ -15,7 +15,7 @@ import treq
 from twisted.internet import reactor
 from twisted.web.client import HTTPConnectionPool
 
-from mcpgw.oauth.config import parse_oauth
+from mcpgw.config.oauth import parse_oauth
 from mcpgw.oauth.http import TreqHttp, basic_auth
 from mcpgw.oauth.keys import AuthorizationServer
 from mcpgw.oauth.metadata import ProtectedResources

@@ -25,8 +25,8 @@ from twisted.web.server import UnsupportedMethod
 from twisted.web.test.requesthelper import DummyRequest
 
 from mcpgw.config import ConfigError
+from mcpgw.config.oauth import CLIENT_SECRET_ENV, OAuthConfig, canonical_uri, check_servers, parse_oauth
 from mcpgw.oauth import policy
-from mcpgw.oauth.config import CLIENT_SECRET_ENV, OAuthConfig, canonical_uri, check_servers, parse_oauth
 from mcpgw.oauth.http import HttpError, HttpResponse, _BodyReader, basic_auth
 from mcpgw.oauth.keys import AuthorizationServer, KeysUnavailable, UnknownKey, metadata_urls, parse_jwks
 from mcpgw.oauth.metadata import MetadataResource, ProtectedResources, bearer_challenge, metadata_url, well_known

@@ -9,15 +9,15 @@ from typing import Any
 from twisted.trial import unittest
 
 from mcpgw import jsonrpc
-from mcpgw.config import ConfigError, ServerConfig, parse
+from mcpgw.config import ConfigError, ServerConfig, StdioServer, parse
 from mcpgw.pool import BACKOFF_FIRST, ChildPool, PoolFull, PoolManager, StateRejected
 from tests.fake_process import FakeProcessReactor
 
 
-def server(**kw: Any) -> ServerConfig:
+def server(**kw: Any) -> StdioServer:
     base = {"name": "p", "command": sys.executable, "executable": sys.executable, "sessions": "pooled",
             "poolSize": 2, "poolQueue": 3}
-    return ServerConfig(**{**base, **kw})
+    return StdioServer(**{**base, **kw})
 
 
 class Route:

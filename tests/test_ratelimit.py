@@ -29,8 +29,8 @@ from mcpgw.config import (
     AuthConfig,
     ConfigError,
     GatewayConfig,
-    ServerConfig,
     StaticToken,
+    StdioServer,
     duration_seconds,
     parse,
 )
@@ -199,7 +199,7 @@ class Inner(Resource):
 
 class GuardTests(SynchronousTestCase):
     def guard(self, limiter: Any, auth: AuthConfig | None = None) -> Guard:
-        config = GatewayConfig(servers={"fx": ServerConfig(name="fx", command="fx")}, host="0.0.0.0")
+        config = GatewayConfig(servers={"fx": StdioServer(name="fx", command="fx")}, host="0.0.0.0")
         ctx = GatewayContext(config=config, sessions=None, heartbeat=None, reactor=Clock(),  # type: ignore[arg-type]
                              auth=Authenticator(auth or AuthConfig(), Clock()), limiter=limiter)
         return Guard(Inner(), ctx)

@@ -296,7 +296,7 @@ class TestSessionStore:
     async def test_interface(self, redis):
         """RedisSessionStore provides ISessionStore (every method Deferred-returning)."""
         conn = RedisConnection(parse_url(redis.url), reactor)
-        store = RedisSessionStore(conn, Keys(), "111111111", 60_000, reactor)
+        store = RedisSessionStore(conn, Keys(), "111111111", 60.0, reactor)
         assert verifyObject(ISessionStore, store)
 
     @pytest_twisted.ensureDeferred
@@ -305,8 +305,8 @@ class TestSessionStore:
         owning instance, created, last seen, identity."""
         a, b = await connect(redis.url), await connect(redis.url)
         try:
-            mine = RedisSessionStore(a, Keys(), "111111111", 60_000, reactor)
-            theirs = RedisSessionStore(b, Keys(), "222222222", 60_000, reactor)
+            mine = RedisSessionStore(a, Keys(), "111111111", 60.0, reactor)
+            theirs = RedisSessionStore(b, Keys(), "222222222", 60.0, reactor)
             now = reactor.seconds()
             await mine.add(SessionRecord("sid-1", "time", "streamable", now, owner="alice"))
             await mine.update("sid-1", protocol_version="2025-06-18")
@@ -324,7 +324,7 @@ class TestSessionStore:
         clock = task.Clock()
         clock.advance(1000)
         try:
-            store = RedisSessionStore(conn, Keys(), "111111111", 60_000, clock, grace=5)
+            store = RedisSessionStore(conn, Keys(), "111111111", 60.0, clock, grace=5)
             await store.add(SessionRecord("fresh", "time", "streamable", 1000.0))
             await store.add(SessionRecord("idle", "time", "streamable", 970.0))
             await store.add(SessionRecord("sse", "time", "sse", 900.0))
@@ -344,7 +344,7 @@ class TestSessionStore:
         clock = task.Clock()
         clock.advance(1000)
         try:
-            store = RedisSessionStore(conn, Keys(), "111111111", 60_000, clock, grace=0)
+            store = RedisSessionStore(conn, Keys(), "111111111", 60.0, clock, grace=0)
             await store.add(SessionRecord("a", "time", "streamable", 1000.0))
             await store.add(SessionRecord("b", "time", "streamable", 1000.0))
             clock.advance(50)
@@ -356,7 +356,7 @@ class TestSessionStore:
             assert calls[0] == "EVALSHA"
             ttl = await execute("PTTL", "mcpgw:session:a")
             assert 58_000 < ttl <= 59_000
-            assert (await RedisSessionStore(conn, Keys(), "x", 1, clock).get("b")).last_seen == 1049.0
+            assert (await RedisSessionStore(conn, Keys(), "x", 0.001, clock).get("b")).last_seen == 1049.0
             assert await execute("EXISTS", "mcpgw:session:not-mine") == 0
         finally:
             await conn.stopService()
@@ -366,7 +366,7 @@ class TestSessionStore:
         """remove() deletes the record and every event-log key listed for the session; twice is harmless."""
         conn = await connect(redis.url)
         try:
-            store = RedisSessionStore(conn, Keys(), "111111111", 60_000, reactor)
+            store = RedisSessionStore(conn, Keys(), "111111111", 60.0, reactor)
             await store.add(SessionRecord("s", "time", "streamable", reactor.seconds()))
             await conn.execute("XADD", "mcpgw:events:s:5", "1-0", "e", b"x")
             await conn.execute("SADD", "mcpgw:streams:s", "mcpgw:events:s:5")
@@ -381,7 +381,7 @@ class TestSessionStore:
     async def test_own_records_without_round_trip(self, redis):
         """The owning instance reads its own records from memory: get() works with Redis down."""
         conn = await connect(redis.url)
-        store = RedisSessionStore(conn, Keys(), "111111111", 60_000, reactor)
+        store = RedisSessionStore(conn, Keys(), "111111111", 60.0, reactor)
         await store.add(SessionRecord("s", "time", "streamable", reactor.seconds()))
         await conn.stopService()
         record = await store.get("s")
@@ -394,7 +394,7 @@ class TestSessionStore:
         """redis.keyPrefix prefixes every key."""
         conn = await connect(redis.url)
         try:
-            store = RedisSessionStore(conn, Keys("blue:"), "111111111", 60_000, reactor)
+            store = RedisSessionStore(conn, Keys("blue:"), "111111111", 60.0, reactor)
             await store.add(SessionRecord("s", "time", "ws", reactor.seconds()))
             assert await conn.execute("EXISTS", "blue:session:s") == 1
         finally:
@@ -431,14 +431,14 @@ class TestRegistry:
         conn = await connect(redis.url)
         clock = task.Clock()
         try:
-            store = RedisSessionStore(conn, Keys(), "123456789", 60_000, clock)
+            store = RedisSessionStore(conn, Keys(), "123456789", 60.0, clock)
             registry = InstanceRegistry(conn, store, clock, interval=0.5)
             registry.startService()
             ttl = await conn.execute("PTTL", "mcpgw:instance:123456789")
             assert 1000 < ttl <= 1500
             heartbeat = json.loads(await conn.execute("GET", "mcpgw:instance:123456789"))
             assert heartbeat["redis"] == conn.run_id and heartbeat["pid"] == os.getpid()
-            other = InstanceRegistry(conn, RedisSessionStore(conn, Keys(), "999999999", 1, clock), clock)
+            other = InstanceRegistry(conn, RedisSessionStore(conn, Keys(), "999999999", 0.001, clock), clock)
             assert await other.alive("123456789") is True
             assert await other.alive("555555555") is False
             await registry.stopService()
@@ -459,7 +459,7 @@ class TestRegistry:
         owner.startService()
         await changed(owner, True)
         try:
-            registry = InstanceRegistry(conn, RedisSessionStore(conn, Keys(), "999999999", 1, clock), clock, interval=0.5)
+            registry = InstanceRegistry(conn, RedisSessionStore(conn, Keys(), "999999999", 0.001, clock), clock, interval=0.5)
             # Heartbeats written before Redis restarted (another run_id): only the heartbeat is trusted.
             for instance in ("123456789", "555555555"):
                 await conn.execute("SET", f"mcpgw:instance:{instance}", '{"redis": "an-earlier-run"}', "PX", 60_000)
@@ -489,7 +489,7 @@ class TestRegistry:
         conn = await connect(redis.url)
         clock = task.Clock()
         try:
-            store = RedisSessionStore(conn, Keys(), "123456789", 60_000, clock)
+            store = RedisSessionStore(conn, Keys(), "123456789", 60.0, clock)
             sessions = [FakeSession(f"s{i}") for i in range(20)] + [FakeSession("sse", "sse")]
             for s in sessions:
                 await store.add(SessionRecord(s.id, "time", s.transport, 0.0))
@@ -521,7 +521,7 @@ class TestRegistry:
         conn = await connect(server.url)
         clock = task.Clock()
         try:
-            store = RedisSessionStore(conn, Keys(), "123456789", 60_000, clock)
+            store = RedisSessionStore(conn, Keys(), "123456789", 60.0, clock)
             await store.add(SessionRecord("s", "time", "streamable", 0.0))
             registry = InstanceRegistry(conn, store, clock, interval=1.0)
             registry.startService()

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import string
-from typing import Any
+from typing import Any, cast
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcpgw import jsonrpc
-from mcpgw.config import GatewayConfig, ServerConfig, SessionConfig
+from mcpgw.config import GatewayConfig, SessionConfig, StdioServer
 from mcpgw.session import Session, SessionIds, SessionManager
+from mcpgw.store import SessionRecord
+from mcpgw.store.memory import MemorySessionStore
 from mcpgw.upstream import stdio
 from tests.fake_process import FakeProcessReactor
 from tests.fakes import FakeUpstream, RecordingRoute
 
-SERVER = ServerConfig(name="time", command="time-server", executable="/opt/bin/time-server")
+SERVER = StdioServer(name="time", command="time-server", executable="/opt/bin/time-server")
 
 
 def req(id: Any, method: str = "tools/call", token: Any = None, **params: Any) -> tuple[dict[str, Any], bytes]:
@@ -55,15 +58,21 @@ class RecordingOutlet:
         self.ended.append(reason)
 
 
+class FakeChildSession(Session):
+    """A Session whose child is a FakeUpstream."""
+
+    def _upstream_for(self, base: Any) -> FakeUpstream:
+        return FakeUpstream(self)
+
+
 class SessionTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.ended_sessions: list[Session] = []
-        self.session = Session("sid", SERVER, "streamable", self.clock, self.ended_sessions.append)
-        self.upstream = FakeUpstream(self.session)
-        self.session.upstream = self.upstream  # type: ignore[assignment]
         self.outlet = RecordingOutlet()
-        self.session.outlet = self.outlet
+        self.session = FakeChildSession("sid", SERVER, "streamable", self.clock, self.ended_sessions.append,
+                                        outlet=lambda s: self.outlet)
+        self.upstream = cast(FakeUpstream, self.session.upstream)
 
     def send(self, route: RecordingRoute, id: Any, method: str = "tools/call", token: Any = None) -> bytes:
         msg, raw = req(id, method, token)
@@ -228,8 +237,9 @@ class UnboundMessageTests(SessionTestCase):
 
     def test_noOutlet(self) -> None:
         """Without an outlet an unbound message is dropped quietly."""
-        self.session.outlet = None
-        self.session.upstreamMessage(*from_child({"jsonrpc": "2.0", "method": "notifications/message"}))
+        session = FakeChildSession("sid", SERVER, "streamable", self.clock, self.ended_sessions.append)
+        self.assertIsNone(session.outlet)
+        session.upstreamMessage(*from_child({"jsonrpc": "2.0", "method": "notifications/message"}))
 
     def test_responseWithUnhashableId(self) -> None:
         """A child response whose id is an object or array is dropped instead of raising."""
@@ -489,12 +499,12 @@ class SessionIdsTests(SynchronousTestCase):
 
 
 class ManagerTestCase(SynchronousTestCase):
-    max_age_ms = 10_000
+    idle_seconds = 10.0
 
     def setUp(self) -> None:
         self.patch(stdio, "_SETSID", None)
         self.reactor = FakeProcessReactor()
-        config = GatewayConfig(servers={"time": SERVER}, session=SessionConfig(secret="k", maxAge=self.max_age_ms))
+        config = GatewayConfig(servers={"time": SERVER}, session=SessionConfig(secret="k", idleSeconds=self.idle_seconds))
         self.manager = SessionManager(config, self.reactor)
 
     def child_of(self, session: Session) -> Any:
@@ -515,19 +525,46 @@ class SessionManagerTests(ManagerTestCase):
         """A session is complete when constructed: the factory is given the owner, quota key, limits and
         hooks, so nothing about the session is configured after it exists (mcpgw.interfaces.ILocalSession)."""
         seen: dict[str, Any] = {}
+        outlets: list[tuple[Session, RecordingOutlet]] = []
+
+        def outlet(session: Session) -> RecordingOutlet:
+            outlets.append((session, RecordingOutlet()))
+            return outlets[-1][1]
 
         def factory(*args: Any, **kw: Any) -> Session:
             session = Session(*args, **kw)
             seen.update(owner=session.owner, quota_key=session.quota_key, max_pending=session.max_pending,
-                        request_timeout=session.request_timeout, on_version=session.on_version)
+                        request_timeout=session.request_timeout, on_version=session.on_version,
+                        outlet=session.outlet, recorded=session.recorded)
             return session
 
         self.manager.config = attrs.evolve(self.manager.config, limits=attrs.evolve(
             self.manager.config.limits, maxPendingRequests=7, requestTimeout=9.0))
-        self.manager.create(SERVER, "streamable", owner="alice", factory=factory)
-        self.assertEqual({k: v for k, v in seen.items() if k != "on_version"},
+        session = self.manager.create(SERVER, "streamable", owner="alice", factory=factory, outlet=outlet)
+        self.assertEqual({k: v for k, v in seen.items() if k not in ("on_version", "outlet", "recorded")},
                          {"owner": "alice", "quota_key": "id:alice", "max_pending": 7, "request_timeout": 9.0})
         self.assertIsNotNone(seen["on_version"])
+        self.assertEqual(outlets, [(session, seen["outlet"])])  # made once, by the session, for itself
+        self.assertIs(seen["recorded"], session.recorded)
+
+    def test_recorded_fires_once_the_store_has_the_record(self) -> None:
+        """``recorded`` exists from construction and fires (with None) when the store's write ends, however
+        it ends: a transport waits on it to let the client use the session elsewhere."""
+        writes: list[defer.Deferred[None]] = []
+
+        class SlowStore(MemorySessionStore):
+            def add(self, record: SessionRecord) -> defer.Deferred[None]:
+                super().add(record)
+                writes.append(defer.Deferred())
+                return writes[-1]
+
+        manager = SessionManager(self.manager.config, self.reactor, store=SlowStore())
+        stored, failed = manager.create(SERVER, "streamable"), manager.create(SERVER, "sse")
+        self.assertNoResult(stored.recorded)
+        writes[0].callback(None)
+        writes[1].errback(ConnectionError("store unavailable"))
+        self.assertIsNone(self.successResultOf(stored.recorded))
+        self.assertIsNone(self.successResultOf(failed.recorded))
 
     def test_getForged(self) -> None:
         """get() with a forged, empty or missing id returns None."""
@@ -545,7 +582,7 @@ class SessionManagerTests(ManagerTestCase):
 
     def test_count(self) -> None:
         """count() counts live sessions, in all or per server."""
-        other = ServerConfig(name="other", command="x", executable="/bin/x")
+        other = StdioServer(name="other", command="x", executable="/bin/x")
         self.manager.create(SERVER, "streamable")
         self.manager.create(SERVER, "sse")
         self.manager.create(other, "sse")
@@ -591,9 +628,8 @@ class LazyStartTests(ManagerTestCase):
             raise FileNotFoundError(2, "No such file or directory", "/opt/bin/time-server")
 
         self.reactor.spawnProcess = fail  # type: ignore[method-assign]
-        session = self.manager.create(SERVER, "sse", lazy=True)
         outlet = RecordingOutlet()
-        session.outlet = outlet
+        session = self.manager.create(SERVER, "sse", lazy=True, outlet=lambda s: outlet)
         route = RecordingRoute()
         msg, raw = req(0, "initialize")
         session.request(msg, raw, route)

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
-from mcpgw.config import GatewayConfig, ServerConfig
+from mcpgw.config import GatewayConfig, StdioServer
 from mcpgw.metrics import NULL_BOUND
 from mcpgw.transports.common import GatewayContext
 from mcpgw.transports.sse import LARGE_EVENT, PING, Heartbeat, ReplayLog, SseResponse, frame, frame_parts
@@ -363,7 +363,7 @@ class PostExchangeTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.heartbeat = Heartbeat(INTERVAL, self.clock)
-        server = ServerConfig(name="time", command="t", executable="/bin/t")
+        server = StdioServer(name="time", command="t", executable="/bin/t")
         config = GatewayConfig(servers={"time": server})
         ctx = GatewayContext(config=config, sessions=None, heartbeat=self.heartbeat, reactor=self.clock)  # type: ignore[arg-type]
         self.outlet = StreamableOutlet(FakeSession(self.protocol_version), ctx)  # type: ignore[arg-type]

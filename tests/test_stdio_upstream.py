@@ -10,7 +10,7 @@ from twisted.internet.error import ProcessDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcpgw.config import ServerConfig
+from mcpgw.config import StdioServer
 from mcpgw.upstream import stdio
 from mcpgw.upstream.stdio import StdioUpstream
 from tests.fake_process import FakeProcessReactor, FakeProcessTransport, LogCapture
@@ -20,6 +20,9 @@ MESSAGE = b'{"jsonrpc":"2.0","id":1,"result":{"ok":true}}'
 
 class RecordingDelegate:
     """An UpstreamDelegate that keeps every call."""
+
+    #: Large lines fully decoded (a test sets it to take them as jsonrpc.route_view gives them).
+    routes_on_view = False
 
     def __init__(self) -> None:
         self.messages: list[tuple[bytes, dict[str, Any]]] = []
@@ -36,10 +39,10 @@ class RecordingDelegate:
         self.ended.append(reason)
 
 
-def server_config(**kw: Any) -> ServerConfig:
+def server_config(**kw: Any) -> StdioServer:
     options: dict[str, Any] = {"name": "time", "command": "time-server", "executable": "/opt/bin/time-server"}
     options.update(kw)
-    return ServerConfig(**options)
+    return StdioServer(**options)
 
 
 class UpstreamTestCase(SynchronousTestCase):
@@ -402,11 +405,33 @@ class ProcessEndedTests(UpstreamTestCase):
         self.assertEqual((event["server"], event["pid"], event["how"], event["duration"]),
                          ("time", pid, "exited with status 0", 2.5))
 
+    def test_statusAndSignalLogged(self) -> None:
+        """The exit's status and signal are fields of the log event (None when there is none)."""
+        self.child.exit(3)
+        upstream = self.make()
+        self.child.exit(signal=15)
+        first, second = self.logs.formats("after {duration")
+        self.assertEqual((first["status"], first["signal"], first["requested"]), (3, None, False))
+        self.assertEqual((second["status"], second["signal"]), (None, 15))
+        self.assertEqual(upstream.exit_reason, "killed by signal 15")
+
+    def test_crashesCounted(self) -> None:
+        """The server's activity counts a child that exited unasked as a crash; one the gateway
+        stopped is not counted."""
+        activity = stdio.ServerActivity()
+        self.upstream.activity = activity
+        self.child.exit(3)
+        stopped = self.make()
+        stopped.activity = activity
+        stopped.stop()
+        self.child.exit(0)
+        self.assertEqual((activity.starts, activity.crashes), (0, 1))  # starts: counted by spawn, set before it
+
 
 _PROBE = r"""
 import json, os, socket, sys
 from twisted.internet import reactor
-from mcpgw.config import ServerConfig
+from mcpgw.config import StdioServer
 from mcpgw.upstream import stdio
 
 held = [socket.socket(), open(os.devnull), os.pipe()]  # the gateway's own descriptors: not the child's
@@ -415,7 +440,7 @@ os.set_inheritable(inherited, True)  # as if the gateway had been started with i
 child_code = ("import json, os, sys; line = sys.stdin.readline(); "
               "print(json.dumps({'pid': os.getpid(), 'pgid': os.getpgid(0), 'sid': os.getsid(0), 'line': line, "
               "'fds': sorted(int(f) for f in os.listdir('/proc/self/fd'))}), flush=True); sys.stdin.read()")
-server = ServerConfig(name="probe", command=sys.executable, executable=sys.executable, args=("-c", child_code))
+server = StdioServer(name="probe", command=sys.executable, executable=sys.executable, args=("-c", child_code))
 out = {}
 
 class Delegate:

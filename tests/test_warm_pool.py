@@ -10,7 +10,7 @@ import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from mcpgw import jsonrpc
-from mcpgw.config import ConfigError, GatewayConfig, ServerConfig, SessionConfig, ToolFilter, parse_server
+from mcpgw.config import ConfigError, GatewayConfig, ServerConfig, SessionConfig, StdioServer, ToolFilter, parse_server
 from mcpgw.session import SessionManager
 from mcpgw.upstream import FilteredUpstream, stdio
 from mcpgw.upstream.warm import BACKOFF_FIRST, REFILL_DELAY, SETTLED_DELAY, WarmChildren
@@ -18,7 +18,7 @@ from tests.fake_process import FakeProcessReactor
 from tests.gateway_process import fixture_server, wait_until
 from tests.mcp_raw import StreamableSession, result_text, tool_call
 
-SERVER = ServerConfig(name="time", command="time-server", executable="/opt/bin/time-server", warmPool=2)
+SERVER = StdioServer(name="time", command="time-server", executable="/opt/bin/time-server", warmPool=2)
 
 
 class WarmChildrenTests(SynchronousTestCase):
@@ -85,7 +85,7 @@ class WarmChildrenTests(SynchronousTestCase):
         self.assertEqual(len(self.warm.ready), 2)
 
     def test_take_skips_nothing_dead_and_returns_none_when_empty(self) -> None:
-        warm = WarmChildren(ServerConfig(name="t", command="t", executable="/t", warmPool=1), self.reactor)
+        warm = WarmChildren(StdioServer(name="t", command="t", executable="/t", warmPool=1), self.reactor)
         warm.start()
         self.reactor.spawned[0].exit(1)
         self.assertIsNone(warm.take())  # the replacement waits for its backoff
@@ -188,7 +188,7 @@ class ManagerTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.spawned), 3)
 
     def test_tool_filtered_server_takes_a_warm_child_behind_its_filter(self) -> None:
-        server = ServerConfig(name="f", command="t", executable="/t", warmPool=1, tools=ToolFilter(deny=("x",)))
+        server = StdioServer(name="f", command="t", executable="/t", warmPool=1, tools=ToolFilter(deny=("x",)))
         manager = self.manager(server)
         session = manager.create(server, "streamable")
         self.assertIsInstance(session.upstream, FilteredUpstream)
@@ -196,7 +196,7 @@ class ManagerTests(SynchronousTestCase):
         self.assertEqual(session.upstream.pid, 4242)
 
     def test_no_warm_pool_spawns_per_session(self) -> None:
-        server = ServerConfig(name="cold", command="t", executable="/t")
+        server = StdioServer(name="cold", command="t", executable="/t")
         manager = self.manager(server)
         self.assertEqual(self.reactor.spawned, [])
         self.assertFalse(manager.create(server, "streamable").prespawned)

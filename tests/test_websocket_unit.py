@@ -26,7 +26,7 @@ from mcpgw._fast.websocket import ReactorTimer
 from mcpgw.config import (
     ConfigError,
     GatewayConfig,
-    ServerConfig,
+    StdioServer,
     WebSocketConfig,
     parse,
 )
@@ -41,7 +41,7 @@ from mcpgw.transports.websocket import (
 from mcpgw.web import Guard, Root
 from tests.fake_process import FakeProcessReactor, FakeProcessTransport
 
-SERVER = ServerConfig(name="fx", command="fx", executable="/opt/bin/fx")
+SERVER = StdioServer(name="fx", command="fx", executable="/opt/bin/fx")
 TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
@@ -193,7 +193,8 @@ class GuardTests(WebSocketTestCase):
     """The upgrade request passes mcpgw.web.Guard like every other MCP endpoint."""
 
     def ws_resource(self, root: Root, name: bytes) -> Guard:
-        guard = root.children[name] if name == b"ws" else root.children[b"servers"].children[name].children[b"ws"]
+        checked = root.children[name] if name == b"ws" else root.children[b"servers"].children[name].children[b"ws"]
+        guard = checked.head_guard  # (mcpgw.request.HeadChecked: the Guard the site asks on the head)
         self.assertIsInstance(guard, Guard)
         self.assertIsInstance(guard._inner, WebSocketResource)
         return guard

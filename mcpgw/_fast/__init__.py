@@ -2,9 +2,10 @@
 
 One module per library: ``reactor`` (Twisted's epoll reactor), ``process`` (Twisted's process
 spawning and pipes), ``websocket`` (Autobahn's frame handling), ``web`` (twisted.web's channel and
-request). Each probes, when imported, the exact private attributes and signatures it reads, checked
-against the installed version; when a probe fails the module says so in one warning line and the
-gateway takes the public path instead. Nothing outside this package reads a library's private names.
+request). Each probes, when imported, the exact private attributes and signatures it reads, listed
+as data and checked against the installed version by ``probe`` (the one place that looks them up);
+when a probe fails the module says so in one warning line and the gateway takes the public path
+instead. Nothing outside this package reads a library's private names.
 
 Two switches turn every fast path off at once: ``MCPGW_FAST_PATHS=0`` in the environment (read when
 this package is imported, so it also covers what runs before the config is read) and ``"fastPaths":

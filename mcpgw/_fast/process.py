@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import inspect
 import os
 import signal
 import sys
@@ -39,13 +38,16 @@ from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.posixbase import PosixReactorBase
 
 from mcpgw import _fast
+from mcpgw._fast.probe import Need, first_missing, missing, params, params_start, same_as, sets, uses
 
 #: Bytes per read of a child's stdout (tune_pipes): a pipe's capacity.
 PIPE_READ = 65536
 
 #: posix_spawn with POSIX_SPAWN_SETSID (Linux, glibc >= 2.26); not a Twisted matter, so no warning
 #: when it is missing. Cleared for good when the C library turns out to lack it (spawn_leader).
-_platform_spawn = sys.platform.startswith("linux") and hasattr(os, "posix_spawnp") and hasattr(os, "POSIX_SPAWN_DUP2")
+_platform_spawn = sys.platform.startswith("linux") and not missing([
+    Need(os, "posix_spawnp", "os.posix_spawnp"), Need(os, "POSIX_SPAWN_DUP2", "os.POSIX_SPAWN_DUP2"),
+])
 
 #: What the probe found usable in the installed Twisted, one flag per shortcut.
 spawn_usable = False
@@ -55,84 +57,39 @@ stdin_usable = False
 
 # -- the probe -----------------------------------------------------------------------------------
 
-def _params(func: Any) -> tuple[str, ...] | None:
-    try:
-        return tuple(inspect.signature(func).parameters)
-    except (TypeError, ValueError):
-        return None
-
-
-def _assigns(cls: Any, name: str) -> bool:
-    """Whether instances of ``cls`` have ``name``: a class attribute, or one an ``__init__`` of its
-    MRO assigns (instance attributes cannot be seen on the class without making an instance)."""
-    if hasattr(cls, name):
-        return True
-    for klass in getattr(cls, "__mro__", ()):
-        code = getattr(klass.__dict__.get("__init__"), "__code__", None)
-        if code is not None and name in code.co_names:
-            return True
-    return False
-
-
-def _code_names(func: Any) -> tuple[str, ...]:
-    return getattr(getattr(func, "__code__", None), "co_names", ())
-
-
-_PROCESS_INIT = ("self", "reactor", "executable", "args", "environment", "path", "proto")
-_TRY_SPAWN = ("self", "path", "uid", "gid", "executable", "args", "environment", "kwargs")
-_FILE_ACTIONS = ("fdState", "childToParentFD", "doClose", "doDup2")
-
-
-def _spawn_missing() -> str | None:
-    """The first thing spawn_leader reads that the installed Twisted lacks, or None."""
-    process = getattr(_process, "Process", None)
-    if (_params(getattr(process, "__init__", None)) or ())[:7] != _PROCESS_INIT:
-        return "Process(reactor, executable, args, environment, path, proto)"
-    try_spawn = getattr(process, "_trySpawnInsteadOfFork", None)
-    if _params(try_spawn) != _TRY_SPAWN:
-        return "Process._trySpawnInsteadOfFork(self, path, uid, gid, executable, args, environment, kwargs)"
-    if "_trySpawnInsteadOfFork" not in _code_names(getattr(process, "_fork", None)):
-        return "Process._fork calling _trySpawnInsteadOfFork"
-    if not {"pid", "status"} <= set(_code_names(try_spawn)):
-        return "Process._trySpawnInsteadOfFork setting pid and status"
-    if _params(getattr(_process, "_listOpenFDs", None)) != ():
-        return "twisted.internet.process._listOpenFDs()"
-    if _params(getattr(_process, "_getFileActions", None)) != _FILE_ACTIONS:
-        return "twisted.internet.process._getFileActions(fdState, childToParentFD, doClose, doDup2)"
-    return None
-
-
-def _reads_missing() -> str | None:
-    """The first thing tune_pipes reads that the installed Twisted lacks, or None."""
-    process = getattr(_process, "Process", None)
-    reader = getattr(_process, "ProcessReader", None)
-    if not _assigns(process, "pipes"):
-        return "Process.pipes"
-    if getattr(process, "processReaderFactory", None) is not reader or reader is None:
-        return "Process.processReaderFactory (ProcessReader)"
-    if _params(getattr(reader, "doRead", None)) != ("self",):
-        return "ProcessReader.doRead(self)"
-    if _params(getattr(reader, "dataReceived", None)) != ("self", "data"):
-        return "ProcessReader.dataReceived(self, data)"
-    if not _assigns(reader, "fd"):
-        return "ProcessReader.fd"
-    return None
-
-
-def _stdin_missing() -> str | None:
-    """The first thing write_stdin reads that the installed Twisted lacks, or None."""
-    process = getattr(_process, "Process", None)
-    writer = getattr(_process, "ProcessWriter", None)
-    if not _assigns(process, "pipes"):
-        return "Process.pipes"
-    if getattr(process, "processWriterFactory", None) is not writer or writer is None:
-        return "Process.processWriterFactory (ProcessWriter)"
-    for name in ("_tempDataLen", "offset", "dataBuffer", "connected", "disconnecting", "fd"):
-        if not _assigns(writer, name):
-            return f"ProcessWriter.{name}"
-    if _params(getattr(writer, "write", None)) != ("self", "data"):
-        return "ProcessWriter.write(self, data)"
-    return None
+#: What spawn_leader reads: Process's constructor, the spawn hook it overrides (called by ``_fork``,
+#: setting ``pid`` and ``status``), and the two module functions it calls.
+_SPAWN = (
+    Need(_process, "Process.__init__", "Process(reactor, executable, args, environment, path, proto)",
+         params_start("self", "reactor", "executable", "args", "environment", "path", "proto")),
+    Need(_process, "Process._trySpawnInsteadOfFork",
+         "Process._trySpawnInsteadOfFork(self, path, uid, gid, executable, args, environment, kwargs)",
+         params("self", "path", "uid", "gid", "executable", "args", "environment", "kwargs")),
+    Need(_process, "Process._fork", "Process._fork calling _trySpawnInsteadOfFork", uses("_trySpawnInsteadOfFork")),
+    Need(_process, "Process._trySpawnInsteadOfFork", "Process._trySpawnInsteadOfFork setting pid and status",
+         uses("pid", "status")),
+    Need(_process, "_listOpenFDs", "twisted.internet.process._listOpenFDs()", params()),
+    Need(_process, "_getFileActions", "twisted.internet.process._getFileActions(fdState, childToParentFD, doClose, doDup2)",
+         params("fdState", "childToParentFD", "doClose", "doDup2")),
+)
+#: What tune_pipes reads: the Process's pipes, and the reader its stdout gets.
+_READS = (
+    Need(_process, "Process", "Process.pipes", sets("pipes")),
+    Need(_process, "Process.processReaderFactory", "Process.processReaderFactory (ProcessReader)",
+         same_as(_process, "ProcessReader")),
+    Need(_process, "ProcessReader.doRead", "ProcessReader.doRead(self)", params("self")),
+    Need(_process, "ProcessReader.dataReceived", "ProcessReader.dataReceived(self, data)", params("self", "data")),
+    Need(_process, "ProcessReader", "ProcessReader.fd", sets("fd")),
+)
+#: What write_stdin reads: the writer its stdin gets, and that writer's buffers.
+_STDIN = (
+    Need(_process, "Process", "Process.pipes", sets("pipes")),
+    Need(_process, "Process.processWriterFactory", "Process.processWriterFactory (ProcessWriter)",
+         same_as(_process, "ProcessWriter")),
+    *(Need(_process, "ProcessWriter", f"ProcessWriter.{name}", sets(name))
+      for name in ("_tempDataLen", "offset", "dataBuffer", "connected", "disconnecting", "fd")),
+    Need(_process, "ProcessWriter.write", "ProcessWriter.write(self, data)", params("self", "data")),
+)
 
 
 def probe() -> bool:
@@ -140,12 +97,12 @@ def probe() -> bool:
     off. True when all three may be used (mcpgw._fast.enabled() still decides whether they are)."""
     global spawn_usable, reads_usable, stdin_usable
     found: dict[str, bool] = {}
-    for name, what, missing in (
-        ("spawn", "starting a child in its own session", _spawn_missing),
-        ("reads", "reading a child's stdout", _reads_missing),
-        ("stdin", "writing to a child's stdin", _stdin_missing),
+    for name, what, needs in (
+        ("spawn", "starting a child in its own session", _SPAWN),
+        ("reads", "reading a child's stdout", _READS),
+        ("stdin", "writing to a child's stdin", _STDIN),
     ):
-        gone = missing()
+        gone = first_missing(needs)
         found[name] = gone is None
         if gone is not None:
             _fast.probe_failed("Twisted", what, gone)
@@ -199,7 +156,7 @@ class _LeaderProcess(_process.Process):
             self._spawn(executable, args, environment, fdmap)
             return True
         # O_PATH: the gateway's directory needs no read permission to be returned to.
-        here = os.open(".", getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
+        here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             # posix_spawn has no chdir action here (Python 3.11): the child inherits the directory
             # the gateway is in at the spawn, so the gateway stands in ``path`` for the spawn only.
@@ -282,9 +239,9 @@ def tune_pipes(transport: Any) -> Any:
     (the transport's ``write`` only)."""
     if not _fast.enabled():
         return None
-    pipes = getattr(transport, "pipes", None)
-    if not isinstance(pipes, dict):
-        return None
+    if not isinstance(transport, _process.Process):
+        return None  # a test's stand-in, or a PTY process: Twisted's own reads and writes
+    pipes = transport.pipes
     reader = pipes.get(1)
     if reads_usable and isinstance(reader, _process.ProcessReader):
         _read_whole_pipe(reader)

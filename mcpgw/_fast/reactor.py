@@ -2,19 +2,19 @@
 
 ``EPollReactor.doPoll`` wraps every ready descriptor's ``doRead``/``doWrite`` in
 ``log.callWithLogger``, which asks the selectable for its ``logPrefix()`` and pushes a
-``{"system": prefix}`` context for the legacy ``twisted.python.log``: a few microseconds per event,
-and a relayed call is three to four events (the client's bytes, the child's line, the writes
-Twisted buffered; docs/performance.md). mcpgw logs through ``twisted.logger.Logger`` with its own
+``{"system": prefix}`` context for the legacy ``twisted.python.log``, for every event, and a
+relayed call is several events (the client's bytes, the child's line, the writes Twisted
+buffered; docs/performance.md). mcpgw logs through ``twisted.logger.Logger`` with its own
 fields and never reads ``system``. Errors are still caught, logged and the descriptor dropped by
 ``_doReadOrWrite`` itself; what escapes it is logged here and the next event is served, as
-``callWithLogger`` did. Only the log context goes.
+``callWithLogger`` does. Only the log context goes.
 
 :class:`EPollReactor` is Twisted's with that ``doPoll``: ``twistd --reactor mcpgw-epoll``
 (twisted/plugins/mcpgw_reactor.py), and ``twistd mcpgw``'s reactor when the user names none
 (mcpgw.tap.install_default_reactor). It reads Twisted's private ``_poller`` and ``_selectables``
 (set by ``EPollReactor.__init__``) and ``_doReadOrWrite(selectable, fd, event)``; :func:`probe`
 checks them and ``doPoll(self, timeout)`` against the installed Twisted when this module is
-imported. When the probe fails (one warning line) or the fast paths are off (mcpgw._fast), every
+imported (mcpgw._fast.probe). When the probe fails (one warning line) or the fast paths are off (mcpgw._fast), every
 poll is Twisted's own ``EPollReactor.doPoll``.
 
 Linux only: importing this module elsewhere raises ImportError, as ``twisted.internet.epollreactor`` does.
@@ -23,7 +23,6 @@ Linux only: importing this module elsewhere raises ImportError, as ``twisted.int
 from __future__ import annotations
 
 import errno
-import inspect
 from typing import Any
 
 from twisted.internet import epollreactor
@@ -31,6 +30,7 @@ from twisted.internet.main import installReactor
 from twisted.logger import Logger
 
 from mcpgw import _fast, logs
+from mcpgw._fast.probe import Need, first_missing, params, uses
 
 _log = Logger(observer=logs.observer, namespace="mcpgw.fast")
 
@@ -38,27 +38,21 @@ _log = Logger(observer=logs.observer, namespace="mcpgw.fast")
 usable = False
 
 
-def _params(func: Any) -> tuple[str, ...] | None:
-    try:
-        return tuple(inspect.signature(func).parameters)
-    except (TypeError, ValueError):
-        return None
+def _needs(cls: Any) -> list[Need]:
+    """What the fast doPoll reads of ``cls`` (Twisted's EPollReactor); ``_poller`` and
+    ``_selectables`` are set on the instance by its own ``__init__``, read from its code."""
+    return [
+        Need(cls, "doPoll", "EPollReactor.doPoll(self, timeout)", params("self", "timeout")),
+        Need(cls, "_doReadOrWrite", "EPollReactor._doReadOrWrite(self, selectable, fd, event)",
+             params("self", "selectable", "fd", "event")),
+        Need(cls, "__init__", "EPollReactor._poller", uses("_poller")),
+        Need(cls, "__init__", "EPollReactor._selectables", uses("_selectables")),
+    ]
 
 
 def missing(cls: Any = None) -> str | None:
     """The first thing the fast doPoll reads that ``cls`` (Twisted's EPollReactor) lacks, or None."""
-    if cls is None:
-        cls = epollreactor.EPollReactor
-    if _params(getattr(cls, "doPoll", None)) != ("self", "timeout"):
-        return "EPollReactor.doPoll(self, timeout)"
-    if _params(getattr(cls, "_doReadOrWrite", None)) != ("self", "selectable", "fd", "event"):
-        return "EPollReactor._doReadOrWrite(self, selectable, fd, event)"
-    # Set on the instance by __init__: read from its code, not from a reactor made to find out.
-    assigned = getattr(getattr(getattr(cls, "__init__", None), "__code__", None), "co_names", ())
-    for name in ("_poller", "_selectables"):
-        if name not in assigned:
-            return f"EPollReactor.{name}"
-    return None
+    return first_missing(_needs(epollreactor.EPollReactor if cls is None else cls))
 
 
 def probe() -> bool:

@@ -17,7 +17,6 @@ Both paths answer the same bytes: the probes only decide what they cost.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from twisted.internet import abstract, tcp
@@ -25,6 +24,7 @@ from twisted.web import http
 from twisted.web.iweb import INonQueuedRequestFactory
 
 from mcpgw import _fast
+from mcpgw._fast.probe import Need, arity, exception_class, missing, sets, uses, uses_only
 
 #: What HTTPChannel.lineReceived and allContentReceived of Twisted 24.3-26.10 read and write: the
 #: copies below are theirs, so a Twisted whose methods use other names has changed them.
@@ -40,70 +40,49 @@ _CONTENT_NAMES = frozenset({
     "_receivedHeaderSize", "_savedTimeOut", "_transferDecoder", "_version", "length", "requestReceived",
     "requests", "setRawMode", "setTimeout", "timeOut",
 })
-#: HTTPChannel's class attributes and the ones its __init__ sets, as the copies use them.
-_CHANNEL_CLASS = ("_HTTPChannel__first_line", "_HTTPChannel__header", "_receivedHeaderSize",
-                  "_receivedHeaderCount", "_savedTimeOut")
-_CHANNEL_INSTANCE = ("_handlingRequest", "_transferDecoder")
-#: A TCP transport's send buffers (abstract.FileDescriptor): ``send`` writes to the socket only
-#: while all of them are empty, so nothing it sends can overtake what the transport holds.
-_TRANSPORT_CLASS = ("dataBuffer", "offset", "_writeDisconnected", "connected", "disconnecting")
-#: What FileDescriptor.__init__ sets: looked for on each transport (``writes_through``).
-_TRANSPORT_INSTANCE = ("_tempDataLen", "socket")
-_WRITE_NAMES = frozenset({"_tempDataBuffer", "_tempDataLen", "_writeDisconnected"})
-_DO_WRITE_NAMES = frozenset({"dataBuffer", "offset", "_tempDataBuffer", "_tempDataLen"})
+#: A TCP transport's send buffers and socket (abstract.FileDescriptor, tcp.Connection): ``send``
+#: writes to the socket only while all of them are empty, so nothing it sends can overtake what the
+#: transport holds.
+_TRANSPORT = ("dataBuffer", "offset", "_writeDisconnected", "connected", "disconnecting", "_tempDataLen", "socket")
+
+#: What the parsing copies read: HTTPChannel's state (class attributes and what its __init__
+#: sets), the methods they copy, the request-line parser and the chunked-body error.
+_PARSING = (
+    *(Need(http, "HTTPChannel", f"HTTPChannel.{name}", sets(name))
+      for name in ("_HTTPChannel__first_line", "_HTTPChannel__header", "_receivedHeaderSize", "_receivedHeaderCount",
+                   "_savedTimeOut", "_handlingRequest", "_transferDecoder")),
+    Need(http, "HTTPChannel.lineReceived", "HTTPChannel.lineReceived of Twisted 24.3-26.10", uses_only(_LINE_NAMES)),
+    Need(http, "HTTPChannel.allContentReceived", "HTTPChannel.allContentReceived of Twisted 24.3-26.10",
+         uses_only(_CONTENT_NAMES)),
+    Need(http, "_parseRequestLine", "twisted.web.http._parseRequestLine(line)", arity(1)),
+    Need(http, "_MalformedChunkedDataError", "twisted.web.http._MalformedChunkedDataError", exception_class),
+)
+#: What ``send`` reads of a ``tcp.Server`` and relies on in FileDescriptor's write path.
+_WRITING = (
+    *(Need(tcp, "Server", f"tcp.Server.{name}", sets(name)) for name in _TRANSPORT),
+    Need(abstract, "FileDescriptor.write", "FileDescriptor.write's _tempDataBuffer",
+         uses("_tempDataBuffer", "_tempDataLen", "_writeDisconnected")),
+    Need(abstract, "FileDescriptor.doWrite", "FileDescriptor.doWrite's dataBuffer and offset",
+         uses("dataBuffer", "offset", "_tempDataBuffer", "_tempDataLen")),
+)
 
 #: The probes' results (``probe`` sets them).
 _parsing_ok = False
 _writing_ok = False
 
 
-def _code_names(function: Any) -> frozenset[str]:
-    code = getattr(function, "__code__", None)
-    return frozenset(code.co_names) if code is not None else frozenset()
-
-
-def _parsing_missing() -> list[str]:
-    missing = [f"HTTPChannel.{name}" for name in _CHANNEL_CLASS if not hasattr(http.HTTPChannel, name)]
-    try:
-        channel = http.HTTPChannel()
-    except Exception:  # noqa: BLE001 - a constructor that needs more than it did: no instance to look at
-        missing.append("HTTPChannel()")
-    else:
-        missing += [f"HTTPChannel().{name}" for name in _CHANNEL_INSTANCE if not hasattr(channel, name)]
-    if _code_names(http.HTTPChannel.lineReceived) != _LINE_NAMES:
-        missing.append("HTTPChannel.lineReceived of Twisted 24.3-26.10")
-    if _code_names(http.HTTPChannel.allContentReceived) != _CONTENT_NAMES:
-        missing.append("HTTPChannel.allContentReceived of Twisted 24.3-26.10")
-    parse = getattr(http, "_parseRequestLine", None)
-    if parse is None or len(inspect.signature(parse).parameters) != 1:
-        missing.append("twisted.web.http._parseRequestLine(line)")
-    error = getattr(http, "_MalformedChunkedDataError", None)
-    if not (isinstance(error, type) and issubclass(error, Exception)):
-        missing.append("twisted.web.http._MalformedChunkedDataError")
-    return missing
-
-
-def _writing_missing() -> list[str]:
-    missing = [f"tcp.Server.{name}" for name in _TRANSPORT_CLASS if not hasattr(tcp.Server, name)]
-    if not _WRITE_NAMES <= _code_names(abstract.FileDescriptor.write):
-        missing.append("FileDescriptor.write's _tempDataBuffer")
-    if not _DO_WRITE_NAMES <= _code_names(abstract.FileDescriptor.doWrite):
-        missing.append("FileDescriptor.doWrite's dataBuffer and offset")
-    return missing
-
-
 def probe() -> None:
     """Check the installed Twisted for what the fast paths read; one warning line per path that
     falls back to the public API. Run when this module is imported (tests run it again)."""
     global _parsing_ok, _writing_ok
-    missing = _parsing_missing()
-    _parsing_ok = not missing
-    if missing:
-        _fast.probe_failed("Twisted", "HTTP request parsing", ", ".join(missing))
-    missing = _writing_missing()
-    _writing_ok = not missing
-    if missing:
-        _fast.probe_failed("Twisted", "HTTP response writing", ", ".join(missing))
+    gone = missing(_PARSING)
+    _parsing_ok = not gone
+    if gone:
+        _fast.probe_failed("Twisted", "HTTP request parsing", ", ".join(gone))
+    gone = missing(_WRITING)
+    _writing_ok = not gone
+    if gone:
+        _fast.probe_failed("Twisted", "HTTP response writing", ", ".join(gone))
 
 
 def parsing() -> bool:
@@ -112,9 +91,9 @@ def parsing() -> bool:
 
 
 def writes_through(transport: Any) -> bool:
-    """Whether a channel on ``transport`` (when it connects) may send responses with :func:`send`."""
-    return _writing_ok and _fast.enabled() and type(transport) is tcp.Server \
-        and all(hasattr(transport, name) for name in _TRANSPORT_INSTANCE)
+    """Whether a channel on ``transport`` (when it connects) may send responses with :func:`send`:
+    Twisted's own TCP server transport, whose state the probe checked (not a subclass, TLS or a test's)."""
+    return _writing_ok and _fast.enabled() and type(transport) is tcp.Server
 
 
 # -- request parsing (channel: a GatewayChannel; Any, for HTTPChannel's private state) ----------

@@ -33,14 +33,15 @@ into ``onMessage``, ``sendMessage`` and ``transport.write``.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
+from autobahn.websocket import xormasker
 from autobahn.websocket.protocol import WebSocketProtocol, WebSocketServerFactory
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import abstract, tcp
 
 from mcpgw import _fast
+from mcpgw._fast.probe import Need, contains, first_missing, params, sets, uses
 
 #: What the probe found usable, one flag per shortcut.
 frames_usable = False
@@ -57,78 +58,61 @@ _TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
 
 # -- the probe -----------------------------------------------------------------------------------
 
-def _params(func: Any) -> tuple[str, ...] | None:
-    try:
-        return tuple(inspect.signature(func).parameters)
-    except (TypeError, ValueError):
-        return None
-
-
-def _code_names(func: Any) -> tuple[str, ...]:
-    return getattr(getattr(func, "__code__", None), "co_names", ())
-
-
-#: Autobahn's methods and the names of its state each must still use, for what FastFrames reads:
-#: instance attributes are set in ``_connectionMade`` and cannot be seen on the class.
-_AUTOBAHN_USES = {
-    "_connectionMade": ("data", "send_queue", "autoPingTimeoutCall", "_perMessageCompress"),
-    "_dataReceived": ("data", "consumeData"),
-    "processData": ("data", "current_frame", "inside_message"),
-    "onFrameBegin": ("current_frame", "inside_message"),
-    "onFrameEnd": ("autoPingTimeoutCall", "autoPingRestartOnAnyTraffic", "_cancelAutoPingTimeoutCall"),
-    "sendData": ("send_queue",),
-}
-_AUTOBAHN_SIGNATURES = {
-    "_dataReceived": ("self", "data"),
-    "_cancelAutoPingTimeoutCall": ("self",),
-    "onMessage": ("self", "payload", "isBinary"),
-}
-_AUTOBAHN_OPTIONS = ("logFrames", "logOctets", "trackedTimings", "maxMessagePayloadSize", "maxFramePayloadSize")
+#: What FastFrames reads of Autobahn: the methods that keep the parser's and the keepalive's state
+#: (instance attributes set in ``_connectionMade``, so read from the methods' code), the ones it
+#: calls, and the options that decide that every frame must be Autobahn's (copied from the factory
+#: by name, CONFIG_ATTRS_COMMON; ``trackedTimings`` is set by ``_connectionMade``).
+_FRAMES = (
+    *(Need(WebSocketProtocol, method, f"WebSocketProtocol.{method} using {name}", uses(name))
+      for method, names in (
+          ("_connectionMade", ("data", "send_queue", "autoPingTimeoutCall", "_perMessageCompress")),
+          ("_dataReceived", ("data", "consumeData")),
+          ("processData", ("data", "current_frame", "inside_message")),
+          ("onFrameBegin", ("current_frame", "inside_message")),
+          ("onFrameEnd", ("autoPingTimeoutCall", "autoPingRestartOnAnyTraffic", "_cancelAutoPingTimeoutCall")),
+          ("sendData", ("send_queue",)),
+      ) for name in names),
+    *(Need(WebSocketProtocol, method, f"WebSocketProtocol.{method}({', '.join(names)})", params(*names))
+      for method, names in (
+          ("_dataReceived", ("self", "data")),
+          ("_cancelAutoPingTimeoutCall", ("self",)),
+          ("onMessage", ("self", "payload", "isBinary")),
+      )),
+    *(Need(WebSocketProtocol, "CONFIG_ATTRS_COMMON", f"WebSocketProtocol.{name}", contains(name))
+      for name in ("logFrames", "logOctets", "maxMessagePayloadSize", "maxFramePayloadSize")),
+    Need(WebSocketProtocol, "_connectionMade", "WebSocketProtocol.trackedTimings", uses("trackedTimings")),
+    Need(xormasker, "create_xor_masker", "autobahn.websocket.xormasker.create_xor_masker(mask, length)",
+         params("mask", "length")),
+)
 #: What a direct write reads of a Twisted TCP transport to know that nothing is buffered.
-_TWISTED_BUFFER = ("_tempDataLen", "dataBuffer", "connected", "disconnecting", "_writeDisconnected", "TLS", "writeSomeData")
+_DIRECT = (
+    *(Need(tcp, "Connection", f"tcp.Connection.{name}", sets(name))
+      for name in ("_tempDataLen", "dataBuffer", "connected", "disconnecting", "_writeDisconnected", "TLS",
+                   "writeSomeData")),
+    Need(abstract, "FileDescriptor.write", "FileDescriptor.write using _tempDataLen", uses("_tempDataLen")),
+    Need(tcp, "Connection.writeSomeData", "tcp.Connection.writeSomeData(self, data)", params("self", "data")),
+)
+#: The slot use_reactor fills: the factory makes it, each protocol's ``_connectionMade`` reads it.
+_TIMERS = (
+    Need(WebSocketServerFactory, "__init__", "WebSocketServerFactory._batched_timer", uses("_batched_timer")),
+    Need(WebSocketProtocol, "_connectionMade", "WebSocketProtocol._connectionMade using factory._batched_timer",
+         uses("_batched_timer")),
+)
 
 
 def _frames_missing() -> str | None:
     """The first thing FastFrames reads that the installed Autobahn lacks, or None."""
-    for method, names in _AUTOBAHN_USES.items():
-        code = _code_names(getattr(WebSocketProtocol, method, None))
-        for name in names:
-            if name not in code:
-                return f"WebSocketProtocol.{method} using {name}"
-    for method, params in _AUTOBAHN_SIGNATURES.items():
-        if _params(getattr(WebSocketProtocol, method, None)) != params:
-            return f"WebSocketProtocol.{method}({', '.join(params)})"
-    # the options are copied from the factory by name (CONFIG_ATTRS_COMMON), trackedTimings is set
-    options = (*getattr(WebSocketProtocol, "CONFIG_ATTRS_COMMON", ()),
-               *_code_names(getattr(WebSocketProtocol, "_connectionMade", None)))
-    for name in _AUTOBAHN_OPTIONS:
-        if name not in options:
-            return f"WebSocketProtocol.{name}"
-    if _params(create_xor_masker) != ("mask", "length"):
-        return "autobahn.websocket.xormasker.create_xor_masker(mask, length)"
-    return None
+    return first_missing(_FRAMES)
 
 
 def _direct_missing() -> str | None:
     """The first thing a direct write reads that the installed Twisted lacks, or None."""
-    init = _code_names(abstract.FileDescriptor.__init__)
-    for name in _TWISTED_BUFFER:
-        if not hasattr(tcp.Connection, name) and name not in init:
-            return f"tcp.Connection.{name}"
-    if "_tempDataLen" not in _code_names(abstract.FileDescriptor.write):
-        return "FileDescriptor.write using _tempDataLen"
-    if _params(tcp.Connection.writeSomeData) != ("self", "data"):
-        return "tcp.Connection.writeSomeData(self, data)"
-    return None
+    return first_missing(_DIRECT)
 
 
 def _timers_missing() -> str | None:
     """What use_reactor relies on that the installed Autobahn lacks, or None."""
-    if "_batched_timer" not in _code_names(WebSocketServerFactory.__init__):
-        return "WebSocketServerFactory._batched_timer"
-    if "_batched_timer" not in _code_names(getattr(WebSocketProtocol, "_connectionMade", None)):
-        return "WebSocketProtocol._connectionMade using factory._batched_timer"
-    return None
+    return first_missing(_TIMERS)
 
 
 def probe() -> bool:
@@ -226,59 +210,65 @@ class FastFrames:
         if proto.state != _OPEN or proto.data or proto.current_frame is not None or proto.inside_message:
             proto._dataReceived(data)
             return
-        n = len(data)
-        pos = 0
-        limit = self.limit
         # Replies written while this read is parsed (errors, 429s, {"type":"pong"}) go into Twisted's
         # buffer, out in one send when the reactor next writes, rather than one send each; and
         # past the high-water mark they pause reading (_Backpressure) within this read.
         direct, self.direct = self.direct, False
         try:
-            while n - pos >= 6:
-                b1 = data[pos + 1]
-                if data[pos] != 0x81 or b1 < 0x80:
-                    break  # not FIN + text without RSV bits, or unmasked: Autobahn decides
-                length = b1 & 0x7F
-                if length < 126:
-                    start = pos + 6
-                elif length == 126:
-                    start = pos + 8
-                    if start > n:
-                        break
-                    length = (data[pos + 2] << 8) | data[pos + 3]
-                    if length < 126:
-                        break  # not the minimal length encoding: a protocol error
-                else:
-                    start = pos + 14
-                    if start > n:
-                        break
-                    length = int.from_bytes(data[pos + 2:pos + 10], "big")
-                    if length < 65536 or length >> 63:
-                        break  # not minimal, or the reserved top bit: a protocol error
-                end = start + length
-                if end > n or length > limit:
-                    break  # a partial frame, or over websocket.maxMessageBytes (1009)
-                mask = data[start - 4:start]
-                if length <= _INT_UNMASK_MAX:
-                    q, r = divmod(length, 4)
-                    payload = (int.from_bytes(data[start:end], "little")
-                               ^ int.from_bytes(mask * q + mask[:r], "little")).to_bytes(length, "little")
-                else:
-                    payload = create_xor_masker(mask, length).process(data[start:end])
-                pos = end
-                if proto.autoPingTimeoutCall and proto.autoPingRestartOnAnyTraffic:
-                    proto._cancelAutoPingTimeoutCall()  # as Autobahn's onFrameEnd: any data frame will do
-                proto.onMessage(payload, False)
-                if proto.state != _OPEN:
-                    break  # closing: the rest is Autobahn's
-                backpressure = proto.backpressure
-                if backpressure is not None and backpressure.paused and pos < n:
-                    self.held = data[pos:]
-                    return
+            pos = self._whole_frames(proto, data)
         finally:
             self.direct = direct
-        if pos < n and not proto.stopped_reading:
+        if pos < len(data) and not proto.stopped_reading:
             proto._dataReceived(data[pos:] if pos else data)
+
+    def _whole_frames(self, proto: Any, data: bytes) -> int:
+        """Hand each whole, final, masked text frame at the start of ``data`` to ``onMessage``;
+        the offset of the first byte left for Autobahn (``len(data)`` when the rest is held)."""
+        n = len(data)
+        pos = 0
+        limit = self.limit
+        while n - pos >= 6:
+            b1 = data[pos + 1]
+            if data[pos] != 0x81 or b1 < 0x80:
+                break  # not FIN + text without RSV bits, or unmasked: Autobahn decides
+            length = b1 & 0x7F
+            if length < 126:
+                start = pos + 6
+            elif length == 126:
+                start = pos + 8
+                if start > n:
+                    break
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                if length < 126:
+                    break  # not the minimal length encoding: a protocol error
+            else:
+                start = pos + 14
+                if start > n:
+                    break
+                length = int.from_bytes(data[pos + 2:pos + 10], "big")
+                if length < 65536 or length >> 63:
+                    break  # not minimal, or the reserved top bit: a protocol error
+            end = start + length
+            if end > n or length > limit:
+                break  # a partial frame, or over websocket.maxMessageBytes (1009)
+            mask = data[start - 4:start]
+            if length <= _INT_UNMASK_MAX:
+                q, r = divmod(length, 4)
+                payload = (int.from_bytes(data[start:end], "little")
+                           ^ int.from_bytes(mask * q + mask[:r], "little")).to_bytes(length, "little")
+            else:
+                payload = create_xor_masker(mask, length).process(data[start:end])
+            pos = end
+            if proto.autoPingTimeoutCall and proto.autoPingRestartOnAnyTraffic:
+                proto._cancelAutoPingTimeoutCall()  # as Autobahn's onFrameEnd: any data frame will do
+            proto.onMessage(payload, False)
+            if proto.state != _OPEN:
+                break  # closing: the rest is Autobahn's
+            backpressure = proto.backpressure
+            if backpressure is not None and backpressure.paused and pos < n:
+                self.held = data[pos:]
+                return n
+        return pos
 
     def send_text(self, raw: bytes) -> bool:
         """One message, one text frame, header + payload in one write; False when Autobahn has
@@ -299,8 +289,8 @@ class FastFrames:
         """``transport.write``, but straight into an idle plain-TCP socket.
 
         When nothing is buffered this sends at once, with Twisted's own ``writeSomeData``;
-        whatever the kernel does not take (a full socket buffer, an error) goes through ``write``
-        as before, so the order of bytes, backpressure (the session pauses the child) and error
+        whatever the kernel does not take (a full socket buffer, an error) goes through ``write``,
+        so the order of bytes, backpressure (the session pauses the child) and error
         handling are Twisted's.
         """
         t = self._proto.transport
@@ -324,8 +314,8 @@ def _receive_limit(proto: Any) -> int:
 
 
 def _is_plain_tcp(transport: Any) -> bool:
-    return (direct_usable and isinstance(transport, tcp.Connection)
-            and all(hasattr(transport, a) for a in _TWISTED_BUFFER))
+    """A Twisted TCP connection (whose buffers the probe checked), not TLS or a test's transport."""
+    return direct_usable and isinstance(transport, tcp.Connection)
 
 
 probe()

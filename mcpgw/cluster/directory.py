@@ -15,11 +15,13 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 import mcpgw.cluster.wire as wire
 from mcpgw import jsonrpc, logs
 from mcpgw.cluster.node import Node
 from mcpgw.cluster.routes import Routes
+from mcpgw.interfaces import IOutlet, IRoute, ISession
 from mcpgw.transports.common import HttpError
 from mcpgw.transports.streamable import PostExchange, StreamableOutlet
 
@@ -31,8 +33,12 @@ def unavailable(what: str) -> HttpError:
                      headers={b"retry-after": b"2"})
 
 
+@implementer(IRoute, IOutlet)
 class RemoteLegacyOutlet:
     """The outlet of an HTTP+SSE session owned elsewhere: its SSE stream is on the owner."""
+
+    #: The stream is the session's outlet, on the owner: no POST's response.
+    open_stream = False
 
     def __init__(self, session: RemoteSession):
         self.session = session
@@ -54,6 +60,7 @@ class RemoteLegacyOutlet:
         pass
 
 
+@implementer(ISession)
 class RemoteSession:
     """A session owned by another instance, as the transports here see it."""
 
@@ -71,6 +78,7 @@ class RemoteSession:
         self.metrics = directory.ctx.metrics.bound(record.transport, server.name)
         self.ended = False
         self.end_reason = ""
+        #: Its record is being read again (``refresh``).
         self.refreshing = False
         self.last_used = self._clock.seconds()
         #: Route ids of this session's POSTs waiting here.
@@ -117,6 +125,28 @@ class RemoteSession:
         rid = self._route_ids.pop(route, None)
         if rid is not None:
             self.routes.discard(rid)
+
+    def refresh(self) -> None:
+        """Read the record again for what the owner learnt after it was first read (the protocol version)."""
+        if self.refreshing:
+            return
+        self.refreshing = True
+
+        def read(record: Any) -> None:
+            self.refreshing = False
+            if record is not None and record.protocol_version is not None:
+                self.protocol_version = record.protocol_version
+
+        def failed(f: Any) -> None:
+            self.refreshing = False
+
+        self.directory.store.get(self.id).addCallbacks(read, failed)
+
+    def forgotten(self, reason: str) -> None:
+        """This instance has let go of the session (over, or unreachable for good): what the client
+        sends it from now on is answered with ``reason``."""
+        self.ended = True
+        self.end_reason = reason
 
     def active(self) -> bool:
         """Something here still waits on the owner (a POST, a stream)."""
@@ -190,23 +220,9 @@ class Directory:
             return defer.succeed(None)
         if not self.node.pubsub.available:
             return defer.fail(unavailable("the session is owned by another gateway instance"))
-        if remote.protocol_version is None and not remote.refreshing:
-            self._refresh(remote)
+        if remote.protocol_version is None:
+            remote.refresh()
         return defer.succeed(remote)
-
-    def _refresh(self, remote: RemoteSession) -> None:
-        """Read the record again for what the owner learnt after we first read it (the protocol version)."""
-        remote.refreshing = True
-
-        def read(record: Any) -> None:
-            remote.refreshing = False
-            if record is not None and record.protocol_version is not None:
-                remote.protocol_version = record.protocol_version
-
-        def failed(f: Any) -> None:
-            remote.refreshing = False
-
-        self.store.get(remote.id).addCallbacks(read, failed)
 
     async def _read(self, session_id: str) -> RemoteSession | None:
         record = await self.store.get(session_id)
@@ -245,8 +261,7 @@ class Directory:
         """The session is over (or unreachable for good): fail what waits, close the streams here."""
         if self.remote.get(session.id) is session:
             del self.remote[session.id]
-        session.ended = True
-        session.end_reason = reason
+        session.forgotten(reason)
         self.routes.fail_routes(session, status, "Session not found" if status == 404 else reason)
         outlet = session.outlet
         if isinstance(outlet, StreamableOutlet):

@@ -10,7 +10,7 @@ hears its channel, ``alive(connected=True)`` is false) while its heartbeat and r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -127,8 +127,12 @@ class MemoryRegistry(Service):
         self._world = world
         self._pubsub = pubsub
         self.instance = instance
-        #: The sessions whose records are refreshed (set by ``Cluster.bind``; nothing expires here).
-        self._sessions: Any = lambda: ()
+        #: The sessions whose records InstanceRegistry would refresh (no record expires here).
+        self.sessions: Callable[[], Iterable[Any]] = lambda: ()
+
+    def refresh_records_of(self, sessions: Callable[[], Iterable[Any]]) -> None:
+        """As InstanceRegistry's."""
+        self.sessions = sessions
 
     def startService(self) -> None:
         super().startService()

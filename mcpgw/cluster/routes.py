@@ -12,10 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
+from zope.interface import implementer
 
 import mcpgw.cluster.wire as wire
 from mcpgw import jsonrpc, logs
 from mcpgw.cluster.node import Node
+from mcpgw.interfaces import IRoute
 from mcpgw.transports.streamable import PostExchange
 
 #: A message a receiving instance forwards to a session's owner: its class, called with
@@ -129,6 +131,7 @@ class Routes:
 # -- the owner's side ---------------------------------------------------------------
 
 
+@implementer(IRoute)
 class RemoteRoute:
     """The owner's Route for a POST waiting on another instance: answers are published to it."""
 

@@ -46,7 +46,7 @@ class Backend:
     pubsub: IPubSub
     #: The session records of every instance (RedisSessionStore: also the SessionManager's store).
     store: Any
-    #: The instance registry: ``alive(instance, connected=False)``.
+    #: The instance registry: ``alive(instance, connected=False)``, ``refresh_records_of(sessions)``.
     registry: Any
     events: IEventLog
     #: The channel an instance listens on.
@@ -70,9 +70,9 @@ def redis_backend(config: GatewayConfig, reactor: Any, metrics: Any = None, inst
     redis = RedisConnection(parse_url(config.redis.url, config.redis.password), reactor,
                             timeout=config.redis.timeout, metrics=metrics)
     redis.client_name = client_name(keys, instance)
-    max_age = config.session.maxAge / 1000.0
+    max_age = config.session.idleSeconds
     touch = min(30.0, max(config.redis.heartbeat, max_age / 4))
-    store = RedisSessionStore(redis, keys, instance, config.session.maxAge, reactor,
+    store = RedisSessionStore(redis, keys, instance, max_age, reactor,
                               grace=2 * touch + config.redis.heartbeat)
     registry = InstanceRegistry(redis, store, reactor, interval=config.redis.heartbeat, touch_interval=touch)
     events = RedisEventLog(redis, keys, lambda: config.sse.replayEvents, max_age + store.grace)
@@ -109,7 +109,7 @@ class Cluster(MultiService):
         self.owner = OwnerRoutes(self.node)
         self.directory = Directory(self.node, self.routes, self.store, self.backend.registry, config)
         self.streams = Streams(self.node, self.directory, self.backend.events)
-        self.sweeper = Sweeper(self.directory, self.owner, self.streams, config.session.maxAge / 1000.0)
+        self.sweeper = Sweeper(self.directory, self.owner, self.streams, config.session.idleSeconds)
         self.store.on_remove = self.node.session_removed
         self.backend.pubsub.on_change(self.sweeper.bus_changed)
         self.outlet = self.streams.outlet
@@ -131,7 +131,7 @@ class Cluster(MultiService):
         self.node.sessions = sessions = ctx.sessions
         sessions.unavailable = self.unavailable
         # The registry refreshes the records of the sessions that are in use.
-        self.backend.registry._sessions = lambda: list(sessions.sessions.values())
+        self.backend.registry.refresh_records_of(lambda: list(sessions.sessions.values()))
 
     # -- state ---------------------------------------------------------------------
 

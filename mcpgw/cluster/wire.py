@@ -7,7 +7,7 @@ client or server JSON-RPC lines, SSE frames, or a reason.
 
 The bytes are those of every earlier release of the gateway (same type tags, same keys, same key
 order), so instances running older and newer code can share one Redis during a rolling upgrade;
-``tests/test_cluster_unit.py`` decodes messages recorded from the old encoder. A header key this
+``tests/test_cluster_unit.py`` decodes messages as earlier releases wrote them. A header key this
 codec does not know is ignored (a newer instance may add one); a missing key, a value of the wrong
 type or an unknown type is a ``WireError``, which the subscriber logs and drops.
 """
@@ -243,10 +243,11 @@ def encode(message: Message) -> bytes:
     header: dict[str, Any] = {"t": message.TYPE}
     payload = b""
     for field in attrs.fields(type(message)):
+        value = getattr(message, field.name)  # each declared attrs field, by its name: the codec's schema
         if field.metadata.get("payload"):
-            payload = getattr(message, field.name)
+            payload = value
         else:
-            header[field.metadata["key"]] = getattr(message, field.name)
+            header[field.metadata["key"]] = value
     return jsonrpc.dumps(header) + b"\n" + payload
 
 

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from mcpgw.oauth.config import OAuthConfig, canonical_uri
+from mcpgw.config.oauth import OAuthConfig, canonical_uri
 
 #: RFC 9728 section 3: the well-known URI suffix of Protected Resource Metadata.
 WELL_KNOWN = "/.well-known/oauth-protected-resource"
@@ -112,6 +112,24 @@ class ProtectedResources:
         return out
 
     # -- challenges --------------------------------------------------------------
+
+    def resource_at(self, path: str) -> str:
+        """The resource identifier of the endpoint a request path names (``/servers/a/mcp``; behind a
+        proxy, the path without the prefix it strips), else the gateway's."""
+        resource = self.base + path.split("?", 1)[0].rstrip("/")
+        return resource if resource in self._owner else self.base
+
+    def unauthorized_at(self, path: str, *, error: str | None = None, description: str | None = None,
+                        realm: str | None = None) -> bytes:
+        """``unauthorized`` for the endpoint at a request path."""
+        resource = self.resource_at(path)
+        return bearer_challenge(metadata_url(resource), scope=self.challenge_scopes(self._owner[resource]),
+                                error=error, description=description, realm=realm)
+
+    def insufficient_scope_at(self, path: str, scopes: Iterable[str], description: str | None = None) -> bytes:
+        """``insufficient_scope`` for the endpoint at a request path."""
+        return bearer_challenge(metadata_url(self.resource_at(path)), scope=tuple(scopes),
+                                error="insufficient_scope", description=description)
 
     def challenge_scopes(self, server: str | None) -> tuple[str, ...]:
         """The ``scope`` of a 401 (MCP authorization spec: what to ask for first, least privilege): the

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
-from mcpgw.oauth.config import OAuthConfig
+from mcpgw.config.oauth import OAuthConfig
 
 
 def session_scopes(config: OAuthConfig, server: str) -> tuple[str, ...]:

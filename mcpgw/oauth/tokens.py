@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mcpgw import logs
-from mcpgw.oauth.config import OAuthConfig, canonical_uri
+from mcpgw.config.oauth import OAuthConfig, canonical_uri
 from mcpgw.oauth.http import HttpClient, HttpError, basic_auth, fetch_json
 from mcpgw.oauth.keys import AuthorizationServer, KeysUnavailable, Shared, UnknownKey
 

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mcpgw import jsonrpc, logs
-from mcpgw.config import ServerConfig
+from mcpgw.config import StdioServer
 from mcpgw.deadlines import DeadlineQueue
 from mcpgw.interfaces import IUpstreamDelegate
 from mcpgw.pool.headers import ToolHeaders
@@ -98,7 +98,7 @@ class ChildPool(ToolHeaders, InputParking, Subscriptions):
 
     log = Logger(observer=logs.observer)
 
-    def __init__(self, server: ServerConfig, reactor: Any, request_timeout: float | None = None,
+    def __init__(self, server: StdioServer, reactor: Any, request_timeout: float | None = None,
                  secret: str | None = None):
         self.server = server
         self._reactor = reactor

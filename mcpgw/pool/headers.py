@@ -11,7 +11,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mcpgw import jsonrpc
-from mcpgw.config import ServerConfig
+from mcpgw.config import StdioServer
 from mcpgw.interfaces import IRoute
 from mcpgw.pool.pending import Pending, PoolFull
 
@@ -50,6 +50,9 @@ def header_annotations(schema: Any) -> list[tuple[tuple[str, ...], str, str]]:
 @implementer(IRoute)
 class ToolsFetch:
     """The route of the gateway's own ``tools/list`` (every page) for the x-mcp-header cache."""
+
+    #: No client reads it.
+    open_stream = False
 
     def __init__(self, pool: ToolHeaders, generation: int):
         self.pool = pool
@@ -92,7 +95,7 @@ class ToolsFetch:
 class ToolHeaders:
     """A ChildPool's cache of its tools' x-mcp-header annotations."""
 
-    server: ServerConfig
+    server: StdioServer
     _prefix: str
     #: ChildPool.request: the gateway's own tools/list goes to a child as a client's would.
     request: Callable[..., Pending]

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from mcpgw import jsonrpc
-from mcpgw.config import ServerConfig
+from mcpgw.config import StdioServer
 from mcpgw.pool.pending import INPUT_GATHER, INPUT_KEY_META, INPUT_KEYS, Pending
 from mcpgw.pool.tokens import StateRejected, StateTokens, request_name
 from mcpgw.versions import params_of
@@ -24,7 +24,7 @@ class InputParking:
     """A ChildPool's calls that wait for their client's input, and the requestStates it issued."""
 
     log: Logger
-    server: ServerConfig
+    server: StdioServer
     _reactor: Any
     _pending: dict[str, Pending]
     #: ChildPool.cancel: a parked call nobody comes back for is cancelled in its child.

@@ -10,7 +10,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mcpgw import logs
-from mcpgw.config import GatewayConfig, ServerConfig
+from mcpgw.config import GatewayConfig, ServerConfig, StdioServer
 from mcpgw.pool.children import ChildPool
 from mcpgw.pool.session import pooled_session_factory
 from mcpgw.session import Session
@@ -25,7 +25,7 @@ class PoolManager(Service):
         self.pools: dict[str, ChildPool] = {
             name: ChildPool(server, reactor, config.limits.requestTimeout, config.session.secret)
             for name, server in config.servers.items()
-            if server.sessions == "pooled" and server.url is None and server.aggregate is None
+            if isinstance(server, StdioServer) and server.sessions == "pooled"
         }
 
     def get(self, server: ServerConfig) -> ChildPool | None:

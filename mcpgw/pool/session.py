@@ -86,6 +86,11 @@ class _SessionRoute:
         self.route = route
         self.id = id
 
+    @property
+    def open_stream(self) -> bool:
+        """As the client's route it stands for."""
+        return bool(self.route.open_stream)
+
     def answer(self, id: Any, raw: bytes) -> None:
         self.session._inflight.pop(self.id, None)
         self.route.answer(id, raw)
@@ -121,13 +126,15 @@ class PooledSession(Session):
     upstream: PoolLease
 
     def __init__(self, pool: ChildPool, *args: Any, **kw: Any):
-        self.pool = pool  # before Session.__init__, which asks ``_upstream_for`` for the lease
-        super().__init__(*args, **kw)
+        # All of it before Session.__init__, which asks ``_upstream_for`` for the lease and then makes the
+        # outlet: an outlet may ask a session it is given for its pending routes at once.
+        self.pool = pool
         self._inflight: dict[Any, Pending] = {}
         #: A child's requests relayed to this client: the id the client saw -> (child, the child's id).
         self._asked: dict[str, tuple[PooledChild, Any]] = {}
         #: The capabilities this client declared in its initialize (the pool's children saw the gateway's).
         self.client_capabilities: dict[str, Any] = {}
+        super().__init__(*args, **kw)
 
     def _upstream_for(self, base: Any) -> PoolLease:
         return PoolLease(self.pool)

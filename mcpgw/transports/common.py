@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import attrs
@@ -111,8 +112,7 @@ def read_body(request: Request, limit: int) -> bytes:
     content.seek(0)
     # A BytesIO (GatewaySite keeps bodies in memory) hands its buffer over without a copy;
     # read() copies it (its buffer is over-allocated), a MiB per large body.
-    getvalue = getattr(content, "getvalue", None)
-    return getvalue() if getvalue is not None else content.read()
+    return content.getvalue() if isinstance(content, io.BytesIO) else content.read()
 
 
 def parse_messages(body: bytes, allow_batch: bool = True, max_batch: int | None = None) -> tuple[list[Incoming], bool]:

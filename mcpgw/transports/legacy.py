@@ -6,16 +6,18 @@ end is the session's end.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.logger import Logger
 from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
-from mcpgw import jsonrpc, logs
+from mcpgw import jsonrpc, logs, toolpolicy
 from mcpgw.auth import identity_of, principal_of
 from mcpgw.config import ServerConfig
+from mcpgw.interfaces import IOutlet, IRoute
 from mcpgw.session import Session, SessionRefused
 from mcpgw.transports.common import (
     GatewayContext,
@@ -27,34 +29,53 @@ from mcpgw.transports.common import (
     refuse_new_session,
     relay,
 )
-from mcpgw.transports.sse import SseResponse, frame
+from mcpgw.transports.sse import Heartbeat, SseResponse, frame
 from mcpgw.transports.streamable import when_found
 
 MESSAGE = b"message"
 
 
+@implementer(IRoute, IOutlet)
 class LegacyStream:
     """The one SSE stream of a 2024-11-05 session: its Route and its Outlet."""
 
-    def __init__(self, session: Session, response: SseResponse):
+    #: Not a POST's response: as the outlet, it gets every server message no request claims anyway.
+    open_stream = False
+
+    def __init__(self, session: Session, request: Request, heartbeat: Heartbeat):
         self.session = session
-        self.response = response
+        self._request = request
+        self._heartbeat = heartbeat
+        #: The SSE response, from ``open()`` on.
+        self.response: SseResponse | None = None
+
+    def open(self) -> SseResponse:
+        """Start the SSE response (status line and headers). Called once the session has started, so
+        that a session that cannot start is still answered with an HTTP error."""
+        response = self.response = SseResponse(self._request, self._heartbeat, producer=self.session,
+                                               metrics=self.session.metrics)
         response.on_close(self._closed)
+        return response
+
+    def _write(self, raw: bytes) -> None:
+        if self.response is not None:
+            self.response.write_event(raw, MESSAGE)
 
     def answer(self, id: Any, raw: bytes) -> None:
-        self.response.write_event(raw, MESSAGE)
+        self._write(raw)
 
     def deliver(self, raw: bytes) -> None:
-        self.response.write_event(raw, MESSAGE)
+        self._write(raw)
 
     def forget(self, id: Any) -> None:
         pass
 
     def unbound(self, raw: bytes, msg: dict[str, Any]) -> None:
-        self.response.write_event(raw, MESSAGE)
+        self._write(raw)
 
     def session_ended(self, reason: str) -> None:
-        self.response.finish()
+        if self.response is not None:
+            self.response.finish()
 
     def _closed(self, _: SseResponse) -> None:
         if not self.session.ended:
@@ -75,26 +96,24 @@ class SseEndpoint(Resource):
     def render_GET(self, request: Request) -> Any:
         if not self._ctx.sessions.accepting:
             return refuse_new_session(request, self._ctx.sessions)
+        heartbeat = self._ctx.heartbeat
         try:
             # The child is started by the session's first POSTed message: an idle stream holds
             # one descriptor (its socket), not four (the child's pipes too).
             session = self._ctx.sessions.create(self._server, "sse", identity_of(request), lazy=True,
-                                                principal=principal_of(request))
+                                                principal=principal_of(request),
+                                                outlet=lambda s: LegacyStream(s, request, heartbeat))
         except SessionRefused as e:
             request.setHeader(b"retry-after", b"%d" % e.retry_after)
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}")
-        response = SseResponse(request, self._ctx.heartbeat, producer=session, metrics=session.metrics)
-        session.outlet = LegacyStream(session, response)
+        response = cast(LegacyStream, session.outlet).open()
         # The endpoint sits beside this resource: /sse -> /messages, /servers/x/sse -> /servers/x/messages
         # (prepath, not path: "/sse/" must not give "/sse/messages").
         base = b"".join(b"/" + segment for segment in (request.prepath or [])[:-1])
         endpoint = frame(base + b"/messages?sessionId=" + session.id.encode(), b"endpoint")
         # Once the session's record is stored (at once in memory; with Redis, the other instances
         # behind the same proxy can find it before the client POSTs there).
-        if session.recorded is None:
-            response.write(endpoint)
-        else:
-            session.recorded.addBoth(lambda _: response.write(endpoint))
+        session.recorded.addCallback(lambda _: response.write(endpoint))
         return NOT_DONE_YET
 
 
@@ -139,9 +158,13 @@ class MessagesEndpoint(Resource):
                                          max_batch=self._ctx.config.limits.maxBatchMessages)
         except HttpError as e:
             return http_error_reply(request, e)
+        principal, server = principal_of(request), self._server.name
+        refused = toolpolicy.refusal(self._ctx.auth, principal, server, messages)
+        if refused is not None:  # auth.oauth.toolScopes: refused before any of the POST's messages goes on
+            return toolpolicy.forbidden_reply(self._ctx.auth, request, refused[1], refused[0].msg["id"])
         stream = session.outlet
         for m in messages:
-            relay(session, m, stream)
+            relay(session, m, toolpolicy.route_for(self._ctx.auth, principal, server, m, stream))
         request.setResponseCode(202)
         request.setHeader(b"content-type", b"text/plain")
         return b"Accepted"

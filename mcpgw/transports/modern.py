@@ -3,8 +3,8 @@
 Which generation a POST belongs to is decided per request: an ``MCP-Protocol-Version``
 header naming a modern version, or (without ``Mcp-Session-Id``) a body whose
 ``params._meta`` carries ``io.modelcontextprotocol/protocolVersion``, makes it modern;
-everything else is the handshake-era Streamable HTTP of mcpgw.transports.streamable,
-unchanged.
+everything else is the handshake-era Streamable HTTP of mcpgw.transports.streamable, which
+this module does not touch.
 
 2026-07-28 basic/transports/streamable-http, as applied here:
 
@@ -125,7 +125,7 @@ def is_modern(request: Request, messages: list[Any]) -> bool:
     """Whether this POST is a 2026-07-28 request (the header and the body decide, per request).
 
     A request with ``Mcp-Session-Id`` belongs to a handshake-era session, whatever else it says
-    (a wrong version header there is that session's 400/-32022, as before).
+    (a wrong version header there is that session's 400/-32022, as for any other handshake-era request).
     """
     if request.getHeader(b"mcp-session-id") is not None:
         return False
@@ -173,6 +173,10 @@ def stamp(raw: bytes, server_info: Any, method: str | None = None) -> tuple[byte
 @implementer(IRoute)
 class ModernExchange:
     """The answer to one 2026-07-28 POST: JSON, or an SSE stream scoped to the request."""
+
+    #: Its stream carries only what belongs to its request: 2026-07-28 has no session whose other
+    #: server messages could go there.
+    open_stream = False
 
     def __init__(self, ctx: GatewayContext, pool: ChildPool, request: Request, meta: dict[str, Any] | None = None,
                  metrics: BoundMetrics = NULL_BOUND):

@@ -19,10 +19,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
-from mcpgw import jsonrpc, logs
+from mcpgw import jsonrpc, logs, toolpolicy
 from mcpgw.auth import identity_of, principal_of
 from mcpgw.config import ServerConfig
+from mcpgw.interfaces import IOutlet, IRoute
 from mcpgw.metrics import mark_fallback
 from mcpgw.responding import gone
 from mcpgw.session import Session, SessionRefused
@@ -67,10 +69,11 @@ class ReplayBudget:
     """The bytes one session's replay logs hold, all its streams together (``sse.replayBytes``).
 
     Without it a session would keep MAX_STREAMS x sse.replayEvents events of up to
-    maxMessageBytes each: 40 POSTs of a 2025-03-26 batch of ten 500 KB answers, every byte read
-    by the client, leave 154 MiB in one session. Over the budget, events go in this order: those the client
-    acknowledged (a newer ``Last-Event-ID``; dropped at once, ``StreamLog.acknowledge``), then
-    those written to a live response (delivered), then the rest; oldest stream first. The event
+    maxMessageBytes each, even when the client has read them all: one client posting batches of
+    large calls would hold gigabytes of the gateway's memory. Over the budget, events go in this
+    order: those the client acknowledged (a newer ``Last-Event-ID``; dropped at once,
+    ``StreamLog.acknowledge``), then those written to a live response (delivered), then the rest;
+    oldest stream first. The event
     just appended stays, so a session holds at most ``limit`` plus its newest event.
     """
 
@@ -202,6 +205,7 @@ class EventStream:
             self.live = None
 
 
+@implementer(IRoute)
 class PostExchange:
     """The answer to one POST: the Route for the requests it carried."""
 
@@ -217,6 +221,11 @@ class PostExchange:
         request.notifyFinish().addBoth(self._gone)
 
     # Route
+    @property
+    def open_stream(self) -> bool:
+        """Its response may carry more: not finished, and the client has not gone away."""
+        return not (self.finished or gone(self.request))
+
     def answer(self, id: Any, raw: bytes) -> None:
         self.waiting.discard(id)
         if self.stream is None and not self.waiting and not self.batch and not self.finished:
@@ -284,6 +293,7 @@ class PostExchange:
             self.answer(id, jsonrpc.error_bytes(id, code, message))
 
 
+@implementer(IOutlet)
 class StreamableOutlet:
     """A Streamable HTTP session's streams: the GET stream, the replay logs, the backlog."""
 
@@ -352,7 +362,7 @@ class StreamableOutlet:
         get_live = stream is not None and stream.live is not None
         if not (get_live and msg.get("method") in SESSION_NOTIFICATIONS):
             for route in reversed(self.session.pending_routes()):
-                if _open_stream(route):
+                if route.open_stream:
                     route.deliver(raw)
                     return
         if stream is not None and get_live:
@@ -371,13 +381,6 @@ class StreamableOutlet:
     def session_ended(self, reason: str) -> None:
         for stream in list(self.streams.values()):
             stream.close()
-
-
-def _open_stream(route: Any) -> bool:
-    """Whether ``route`` is a POST's answer that is still open (here, or on another instance: mcpgw.cluster)."""
-    if isinstance(route, PostExchange):
-        return not (route.finished or gone(route.request))
-    return bool(getattr(route, "open_stream", False))
 
 
 class StreamableEndpoint(Resource):
@@ -468,6 +471,10 @@ class StreamableEndpoint(Resource):
         self._check_version(request)
         if batch and session.protocol_version not in (None, "2025-03-26"):
             raise HttpError(400, jsonrpc.INVALID_REQUEST, f"JSON-RPC batches are not supported in protocol version {session.protocol_version}")
+        principal = principal_of(request)
+        refused = toolpolicy.refusal(self._ctx.auth, principal, self._server.name, messages)
+        if refused is not None:  # before any of the POST's messages goes on (auth.oauth.toolScopes)
+            return toolpolicy.forbidden_reply(self._ctx.auth, request, refused[1], refused[0].msg["id"])
         requests = [m for m in messages if m.kind == jsonrpc.REQUEST]
         for m in messages:
             if m.kind != jsonrpc.REQUEST:
@@ -477,20 +484,22 @@ class StreamableEndpoint(Resource):
             return b""
         exchange = PostExchange(cast(StreamableOutlet, session.outlet), request, [m.msg["id"] for m in requests], batch)
         for m in requests:
-            session.request(m.msg, m.raw, exchange)
+            session.request(m.msg, m.raw, toolpolicy.route_for(self._ctx.auth, principal, self._server.name, m, exchange))
         return NOT_DONE_YET
 
     def _initialize(self, request: Request, m: Any) -> Any:
         sessions = self._ctx.sessions
         if not sessions.accepting:
             return refuse_new_session(request, sessions, m.msg["id"])
+        # A cluster's outlet numbers and logs its streams so that any instance can resume them.
+        make_outlet = self._ctx.cluster.outlet if self._ctx.cluster is not None else StreamableOutlet
         try:
             # Pooled or not: SessionManager. The principal keys an anonymous client's session quota.
-            session = sessions.create(self._server, "streamable", identity_of(request), principal=principal_of(request))
+            session = sessions.create(self._server, "streamable", identity_of(request), principal=principal_of(request),
+                                      outlet=lambda s: make_outlet(s, self._ctx))
         except SessionRefused as e:
             request.setHeader(b"retry-after", b"%d" % e.retry_after)
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}", m.msg["id"])
-        session.outlet = (self._ctx.cluster.outlet if self._ctx.cluster is not None else StreamableOutlet)(session, self._ctx)
         request.setHeader(SESSION_HEADER, session.id.encode())
         exchange = PostExchange(cast(StreamableOutlet, session.outlet), request, [m.msg["id"]], False)
         session.request(m.msg, m.raw, exchange)

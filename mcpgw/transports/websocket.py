@@ -44,12 +44,13 @@ from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mcpgw import __version__, jsonrpc, logs
+from mcpgw import __version__, jsonrpc, logs, toolpolicy
 from mcpgw._fast import websocket as fast_websocket
 from mcpgw.auth import Principal, principal_of
 from mcpgw.config import ServerConfig
@@ -90,6 +91,9 @@ _CLOSING = WebSocketProtocol.STATE_CLOSING
 @implementer(IRoute, IOutlet)
 class WsConnection:
     """The one WebSocket of a session: its Route and its Outlet."""
+
+    #: The session's outlet too: a message no request claims goes out through ``unbound``.
+    open_stream = False
 
     def __init__(self, session: Session, protocol: McpWebSocketProtocol):
         self.session = session
@@ -232,9 +236,10 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         # Backpressure: a full socket buffer pauses reading the socket and the child's
         # stdout (_Backpressure). The transport still names the HTTPChannel that served
         # the upgrade request. The session counts pauses (one per consumer), so this
-        # socket holds at most one of them.
+        # socket holds at most one of them. ``producer`` is FileDescriptor's (a TLS transport
+        # hands the attribute on to the TCP one under it; a test's StringTransport has its own).
         transport: Any = self.transport
-        if getattr(transport, "producer", None) is not None:
+        if transport.producer is not None:
             transport.unregisterProducer()
         self._pause = _PauseShare(session)
         self.backpressure = _Backpressure(self, self._pause)
@@ -244,7 +249,8 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         """Each message is one hit on the rate limiter; messages are handled in order."""
         if not isBinary and not payload.isascii():
             # Autobahn's incremental validator is off (``utf8validateIncoming``): one
-            # check per message, for the fast path and Autobahn's alike. 1007 as before.
+            # check per message, for the fast path and Autobahn's alike; invalid text is 1007
+            # (RFC 6455 section 8.1), as Autobahn's validator answers it.
             try:
                 payload.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -263,7 +269,7 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
             key = self.principal.rate_key
         else:
             peer = self.transport.getPeer() if self.transport is not None else None
-            key = ip_key(getattr(peer, "host", "local"))
+            key = ip_key(peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else "local")
         self._waiting += 1
         # One chain per connection keeps the order when a limiter answers later (Redis).
         self._inbox.addBoth(lambda _: limiter.hit(key)).addBoth(self._decided, payload, isBinary)
@@ -322,7 +328,13 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
             return
         if self._errors:
             self._errors = 0
-        relay(session, messages[0], connection)
+        m = messages[0]
+        ctx, server = self.factory.ctx, self.factory.mcp_server.name
+        refused = toolpolicy.refusal(ctx.auth, self.principal, server, messages)
+        if refused is not None:  # auth.oauth.toolScopes: a live stream answers with a JSON-RPC error
+            self.send_text(toolpolicy.refusal_error(m.msg["id"], refused[1]))
+            return
+        relay(session, m, toolpolicy.route_for(ctx.auth, self.principal, server, m, connection))
 
     def _invalid_message(self) -> None:
         """One more invalid message in a row: at websocket.maxErrors the connection fails with 1008.
@@ -453,8 +465,9 @@ class McpWebSocketFactory(WebSocketServerFactory):
             maxFramePayloadSize=ws.maxMessageBytes,
             autoPingInterval=ws.pingInterval,
             autoPingTimeout=ws.pingTimeout,
-            # UTF-8 is checked once per message in McpWebSocketProtocol.onMessage (1007 as
-            # before): Autobahn's validator costs ~1.5 us a frame and 2.4 ms a MiB, decode 0.1 ms.
+            # UTF-8 is checked once per message in McpWebSocketProtocol.onMessage (1007, as
+            # Autobahn answers): its incremental validator runs per frame and per byte in
+            # Python-level steps, one bytes.decode per message costs far less.
             utf8validateIncoming=False,
             # Origin is checked by mcpgw.web.Guard in front of the resource.
             allowedOrigins=["*"],

@@ -56,7 +56,10 @@ def _base(server: ServerConfig, delegate: Any, reactor: Any) -> Any:
 @implementer(IUpstream, IUpstreamDelegate)
 class FilteredUpstream:
     """``tools.allow`` / ``tools.deny``: hidden tools are left out of ``tools/list`` results and a
-    ``tools/call`` of one is answered here (-32602, as for an unknown tool) without reaching the server."""
+    ``tools/call`` of one is answered here (-32602, as for an unknown tool) without reaching the server.
+
+    It has the IUpstream surface and no more: what only one kind of upstream has (an aggregate's
+    ``member_down``, a child's ``started_at``) is read from ``innermost(upstream)``."""
 
     inner: Any
     routes_on_view = False
@@ -84,13 +87,6 @@ class FilteredUpstream:
     @metrics.setter
     def metrics(self, value: BoundMetrics) -> None:
         self.inner.metrics = value
-
-    def __getattr__(self, name: str) -> Any:
-        # The inner upstream's own features (an aggregate's ``member_down``, a child's ``started_at``)
-        # reach its callers through the filter.
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def spawn(self) -> None:
         self.inner.spawn()

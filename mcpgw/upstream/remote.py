@@ -32,7 +32,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from mcpgw import jsonrpc, logs
-from mcpgw.config import ServerConfig
+from mcpgw.config import RemoteServer
 from mcpgw.interfaces import IUpstream, IUpstreamDelegate, upstream_kind
 from mcpgw.metrics import NULL_BOUND, BoundMetrics
 from mcpgw.upstream.http import Body, SseParser, http_client
@@ -81,7 +81,7 @@ class RemoteUpstream:
     log = Logger(observer=logs.observer)
     metrics: BoundMetrics = NULL_BOUND
 
-    def __init__(self, server: ServerConfig, delegate: IUpstreamDelegate, reactor: Any, http: Any = None):
+    def __init__(self, server: RemoteServer, delegate: IUpstreamDelegate, reactor: Any, http: Any = None):
         self.server = server
         self.delegate = delegate
         self._reactor = reactor

@@ -7,6 +7,7 @@ chunks in a list so a 16 MiB line costs one join, not a quadratic rebuild.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorThreads
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,7 +26,7 @@ from zope.interface import implementer
 
 from mcpgw import jsonrpc, logs, procsec
 from mcpgw._fast import process as fast_process
-from mcpgw.config import PRIVATE_ENV, ServerConfig
+from mcpgw.config import PRIVATE_ENV, StdioServer
 from mcpgw.interfaces import IUpstream, IUpstreamDelegate, upstream_kind
 from mcpgw.metrics import NULL_BOUND, BoundMetrics
 
@@ -49,9 +50,9 @@ def tune_allocator(environ: Any = os.environ) -> bool:
     glibc serves every allocation over its (dynamic) mmap threshold with a fresh ``mmap`` and
     trims the heap's top above twice that: each of the several MiB-sized buffers a 1 MiB
     round trip allocates (the body, the decoded payload, the child's line, the transport's
-    joins) was a new mapping whose pages the kernel faulted in and zeroed, about half of the
-    gateway's CPU per 1 MiB round trip (system time; docs/performance.md). With these thresholds
-    freed memory is reused instead; at most MALLOC_TRIM_THRESHOLD of free heap is kept. An
+    joins) would be a new mapping whose pages the kernel faults in and zeroes, most of the
+    system time of a large round trip (docs/performance.md). With these thresholds freed memory
+    is reused instead; at most MALLOC_TRIM_THRESHOLD of free heap is kept. An
     operator's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ take precedence.
     """
     global _tuned
@@ -71,7 +72,7 @@ def tune_allocator(environ: Any = os.environ) -> bool:
     return _tuned
 
 
-def child_environment(server: ServerConfig, environ: Any) -> dict[str, str]:
+def child_environment(server: StdioServer, environ: Any) -> dict[str, str]:
     """A minimal, explicit environment: PATH, HOME, locale and TZ if set, the server's
     ``inheritEnv`` names, then its ``env``. Nothing else of the gateway's (its secrets,
     tokens, REDIS_PASSWORD) reaches a child."""
@@ -100,7 +101,7 @@ def _fresh_cwd(owner: tuple[int, int] | None, reactor: Any = None) -> str:
         # Other accounts (``user``) may pass through to their own directory, not list the others.
         os.chmod(_cwd_parent, 0o711)
         atexit.register(shutil.rmtree, _cwd_parent, True)
-        if hasattr(reactor, "addSystemEventTrigger"):
+        if IReactorCore.providedBy(reactor):  # a test's Clock has no shutdown to hook
             reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, _cwd_parent, True)
     path = tempfile.mkdtemp(prefix="cwd-", dir=_cwd_parent)
     if owner is not None:
@@ -184,19 +185,19 @@ def _whole(line: bytes, exc: Exception) -> bool:
     """Whether the parser failed inside ``line`` (a bad byte, nesting too deep), not at its end."""
     if isinstance(exc, UnicodeDecodeError):
         return True
-    pos = getattr(exc, "pos", None)
-    return isinstance(pos, int) and pos < len(line) - 1
+    return isinstance(exc, json.JSONDecodeError) and exc.pos < len(line) - 1
 
 
 class ServerActivity:
     """What one server's children did, across sessions, for the admin API: the last
-    ``max_lines`` stderr lines (a bounded ring), children started, children that exited unasked."""
+    ``max_lines`` stderr lines (a bounded ring), children started, children that exited unasked
+    (``crashes``: a per-session child is never started again, its client re-initializes)."""
 
     def __init__(self, max_lines: int = 50, max_line_length: int = 2000):
         self.stderr: deque[dict[str, Any]] = deque(maxlen=max_lines)
         self.max_line_length = max_line_length
         self.starts = 0
-        self.restarts = 0
+        self.crashes = 0
 
     def line(self, when: float, pid: int | None, text: str) -> None:
         self.stderr.append({"time": when, "pid": pid, "line": text[: self.max_line_length]})
@@ -310,7 +311,7 @@ class StdioUpstream(ProcessProtocol):
     #: The child's descendants (``procsec.snapshot``) when it was asked to stop; killed once it has exited.
     _tree: list[tuple[int, int]] = []
 
-    def __init__(self, server: ServerConfig, delegate: IUpstreamDelegate, reactor: Any):
+    def __init__(self, server: StdioServer, delegate: IUpstreamDelegate, reactor: Any):
         self.server = server
         self.delegate = delegate
         self._reactor = reactor
@@ -335,9 +336,8 @@ class StdioUpstream(ProcessProtocol):
         argv = [executable if os.path.isabs(executable) else os.path.abspath(executable), *self.server.args]
         env = child_environment(self.server, os.environ)
         uid = gid = None
-        user = getattr(self.server, "user", None)
-        if user is not None:
-            uid, gid, home = procsec.account(user, getattr(self.server, "group", None))
+        if self.server.user is not None:
+            uid, gid, home = procsec.account(self.server.user, self.server.group)
             if (uid, gid) == (os.geteuid(), os.getegid()):
                 uid = gid = None  # already that account: nothing to switch
             elif home is not None:
@@ -385,13 +385,12 @@ class StdioUpstream(ProcessProtocol):
         except FileNotFoundError:
             pass
         except OSError:
-            pool = getattr(self._reactor, "getThreadPool", None)
-            if pool is None:
+            if not IReactorThreads.providedBy(self._reactor):  # a test's reactor: no threads to hand it to
                 shutil.rmtree(path, ignore_errors=True)
                 return
             from twisted.internet.threads import deferToThreadPool
 
-            d = deferToThreadPool(self._reactor, pool(), shutil.rmtree, path)
+            d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), shutil.rmtree, path)
             d.addErrback(lambda f: self.log.warn("child {server}: cannot remove {path}: {error}",
                                                  server=self.server.name, path=path, error=f.getErrorMessage()))
 
@@ -408,7 +407,7 @@ class StdioUpstream(ProcessProtocol):
 
     def _outLine(self, line: bytes) -> None:
         try:
-            if len(line) >= jsonrpc.LARGE_MESSAGE and getattr(self.delegate, "routes_on_view", False):  # undeclared: decode it all
+            if len(line) >= jsonrpc.LARGE_MESSAGE and self.delegate.routes_on_view:
                 msg = jsonrpc.route_view(line)  # id/method without decoding a large payload
             else:
                 msg = jsonrpc.loads(line)
@@ -461,7 +460,7 @@ class StdioUpstream(ProcessProtocol):
         longer take input.
 
         A message under DIRECT_WRITE bytes goes straight into the pipe when nothing is queued
-        before it (Twisted's ``write`` only buffers: each message cost an ``epoll_ctl`` to watch
+        before it (Twisted's ``write`` only buffers: each message would cost an ``epoll_ctl`` to watch
         the pipe, a reactor turn to write it and another ``epoll_ctl``); what the pipe does not
         take, and everything else, goes through the transport.
         """
@@ -549,23 +548,25 @@ class StdioUpstream(ProcessProtocol):
         self._kill_escaped()
         self._remove_cwd()
         value = reason.value
-        killed_by = getattr(value, "signal", None)
+        status = killed_by = None
+        if isinstance(value, (error.ProcessDone, error.ProcessTerminated)):  # what Twisted reports an exit with
+            status, killed_by = value.exitCode, value.signal
         if isinstance(value, error.ProcessDone):
             self.exit_reason = "exited with status 0"
         elif killed_by:
             self.exit_reason = f"killed by signal {killed_by}"
         else:
-            self.exit_reason = f"exited with status {getattr(value, 'exitCode', '?')}"
+            self.exit_reason = f"exited with status {'?' if status is None else status}"
         duration = self._reactor.seconds() - self.started_at
         if self._counted:
             self._counted = False
             self.metrics.child_exited(self._stopping)
         if self.activity is not None and not self._stopping:
-            self.activity.restarts += 1
+            self.activity.crashes += 1
         self.log.info(
             "child {server} pid={pid} {how} after {duration:.3f}s",
             server=self.server.name, pid=self.pid, how=self.exit_reason, duration=duration,
-            status=getattr(value, "exitCode", None), signal=getattr(value, "signal", None), requested=self._stopping,
+            status=status, signal=killed_by, requested=self._stopping,
         )
         self.delegate.upstreamEnded(self.exit_reason)
         waiters, self._waiters = self._waiters, []

@@ -14,14 +14,14 @@ does not spin.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mcpgw import logs
-from mcpgw.config import ServerConfig
+from mcpgw.config import ServerConfig, StdioServer
 from mcpgw.interfaces import IUpstreamDelegate
 from mcpgw.upstream.stdio import ServerActivity, StdioUpstream
 
@@ -36,9 +36,9 @@ REFILL_DELAY = 0.05
 SETTLED_DELAY = 0.001
 
 
-def warmable(server: ServerConfig) -> bool:
+def warmable(server: ServerConfig) -> TypeGuard[StdioServer]:
     """A server whose sessions can take warm children: per-client stdio, ``warmPool`` > 0."""
-    return server.warmPool > 0 and server.kind == "stdio" and server.sessions == "per-client"
+    return server.kind == "stdio" and server.warmPool > 0 and server.sessions == "per-client"
 
 
 @implementer(IUpstreamDelegate)
@@ -67,7 +67,7 @@ class WarmChildren:
 
     log = Logger(observer=logs.observer)
 
-    def __init__(self, server: ServerConfig, reactor: Any, activity: ServerActivity | None = None,
+    def __init__(self, server: StdioServer, reactor: Any, activity: ServerActivity | None = None,
                  make: Callable[..., StdioUpstream] = StdioUpstream):
         self.server = server
         self.size = server.warmPool

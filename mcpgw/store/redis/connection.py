@@ -67,7 +67,7 @@ class _Lost(Protocol):
     A mixin before txredisapi's protocol class; its Protocol base (already in theirs) gives the
     ``super()`` call a declared target."""
 
-    lost_reason: Any = None
+    lost_reason: Failure | None = None
 
     def connectionLost(self, why: Failure = connectionDone) -> None:
         self.lost_reason = why
@@ -86,7 +86,7 @@ class _Subscriber(_Lost, txredisapi.SubscriberProtocol):
 
 
 def _describe(failure_or_exc: Any) -> str:
-    e = getattr(failure_or_exc, "value", failure_or_exc)
+    e = failure_or_exc.value if isinstance(failure_or_exc, Failure) else failure_or_exc
     if isinstance(e, (defer.TimeoutError, error.TimeoutError)):
         return "timed out"
     if isinstance(e, error.ConnectionRefusedError):
@@ -193,7 +193,7 @@ class _Link:
         except BaseException as e:
             if protocol.transport is not None:
                 protocol.transport.abortConnection()
-            reason = getattr(protocol.lost_reason, "value", None)
+            reason = protocol.lost_reason.value if protocol.lost_reason is not None else None
             if isinstance(e, txredisapi.ConnectionError) and reason is not None and "SSL" in type(reason).__module__ + type(reason).__name__:
                 raise ConnectionError(f"TLS handshake failed: {reason}") from None
             raise

@@ -46,6 +46,7 @@ class InstanceRegistry(Service):
         self.interval = interval
         self.ttl = max(3 * interval, interval + 1.0)
         self.touch_interval = max(interval, touch_interval)
+        #: The owned sessions whose records ``touch`` refreshes (``refresh_records_of``).
         self._sessions = sessions
         self._loop: LoopingCall | None = None
         self._last_touch = 0.0
@@ -54,6 +55,11 @@ class InstanceRegistry(Service):
         self.started = reactor.seconds()
         self._info = {"pid": os.getpid(), "host": socket.gethostname(), "started": self.started}
         self._failures = 0
+
+    def refresh_records_of(self, sessions: Callable[[], Iterable[Any]]) -> None:
+        """``touch`` refreshes the records of the sessions ``sessions()`` lists (a SessionManager's live
+        sessions). The gateway's SessionManager is built after its registry, so it is given here."""
+        self._sessions = sessions
 
     def startService(self) -> None:
         super().startService()

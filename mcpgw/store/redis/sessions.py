@@ -64,12 +64,12 @@ class RedisSessionStore:
 
     log = Logger(observer=logs.observer)
 
-    def __init__(self, redis: RedisConnection, keys: Keys, instance: str, max_age_ms: int, reactor: Any,
+    def __init__(self, redis: RedisConnection, keys: Keys, instance: str, idle_seconds: float, reactor: Any,
                  grace: float = 60.0):
         self._redis = redis
         self.keys = keys
         self.instance = instance
-        self._max_age = max_age_ms / 1000.0
+        self._max_age = idle_seconds
         self._reactor = reactor
         self.grace = grace
         self._local: dict[str, SessionRecord] = {}

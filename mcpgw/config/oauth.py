@@ -1,7 +1,8 @@
 """``auth.oauth``: the gateway as an OAuth 2.1 resource server (MCP authorization spec, RFC 9728, RFC 8707).
 
-``parse_oauth`` checks the object strictly and raises mcpgw.config.ConfigError
-naming the key path, like the rest of the configuration.
+``parse_oauth`` checks the object strictly and raises ConfigError naming the key path, like the rest of
+the configuration; ``check_servers`` refuses per-server scopes of a server that is not configured. The
+OAuth machinery that uses these records is mcpgw.oauth.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
-from mcpgw.config.checks import ConfigError, check_object, expect
+from mcpgw.config.checks import ConfigError, check_object, expect, positive
 
 #: The environment variable that overrides ``introspection.clientSecret`` (keeps it out of the file).
 CLIENT_SECRET_ENV = "MCPGW_OAUTH_CLIENT_SECRET"
@@ -132,7 +133,7 @@ def parse_oauth(raw: Any, key: str = "auth.oauth", environ: Mapping[str, str] | 
     )
 
 
-def check_servers(config: OAuthConfig, names: set[str] | frozenset[str], key: str = "auth.oauth") -> None:
+def check_servers(config: OAuthConfig, names: Collection[str], key: str = "auth.oauth") -> None:
     """ConfigError if ``scopes`` or ``toolScopes`` name a server that is not configured (a typo there
     would leave the server open to any scope)."""
     for field in ("scopes", "toolScopes"):
@@ -160,9 +161,7 @@ def _introspection(value: Any, key: str, issuers: tuple[str, ...], environ: Mapp
     endpoint = raw.get("endpoint")
     if endpoint is not None:
         endpoint = _url(endpoint, f"{key}.endpoint", resource=False)
-    size = expect(raw.get("cacheSize", 10000), int, f"{key}.cacheSize", "a positive integer")
-    if size <= 0:
-        raise ConfigError(f"{key}.cacheSize", f"must be positive, not {size}")
+    size = positive(raw.get("cacheSize", 10000), f"{key}.cacheSize")
     return IntrospectionConfig(
         clientId=raw["clientId"], clientSecret=raw["clientSecret"], authorizationServer=server, endpoint=endpoint,
         cacheSeconds=_seconds(raw.get("cacheSeconds", 60), f"{key}.cacheSeconds", zero=True), cacheSize=size,
