@@ -391,7 +391,8 @@ class SessionManager(Service):
     log = Logger(observer=logs.observer)
 
     def __init__(self, config: GatewayConfig, reactor: Any, store: Any = None, metrics: Metrics | None = None,
-                 pooled: Callable[[ServerConfig], SessionFactory | None] | None = None):
+                 pooled: Callable[[ServerConfig], SessionFactory | None] | None = None,
+                 unavailable: Callable[[], str | None] | None = None):
         self.config = config
         #: The session factory of a "sessions": "pooled" server, None for any other (mcpgw.pool.PoolManager.session_factory,
         #: injected by mcpgw.tap.build_service; None: no pools).
@@ -409,8 +410,8 @@ class SessionManager(Service):
         self.draining = False
         #: Per server: recent stderr lines, children started and crashed (the admin API).
         self.activity: dict[str, ServerActivity] = {}
-        #: Why no new session can start now (mcpgw.cluster: Redis is down), or None.
-        self.unavailable: Callable[[], str | None] | None = None
+        #: Why no new session can start now (mcpgw.cluster.Cluster.unavailable: Redis is down), or None.
+        self.unavailable = unavailable
         #: Per server with ``warmPool``: its pre-spawned children (mcpgw.upstream.warm), filled at startService.
         self.warm: dict[str, WarmChildren] = {}
         #: Live sessions per ``quota_key`` (limits.maxSessionsPerIdentity).

@@ -173,7 +173,7 @@ def build_service(
     pools = PoolManager(config, reactor)  # "sessions": "pooled" servers' children
     # A pooled server's sessions, on any transport, are served by its pool.
     sessions = SessionManager(config, reactor, store=cluster.store if cluster else None, metrics=metrics,
-                              pooled=pools.session_factory)
+                              pooled=pools.session_factory, unavailable=cluster.unavailable if cluster else None)
     sessions.setServiceParent(top)
     heartbeat = Heartbeat(config.sse.keepalive, reactor)
     heartbeat.setServiceParent(top)

@@ -56,9 +56,10 @@ def refusal_error(id: Any, e: InsufficientScope) -> bytes:
                                {"error": "insufficient_scope", "scope": " ".join(e.scopes)})
 
 
-def route_for(auth: Authenticator | None, principal: Principal | None, server: str, m: Any, route: Any) -> Any:
-    """``route``, or for a ``tools/list`` of a principal that may not call every tool, a HiddenTools on it."""
-    if auth is None or auth.oauth is None or m.kind != jsonrpc.REQUEST or m.msg["method"] != "tools/list":
+def route_for(auth: Authenticator | None, principal: Principal | None, server: str, msg: dict[str, Any],
+              route: Any) -> Any:
+    """``route``, or for a ``tools/list`` request of a principal that may not call every tool, a HiddenTools on it."""
+    if auth is None or auth.oauth is None or msg.get("method") != "tools/list" or "id" not in msg:
         return route
     hidden = auth.hidden_tools(principal, server)
     return HiddenTools(route, hidden) if hidden else route

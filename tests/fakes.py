@@ -9,6 +9,7 @@ from typing import Any
 from twisted.internet import defer
 
 from mcpgw import jsonrpc
+from mcpgw.session import Session
 
 
 class FakeUpstream:
@@ -62,6 +63,9 @@ class FakeUpstream:
 class RecordingRoute:
     """A route (the client side of requests) that keeps what the session hands it."""
 
+    #: IRoute.open_stream: a transport's route that is not a POST's open stream.
+    open_stream = False
+
     def __init__(self) -> None:
         self.answers: list[tuple[Any, bytes]] = []
         self.delivered: list[bytes] = []
@@ -83,3 +87,10 @@ class RecordingRoute:
             msg = jsonrpc.loads(raw)
             out.append((id, msg["error"]["code"], msg["error"]["message"]))
         return out
+
+
+class FakeChildSession(Session):
+    """A Session whose child is a FakeUpstream (made in its constructor, as a real child would be)."""
+
+    def _upstream_for(self, base: Any) -> FakeUpstream:
+        return FakeUpstream(self)

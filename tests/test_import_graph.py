@@ -100,3 +100,37 @@ def test_import_graph_counts_lazy_imports(tmp_path: Path, monkeypatch: pytest.Mo
     (package / "b.py").write_text("def later():\n    from mcpgw.a import thing\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
     assert find_cycle(import_graph()) == ["mcpgw.a", "mcpgw.b", "mcpgw.a"]
+
+
+#: Issue 16: a module a reader can hold in mind, a function that fits on a screen.
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 60
+
+
+def _sizes(package: Path) -> tuple[list[str], list[str]]:
+    modules, functions = [], []
+    for path in sorted(package.rglob("*.py")):
+        text = path.read_text()
+        name = str(path.relative_to(package.parent))
+        if text.count("\n") > MAX_MODULE_LINES:
+            modules.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    functions.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    return modules, functions
+
+
+def test_no_module_over_600_lines_and_no_function_over_60() -> None:
+    modules, functions = _sizes(PACKAGE)
+    assert not modules and not functions, "\n".join(["too long:", *modules, *functions])
+
+
+def test_sizes_sees_a_long_function(tmp_path: Path) -> None:
+    package = tmp_path / "mcpgw"
+    package.mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (package / "long.py").write_text("def long():\n" + body)
+    modules, functions = _sizes(package)
+    assert modules == [] and functions == ["mcpgw/long.py:1 long: 61 lines"]

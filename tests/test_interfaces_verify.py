@@ -66,12 +66,6 @@ class Delegate:
         pass
 
 
-class ClientRoute(RecordingRoute):
-    """A client's route as a transport makes one: it is not a POST's open stream."""
-
-    open_stream = False
-
-
 class ProviderTests(unittest.TestCase):
     def setUp(self) -> None:
         self.reactor = FakeProcessReactor()
@@ -114,9 +108,9 @@ class ProviderTests(unittest.TestCase):
         legacy = LegacyStream(session, DummyRequest([b""]), heartbeat)
         return self.verified(
             (IRoute, ws), (IOutlet, ws), (IRoute, ModernExchange(ctx, self.pool, DummyRequest([b""]))),
-            (IRoute, _SessionRoute(pooled, ClientRoute(), 1)), (IRoute, ToolsFetch(self.pool, 0)),
+            (IRoute, _SessionRoute(pooled, RecordingRoute(), 1)), (IRoute, ToolsFetch(self.pool, 0)),
             (IOutlet, outlet), (IRoute, PostExchange(outlet, DummyRequest([b""]), [1], False)),
-            (IRoute, legacy), (IOutlet, legacy), (IRoute, HiddenTools(ClientRoute(), frozenset({"x"}))),
+            (IRoute, legacy), (IOutlet, legacy), (IRoute, HiddenTools(RecordingRoute(), frozenset({"x"}))),
         )
 
     def cluster_providers(self) -> set[type]:

@@ -33,12 +33,12 @@ from mcpgw.metrics import (
     error_kind,
     method_label,
 )
-from mcpgw.session import Session, SessionManager
+from mcpgw.session import SessionManager
 from mcpgw.transports.sse import Heartbeat, SseResponse, frame
 from mcpgw.upstream import stdio
 from mcpgw.upstream.stdio import StdioUpstream
 from tests.fake_process import FakeProcessReactor
-from tests.fakes import FakeUpstream, RecordingRoute
+from tests.fakes import FakeChildSession, RecordingRoute
 from tests.gateway_process import Gateway, fixture_server, wait_until
 from tests.wire import POST_HEADERS, RawSseStream, http_client, messages_of, open_session, session_headers
 
@@ -188,9 +188,8 @@ class SessionHookTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.metrics = Metrics(["fx"], process=False)
-        self.session = Session("sid", SERVER, "streamable", self.clock, lambda s: None,
-                               metrics=self.metrics.bound("streamable", "fx"))
-        self.session.upstream = FakeUpstream()  # type: ignore[assignment]
+        self.session = FakeChildSession("sid", SERVER, "streamable", self.clock, lambda s: None,
+                                        metrics=self.metrics.bound("streamable", "fx"))
         self.route = RecordingRoute()
 
     def request(self, id: Any, method: str = "tools/call") -> bytes:

@@ -17,7 +17,7 @@ from mcpgw.store import SessionRecord
 from mcpgw.store.memory import MemorySessionStore
 from mcpgw.upstream import stdio
 from tests.fake_process import FakeProcessReactor
-from tests.fakes import FakeUpstream, RecordingRoute
+from tests.fakes import FakeChildSession, FakeUpstream, RecordingRoute
 
 SERVER = StdioServer(name="time", command="time-server", executable="/opt/bin/time-server")
 
@@ -56,13 +56,6 @@ class RecordingOutlet:
 
     def session_ended(self, reason: str) -> None:
         self.ended.append(reason)
-
-
-class FakeChildSession(Session):
-    """A Session whose child is a FakeUpstream."""
-
-    def _upstream_for(self, base: Any) -> FakeUpstream:
-        return FakeUpstream(self)
 
 
 class SessionTestCase(SynchronousTestCase):

@@ -129,7 +129,6 @@ class Cluster(MultiService):
         """Serve the gateway of ``ctx`` (its SessionManager's store is ``self.store``)."""
         self.directory.ctx = self.streams.ctx = ctx
         self.node.sessions = sessions = ctx.sessions
-        sessions.unavailable = self.unavailable
         # The registry refreshes the records of the sessions that are in use.
         self.backend.registry.refresh_records_of(lambda: list(sessions.sessions.values()))
 

@@ -164,7 +164,7 @@ class MessagesEndpoint(Resource):
             return toolpolicy.forbidden_reply(self._ctx.auth, request, refused[1], refused[0].msg["id"])
         stream = session.outlet
         for m in messages:
-            relay(session, m, toolpolicy.route_for(self._ctx.auth, principal, server, m, stream))
+            relay(session, m, toolpolicy.route_for(self._ctx.auth, principal, server, m.msg, stream))
         request.setResponseCode(202)
         request.setHeader(b"content-type", b"text/plain")
         return b"Accepted"

@@ -40,14 +40,12 @@ this module does not touch.
   (SEP-2322 Error Handling); a request for a capability the client did not
   declare gets -32021, and the child an error and ``notifications/cancelled``;
 - a child's -32002 (resource not found) reaches the client as -32602 (SEP-2164);
-- ``subscriptions/listen`` opens a notification stream: list-changed notifications
-  from the children, and ``resources/updated`` for the URIs it names (the gateway
-  sends ``resources/subscribe`` to every child for them);
-- ``Mcp-Param-*`` headers are checked for valid encoding; on ``tools/call`` every
-  argument the tool's ``inputSchema`` annotates with ``x-mcp-header`` (the pool
-  fetches the annotations once with ``tools/list``) must come with its header, the
-  decoded value equal to the argument (integers compared as numbers), and no such
-  header without its argument: else 400/-32020. The child gets the body.
+- ``subscriptions/listen`` opens a notification stream: list-changed notifications from the
+  children, and ``resources/updated`` for the URIs it names (sent ``resources/subscribe`` to every child);
+- ``Mcp-Param-*`` headers are checked for valid encoding; on ``tools/call`` every argument the tool's
+  ``inputSchema`` annotates with ``x-mcp-header`` (the pool fetches the annotations once with
+  ``tools/list``) must come with its header, the decoded value equal to the argument (integers compared
+  as numbers), and no such header without its argument: else 400/-32020. The child gets the body.
 """
 
 from __future__ import annotations
@@ -61,8 +59,8 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from mcpgw import jsonrpc, logs
-from mcpgw.auth import identity_of
+from mcpgw import jsonrpc, logs, toolpolicy
+from mcpgw.auth import identity_of, principal_of
 from mcpgw.config import ServerConfig
 from mcpgw.interfaces import IRoute
 from mcpgw.metrics import NULL_BOUND, BoundMetrics, mark_fallback
@@ -335,6 +333,8 @@ class ModernEndpoint:
             request.setResponseCode(202)
             return b""
         self.metrics.request(m.msg["method"], int(request.getHeader(b"content-length") or 0))
+        if refused := toolpolicy.refusal(self._ctx.auth, principal_of(request), self._server.name, messages):
+            return toolpolicy.forbidden_reply(self._ctx.auth, request, refused[1], id)  # auth.oauth.toolScopes
         try:
             return self._request(request, pool, m.msg, header)
         except HttpError as e:
@@ -397,8 +397,8 @@ class ModernEndpoint:
             return self._retry(request, pool, msg, params["requestState"], responses or {})
         exchange = ModernExchange(self._ctx, pool, request, _meta(msg), self.metrics)
         try:
-            exchange.pending = pool.request(self._forwarded(msg), exchange, on_input=exchange.on_input,
-                                            owner=identity_of(request))
+            route = toolpolicy.route_for(self._ctx.auth, principal_of(request), self._server.name, msg, exchange)
+            exchange.pending = pool.request(self._forwarded(msg), route, on_input=exchange.on_input, owner=identity_of(request))
         except PoolFull as e:
             exchange.done = True
             self._ctx.heartbeat.discard(exchange)

@@ -484,7 +484,7 @@ class StreamableEndpoint(Resource):
             return b""
         exchange = PostExchange(cast(StreamableOutlet, session.outlet), request, [m.msg["id"] for m in requests], batch)
         for m in requests:
-            session.request(m.msg, m.raw, toolpolicy.route_for(self._ctx.auth, principal, self._server.name, m, exchange))
+            session.request(m.msg, m.raw, toolpolicy.route_for(self._ctx.auth, principal, self._server.name, m.msg, exchange))
         return NOT_DONE_YET
 
     def _initialize(self, request: Request, m: Any) -> Any:

@@ -222,7 +222,7 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         ctx = self.factory.ctx
         try:
             session = ctx.sessions.create(self.factory.mcp_server, "ws", self.principal.identity if self.principal else None,
-                                          principal=self.principal)
+                                          principal=self.principal, outlet=lambda s: WsConnection(s, self))
         except SessionRefused as e:
             self.close(CLOSE_TRY_AGAIN_LATER, e.reason)
             return
@@ -230,8 +230,7 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
             self._log.failure("cannot start a session for a WebSocket client")
             self.close(CLOSE_INTERNAL_ERROR, "cannot start the MCP server")
             return
-        self.connection = WsConnection(session, self)
-        session.outlet = self.connection
+        self.connection = cast(WsConnection, session.outlet)
         session.metrics.connection_opened()
         # Backpressure: a full socket buffer pauses reading the socket and the child's
         # stdout (_Backpressure). The transport still names the HTTPChannel that served
@@ -334,7 +333,7 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         if refused is not None:  # auth.oauth.toolScopes: a live stream answers with a JSON-RPC error
             self.send_text(toolpolicy.refusal_error(m.msg["id"], refused[1]))
             return
-        relay(session, m, toolpolicy.route_for(ctx.auth, self.principal, server, m, connection))
+        relay(session, m, toolpolicy.route_for(ctx.auth, self.principal, server, m.msg, connection))
 
     def _invalid_message(self) -> None:
         """One more invalid message in a row: at websocket.maxErrors the connection fails with 1008.
