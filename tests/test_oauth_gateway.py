@@ -328,3 +328,12 @@ def test_jwks_fetch_that_never_answers_times_out_into_503(gw: Harness, fake_as: 
     assert r.status_code == 503
     assert 10 <= gw.clock.seconds() - started < 30
     assert gw.child_pids() == []
+
+
+def test_servers_index_takes_a_gateway_token_and_refuses_a_server_token(gw: Harness) -> None:
+    """``/servers`` is the gateway's own resource: a token for the gateway opens it, one for a server does not."""
+    with gw.client() as client:
+        ok = client.get("/servers", headers={"authorization": f"Bearer {token(gw, aud=GW)}"})
+        refused = client.get("/servers", headers={"authorization": f"Bearer {token(gw)}"})
+    assert ok.status_code == 200 and {s["name"] for s in ok.json()["servers"]} == {"files", "notes"}
+    assert refused.status_code == 401 and challenge(refused)["resource_metadata"] == PRM

@@ -23,6 +23,13 @@ from twisted.internet import abstract, tcp
 from twisted.web import http
 from twisted.web.iweb import INonQueuedRequestFactory
 
+try:
+    # Bound once: twisted.web.http is a deprecation proxy module, whose every attribute read costs a
+    # Python-level __getattribute__ (a visible share of a small request's head parsing).
+    from twisted.web.http import _MalformedChunkedDataError, _parseRequestLine
+except ImportError:  # the probe below reports it, and the public path serves
+    _parseRequestLine = _MalformedChunkedDataError = None  # type: ignore[assignment,misc]
+
 from mcpgw import _fast
 from mcpgw._fast.probe import Need, arity, exception_class, missing, sets, uses, uses_only
 
@@ -122,7 +129,7 @@ def line_received(channel: Any, line: bytes) -> None:
         channel.requests.append(request)
         channel._HTTPChannel__first_line = 0
         try:
-            channel.request_line = http._parseRequestLine(line)
+            channel.request_line = _parseRequestLine(line)
         except ValueError:
             channel.bad_request()
     elif line == b"":
@@ -164,7 +171,7 @@ def body_received(channel: Any, data: bytes) -> None:
     """The body branch of HTTPChannel.rawDataReceived: ``data`` to the transfer decoder."""
     try:
         channel._transferDecoder.dataReceived(data)
-    except http._MalformedChunkedDataError:
+    except _MalformedChunkedDataError:
         channel.bad_request()
 
 
