@@ -147,11 +147,11 @@ class Authenticator:
         if not self.enabled:
             return anonymous
         found = self.authenticate(authorization, api_key, server)
-        if isinstance(found, Deferred):
-            return found.addCallbacks(self._attach_token, _unauthorized, callbackArgs=(request, client_ip))
-        principal = Principal(found, client_ip)
-        setattr(request, _ATTR, principal)
-        return principal
+        if isinstance(found, str):
+            principal = Principal(found, client_ip)
+            setattr(request, _ATTR, principal)
+            return principal
+        return found.addCallbacks(self._attach_token, _unauthorized, callbackArgs=(request, client_ip))
 
     @staticmethod
     def _attach_token(token: AccessToken, request: Any, client_ip: str) -> Principal:

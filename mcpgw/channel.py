@@ -26,7 +26,8 @@ private state (a copy of its line parser, a response written straight to the soc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, cast
+from types import MethodType
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet import interfaces, tcp
@@ -151,6 +152,9 @@ class GatewayChannel(HTTPChannel):
         #: Requests are parsed by mcpgw._fast.web's copy of HTTPChannel's parser (decided now, so
         #: that mcpgw._fast.configure before the site is built takes effect).
         self._fast_parse = _fast_web.parsing()
+        if self._fast_parse:
+            # LineReceiver calls lineReceived for every head line: straight to the copy, no hop.
+            self.lineReceived = MethodType(_fast_web.line_received, self)  # type: ignore[method-assign]
 
     # -- connection --------------------------------------------------------------------------
 
@@ -193,7 +197,8 @@ class GatewayChannel(HTTPChannel):
 
     def _tcp(self) -> tcp.Connection:
         """The transport: a TCP connection (or what stands in for one: TLS, a test's StringTransport)."""
-        return cast(tcp.Connection, self.transport)
+        transport: tcp.Connection = self.transport  # type: ignore[assignment]
+        return transport
 
     def _cancel_calls(self) -> None:
         calls = (self._deadline, self._abort_call, self._linger_call, self._replay_call)
@@ -240,7 +245,7 @@ class GatewayChannel(HTTPChannel):
             self._head = None
             head.append(data)
             data = b"".join(head)
-        transport = cast(tcp.Connection, self.transport)
+        transport: tcp.Connection = self.transport  # type: ignore[assignment]
         if self._through and transport is not None:
             data = _fast_web.send(transport, data)
             if not data:
@@ -422,17 +427,23 @@ class GatewayChannel(HTTPChannel):
             raise TypeError
         gate = self._gate
         gate.release(BUFFERED)
-        self._replaying = True
-        try:
-            super().requestDone(request)  # the queue, and the idle timeout back (or the close)
-        finally:
-            self._replaying = False
-        if not self.persistent:
-            return
+        if self._fast_parse:
+            replayed = _fast_web.request_done(self)
+            if replayed is None:
+                return
+            self._replayed = replayed
+        else:
+            self._replaying = True
+            try:
+                super().requestDone(request)  # the queue, and the idle timeout back (or the close)
+            finally:
+                self._replaying = False
+            if not self.persistent:
+                return
+            transport = self._tcp()
+            if gate.held and transport is not None and not transport.disconnecting:
+                gate.reassert()  # HTTPChannel.requestDone resumed the transport
         self._answering = False
-        transport = self._tcp()
-        if gate.held and transport is not None and not transport.disconnecting:
-            gate.reassert()  # HTTPChannel.requestDone resumed the transport
         self._phase = _WAIT
         connections = self._connections
         connections.serial += 1

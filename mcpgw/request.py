@@ -9,7 +9,7 @@ answered without its body being read.
 from __future__ import annotations
 
 import io
-from typing import Any, cast
+from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request, UnsupportedMethod
@@ -108,14 +108,16 @@ class GatewayRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.head_reply is not None:
             return  # answered without its body; what still arrives is dropped
-        content = cast(io.BytesIO, self.content)
+        # (annotations, not typing.cast: this runs per chunk of every body, and cast is a call)
+        content: io.BytesIO = self.content  # type: ignore[assignment]
         content.write(data)
         if content.tell() > self.max_body:
-            cast(GatewayChannel, self.channel).body_too_large(self)  # a chunked body (a declared length is checked on the head)
+            channel: GatewayChannel = self.channel  # type: ignore[assignment]
+            channel.body_too_large(self)  # a chunked body (a declared length is checked on the head)
 
     def write(self, data: bytes) -> None:
         super().write(data)
-        channel = cast("GatewayChannel | None", self.channel)
+        channel: GatewayChannel | None = self.channel  # type: ignore[assignment]
         if channel is not None:
             # The head of a response started without body bytes (an SSE stream's) goes with its first write.
             channel.flush_head()
@@ -131,6 +133,6 @@ class GatewayRequest(Request):
             resrc = _Reply(self.head_reply)
         super().render(_MethodNotAllowed(resrc))
         if not self.finished:  # (a finished request has let go of its channel)
-            channel = cast(GatewayChannel, self.channel)
+            channel: GatewayChannel | None = self.channel  # type: ignore[assignment]
             if channel is not None and channel.transport is None:
                 channel.taken_over()  # a WebSocket upgrade took the connection over
