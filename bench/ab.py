@@ -4,6 +4,9 @@ DIR holds another copy of the ``mcpgw`` package (e.g. ``git stash``-free:
 ``mkdir -p /tmp/before && git archive HEAD mcpgw | tar -x -C /tmp/before``), or ``.`` for this
 tree itself with ``--before-env``: ``--before . --before-env MCPGW_FAST_PATHS=0`` compares the
 public paths (before) with the fast paths (after).
+``--tracing`` gives both gateways a ``tracing`` section (sampleRatio 1.0) exporting to a sink in this
+process (bench/otlp_sink.py): ``--before . --before-env OTEL_SDK_DISABLED=true --tracing`` compares
+tracing off (before) with tracing on at ratio 1.0 (after).
 Both gateways run side by side; the workloads alternate between them
 (ABAB...) so that a busy neighbour on the shared cores hits both alike, and
 the medians over the rounds are compared.
@@ -50,7 +53,15 @@ async def amain(args: argparse.Namespace) -> None:
     workdir = mkworkdir()
     environ = dict(item.split("=", 1) for item in args.before_env)
     before = None if args.before == "." else args.before
-    targets = [Mcpgw(workdir, name="before", pythonpath=before, environ=environ), Mcpgw(workdir, name="after")]
+    config: dict[str, object] = {}
+    sink = None
+    if args.tracing:
+        from bench import otlp_sink
+
+        endpoint, sink = otlp_sink.start()
+        config["tracing"] = {"enabled": True, "endpoint": endpoint, "sampleRatio": 1.0, "serviceName": "mcpgw-bench"}
+    targets = [Mcpgw(workdir, name="before", pythonpath=before, environ=environ, config=config),
+               Mcpgw(workdir, name="after", config=config)]
     for t in targets:
         t.start()
     try:
@@ -70,6 +81,8 @@ async def amain(args: argparse.Namespace) -> None:
     finally:
         for t in targets:
             t.stop()
+        if sink is not None:
+            sink.shutdown()
 
 
 def main() -> int:
@@ -78,6 +91,7 @@ def main() -> int:
     ap.add_argument("--before-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment of the 'before' gateway only (repeatable)")
     ap.add_argument("--transport", default="streamable", choices=["streamable", "sse", "ws"])
+    ap.add_argument("--tracing", action="store_true", help="a tracing section (ratio 1.0, to an in-process sink) for both")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seq", type=int, default=1000, help="sequential calls per round (0: none)")
     ap.add_argument("--sessions", type=int, default=50)

@@ -218,7 +218,8 @@ class Direct(Target):
         return DirectClient()
 
 
-def _mcpgw_config(port: int, servers: dict[str, Any], log_level: str = "info") -> dict[str, Any]:
+def _mcpgw_config(port: int, servers: dict[str, Any], log_level: str = "info",
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "host": HOST,
         "port": port,
@@ -226,6 +227,7 @@ def _mcpgw_config(port: int, servers: dict[str, Any], log_level: str = "info") -
         "session": {"maxAge": 3_600_000},
         "sse": {"keepalive": 15},
         "mcpServers": servers,
+        **(extra or {}),
     }
 
 
@@ -237,9 +239,12 @@ class Mcpgw(Target):
     fds_per_idle_stream = 1
 
     def __init__(self, workdir: str, log_level: str = "info", name: str = "mcpgw", pythonpath: str | None = None,
-                 warm_pool: int = 0, pool_size: int = 0, environ: dict[str, str] | None = None):
+                 warm_pool: int = 0, pool_size: int = 0, environ: dict[str, str] | None = None,
+                 config: dict[str, Any] | None = None):
         super().__init__(workdir)
         self.name = name
+        #: Top-level config sections besides the bench's own (``tracing``: bench.ab --tracing).
+        self.config = config or {}
         #: The echo server's ``warmPool`` (pre-spawned children); 0: off.
         self.warm_pool = warm_pool
         if warm_pool:
@@ -267,7 +272,7 @@ class Mcpgw(Target):
         port = free_port()
         cfg = os.path.join(self.workdir, f"{name}.json")
         with open(cfg, "w") as f:
-            json.dump(_mcpgw_config(port, servers, self.log_level), f, indent=1)
+            json.dump(_mcpgw_config(port, servers, self.log_level, self.config), f, indent=1)
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "mcpgw", "--config", cfg,
                 "--listen", f"tcp:{port}:interface={HOST}", "--metrics-listen", f"tcp:0:interface={HOST}"]
         with open(cfg) as f:

@@ -8,6 +8,11 @@ by ``hmac.compare_digest`` (constant time), else 401. The console's static
 files (HTML, JS, CSS: no data, no secrets) are served without the token; the
 page asks for it and sends it on each of its ``fetch`` calls. The API is
 described in ``docs/admin-openapi.yaml``.
+
+Every admin request is a line of the audit trail (mcpgw.audit, ``auditLog``): ``method`` "admin",
+``target`` "<HTTP method> <path>" with a session id in the path shortened as in the logs, ``identity``
+"admin" (the token's holder; null for a request without it), the HTTP status as ``error_code`` of one
+that failed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from mcpgw import jsonrpc, logs
+from mcpgw.audit import NOOP_AUDIT, Audit, AuditEvent
 from mcpgw.channel import ADMIT
 from mcpgw.config import ConfigError, check_server_name
 from mcpgw.control import ServerConflict, ServerControl, UnknownServer
@@ -85,11 +92,12 @@ class AdminResource(Resource):
     isLeaf = True
     log = Logger(observer=logs.observer)
 
-    def __init__(self, control: ServerControl, stats: StatsSampler, auth: AdminAuth):
+    def __init__(self, control: ServerControl, stats: StatsSampler, auth: AdminAuth, audit: Audit = NOOP_AUDIT):
         super().__init__()
         self._control = control
         self._stats = stats
         self._auth = auth
+        self._audit = audit
         #: Asked on the request head (mcpgw.web.GatewaySite.head_received): a request without the
         #: token is answered 401 before a byte of its body is read.
         self.head_guard = self
@@ -98,6 +106,7 @@ class AdminResource(Resource):
         """ADMIT with the admin token, else the 401 body."""
         if self._auth.allows(request):
             return ADMIT
+        self._record(request, time.time(), 401, None)
         request.setHeader(b"www-authenticate", b'Bearer realm="mcpgw-admin"')
         return _error(request, 401, "admin token required (Authorization: Bearer <admin.token>)")
 
@@ -110,6 +119,9 @@ class AdminResource(Resource):
             if verdict is not ADMIT:
                 return verdict
         request.setHeader(b"x-content-type-options", b"nosniff")
+        if self._audit is not NOOP_AUDIT:
+            began = time.time()
+            request.notifyFinish().addBoth(lambda _: self._record(request, began, request.code, "admin"))
         parts = [p.decode("utf-8", "replace") for p in (request.postpath or []) if p]
         method = request.method.decode("ascii", "replace")
         try:
@@ -221,6 +233,14 @@ class AdminResource(Resource):
 
     # -- helpers -------------------------------------------------------------
 
+    def _record(self, request: Request, began: float, status: int, identity: str | None) -> None:
+        """The audit line of one admin request, answered with ``status``."""
+        peer = request.getClientAddress()
+        self._audit.record(AuditEvent(
+            time=began, method="admin", outcome="ok" if status < 400 else ("unauthorized" if status == 401 else "error"),
+            identity=identity, client_ip=getattr(peer, "host", None), target=audit_target(request),
+            duration=time.time() - began, error_code=status if status >= 400 else None))
+
     def _later(self, request: Request, d: defer.Deferred[Any], body: Callable[[Any], Any]) -> Any:
         """Answer once ``d`` fires (children stopped), unless the client has gone."""
 
@@ -242,6 +262,15 @@ class AdminResource(Resource):
 
 class _BadRequest(Exception):
     pass
+
+
+def audit_target(request: Request) -> str:
+    """"<HTTP method> <path>" of an admin request, a session id in it shortened (it is half a credential)."""
+    parts = request.path.decode("latin-1").split("/")
+    for i in range(1, len(parts)):
+        if parts[i - 1] == "sessions" and parts[i]:
+            parts[i] = logs.short_session(parts[i])
+    return f"{request.method.decode('latin-1')} {'/'.join(parts)}"
 
 
 def _body(request: Request) -> dict[str, Any]:
@@ -285,9 +314,10 @@ class ConsoleResource(Resource):
         return body
 
 
-def install(root: Resource, control: ServerControl, stats: StatsSampler, token: str) -> None:
-    """Put ``/admin/`` and ``/console/`` under ``root`` (only ever with a token)."""
+def install(root: Resource, control: ServerControl, stats: StatsSampler, token: str, audit: Audit = NOOP_AUDIT) -> None:
+    """Put ``/admin/`` and ``/console/`` under ``root`` (only ever with a token); ``audit``: the trail
+    every admin request is written to."""
     if not token:
         raise ValueError("the admin API needs a token")
-    root.putChild(b"admin", AdminResource(control, stats, AdminAuth(token)))
+    root.putChild(b"admin", AdminResource(control, stats, AdminAuth(token), audit))
     root.putChild(b"console", ConsoleResource())

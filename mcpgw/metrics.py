@@ -11,6 +11,8 @@ label values were resolved once:
 - ``StdioUpstream`` spawn/stop/exit: child process gauges, crashes;
 - ``Metrics.wrap`` around each MCP endpoint: HTTP error replies by kind;
 - ``Metrics.redis_op`` and ``Metrics.rate_limited``: hooks for the Redis store and the rate limiter;
+- ``Metrics.exemplar`` (mcpgw.dispatch, tracing on): a traced request's trace id, the exemplar of its
+  latency bucket in the OpenMetrics exposition;
 - ``mark_fallback`` where a protocol-version probe is refused as designed (``server/discover`` to a
   server without 2026-07-28): ``_CountErrors`` counts it in ``mcp_gateway_version_negotiations``, not
   as an error (an official SDK 2.x client probes once per session, then falls back to ``initialize``);
@@ -32,6 +34,7 @@ rest. ``NoMetrics`` has the same surface and does nothing (``metrics.enabled: fa
 
 from __future__ import annotations
 
+import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 from twisted.web import http
 from twisted.web.resource import Resource
@@ -379,6 +383,11 @@ class Metrics:
                 self._redis[(op, outcome)] = counter
         counter.inc()
 
+    def exemplar(self, method: str, seconds: float, trace_id: str) -> None:
+        """Trace ``trace_id`` took ``seconds`` for a request of ``method`` (a method label): the latest one
+        of each bucket of mcp_gateway_request_duration_seconds is its exemplar (OpenMetrics exposition)."""
+        self.durations[method].exemplar(seconds, trace_id)
+
     def rate_limited(self, transport: str = OTHER, server: str = OTHER) -> None:
         """A request the rate limiter refused (unknown transports and servers count as ``other``)."""
         key = (transport if transport in TRANSPORTS else OTHER, server if server in self._servers else OTHER)
@@ -401,15 +410,29 @@ class Metrics:
 class _Histogram:
     """One method's latency histogram as plain numbers (counts per bucket, not cumulative)."""
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("counts", "exemplars", "sum")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(DURATION_BUCKETS) + 1)
         self.sum = 0.0
+        #: Bucket index -> (trace id, seconds, when): the latest traced request of each bucket (tracing on).
+        self.exemplars: dict[int, tuple[str, float, float]] | None = None
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.sum += seconds
+
+    def exemplar(self, seconds: float, trace_id: str) -> None:
+        if self.exemplars is None:
+            self.exemplars = {}
+        self.exemplars[bisect_left(DURATION_BUCKETS, seconds)] = (trace_id, seconds, time.time())
+
+    def buckets(self) -> list[Any]:
+        """(le, cumulative count), with its exemplar where a bucket has one."""
+        buckets: list[Any] = list(zip(_LE, accumulate(self.counts)))
+        for i, (trace_id, seconds, when) in (self.exemplars or {}).items():
+            buckets[i] = (*buckets[i], Exemplar({"trace_id": trace_id}, seconds, when))
+        return buckets
 
 
 _LE = [floatToGoString(b) for b in DURATION_BUCKETS] + ["+Inf"]
@@ -460,10 +483,8 @@ class _HotCollector:
         durations = HistogramMetricFamily("mcp_gateway_request_duration_seconds",
                                           "Time from a client request to its response.", labels=["method"])
         for method, h in self._metrics.durations.items():
-            total = sum(h.counts)
-            if total:
-                cumulative = list(accumulate(h.counts))
-                durations.add_metric([method], list(zip(_LE, cumulative)), h.sum)
+            if sum(h.counts):
+                durations.add_metric([method], h.buckets(), h.sum)
         yield from (requests, received, sent, events, durations, modern, negotiations)
 
 
@@ -482,6 +503,9 @@ class NoMetrics(Metrics):
         pass
 
     def redis_op(self, op: str, outcome: str = "ok") -> None:
+        pass
+
+    def exemplar(self, method: str, seconds: float, trace_id: str) -> None:
         pass
 
     def rate_limited(self, transport: str = OTHER, server: str = OTHER) -> None:

@@ -16,6 +16,7 @@ from twisted.python.components import Componentized
 from mcpgw import _fast, logs
 from mcpgw.config import EXAMPLE_SECRETS, LOG_FORMATS, ConfigError, GatewayConfig, load
 from mcpgw.metrics import Metrics, NoMetrics
+from mcpgw.observability import Observability
 from mcpgw.origin import HostChecked, HostPolicy, listen_interface
 from mcpgw.pool import PoolManager
 from mcpgw.session import SessionManager
@@ -161,6 +162,9 @@ def build_service(
     the caller mounts ``top.site.resource`` where it likes."""
     logs.set_level(config.logLevel)
     top = GatewayService()
+    # The first service: stopped last, once the sessions' last answers have ended their spans and audit lines.
+    observed = Observability(config, reactor)
+    observed.setServiceParent(top)
     metrics = Metrics(config.servers) if config.metrics.enabled else NoMetrics()
     top.metrics = metrics  # type: ignore[attr-defined]
     cluster = None
@@ -179,7 +183,7 @@ def build_service(
     heartbeat.setServiceParent(top)
     pools.setServiceParent(top)
     ctx = GatewayContext(config=config, sessions=sessions, heartbeat=heartbeat, reactor=reactor, metrics=metrics,
-                         cluster=cluster, pools=pools)
+                         cluster=cluster, pools=pools, tracer=observed.tracer, audit=observed.audit)
     if cluster is not None:
         cluster.bind(ctx)
         if config.rateLimit.enabled:
@@ -229,7 +233,7 @@ def _control(top: GatewayService, ctx: GatewayContext, site: Any, reactor: Any) 
         sampler = StatsSampler(ctx.metrics, control.sessions_by_transport, reactor, admin.statsInterval)
         sampler.setServiceParent(top)
         top.stats = sampler  # type: ignore[attr-defined]
-        admin_api.install(site.resource, control, sampler, admin.token)
+        admin_api.install(site.resource, control, sampler, admin.token, audit=ctx.audit)
 
 
 def warn_if_open(config: GatewayConfig, listen: Listens, log: Logger = _log) -> None:

@@ -16,9 +16,9 @@ from twisted.web import http
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from mcpgw import __version__, jsonrpc, logs
+from mcpgw import __version__, dispatch, jsonrpc, logs
 from mcpgw.aggregate import AggregateUpstream
-from mcpgw.auth import Authenticator, InsufficientScope, Unauthorized, principal_of
+from mcpgw.auth import Authenticator, InsufficientScope, Principal, Unauthorized, principal_of
 from mcpgw.channel import ADMIT, ChannelLimits, Connections, GatewayChannel
 from mcpgw.config import ServerConfig
 from mcpgw.oauth.metadata import well_known
@@ -100,6 +100,8 @@ class Guard(Resource):
         self._policy: HostPolicy = ctx.hosts if ctx.hosts is not None else HostPolicy.for_listens(ctx.config)
         self._auth: Authenticator = ctx.auth
         self._limiter = ctx.limiter
+        #: Its tracer and audit trail, read at each refusal (mcpgw.dispatch.refused_http).
+        self._ctx = ctx
 
     def origin_allowed(self, origin: str, request: Request) -> bool:
         """Listed; or any with ``*`` (only loopback origins on a loopback bind); or same-origin with
@@ -152,11 +154,13 @@ class Guard(Resource):
             found = self._auth.principal(request, server)
         except Unauthorized as e:
             return self._limit(request, e)
-        if isinstance(found, Deferred):
-            # An OAuth access token: checked by its authorization server's keys or introspection.
-            return found.addCallbacks(lambda principal: self._limit(request, self._auth.scope_refusal(principal, server)),
-                                      lambda failure: self._limit(request, _refusal(failure)))
-        return self._limit(request, self._auth.scope_refusal(found, server))
+        if isinstance(found, Principal):  # (rather than isinstance(found, Deferred): an ABC check, slower)
+            if self._limiter is None and self._auth.oauth is None:
+                return ADMIT  # no limit to count, no scopes to check
+            return self._limit(request, self._auth.scope_refusal(found, server))
+        # A Deferred: an OAuth access token, checked by its authorization server's keys or introspection.
+        return found.addCallbacks(lambda principal: self._limit(request, self._auth.scope_refusal(principal, server)),
+                                  lambda failure: self._limit(request, _refusal(failure)))
 
     def _limit(self, request: Request, refusal: Unauthorized | InsufficientScope | None) -> Any:
         """The rate limit, then ``refusal`` (counted first, so guessing tokens is limited per address too)."""
@@ -205,10 +209,14 @@ class Guard(Resource):
                     f"Too Many Requests: more than {outcome.limit} per {outcome.window:g} s; retry after {outcome.retry_after} s",
                 )
                 request.setResponseCode(429, b"Too Many Requests")
+                dispatch.refused_http(self._ctx, request, "rate_limited", 429, server=self.server_name, transport=self.transport)
                 return body
         if isinstance(refusal, Unauthorized):
+            dispatch.refused_http(self._ctx, request, "unauthorized" if refusal.status != 503 else "unavailable",
+                                  refusal.status, server=self.server_name, transport=self.transport)
             return unauthorized_reply(self._auth, request, refusal)
         if refusal is not None:
+            dispatch.refused_http(self._ctx, request, "forbidden", 403, server=self.server_name, transport=self.transport)
             return forbidden_reply(self._auth, request, refusal)
         return ADMIT
 
@@ -440,7 +448,9 @@ class GatewaySite(Site):
             return None
         guard = resource.head_guard
         request.head_guard = guard
-        verdict = request.guard_verdict = _settled(guard.check(request))
+        verdict = request.guard_verdict = guard.check(request)
+        if verdict is not ADMIT:
+            verdict = request.guard_verdict = _settled(verdict)
         if verdict is ADMIT:
             return None
         if isinstance(verdict, Deferred):
@@ -466,7 +476,7 @@ class GatewaySite(Site):
 def _settled(verdict: Any) -> Any:
     """A Deferred verdict that has already fired (a token checked against cached keys), as its result: the
     channel then goes on as for any verdict decided at once, without holding the body for a later one."""
-    if not isinstance(verdict, Deferred):
+    if verdict is ADMIT or not isinstance(verdict, Deferred):
         return verdict
     box: list[Any] = []
 

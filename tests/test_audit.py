@@ -228,9 +228,12 @@ def test_parse_audit_errors_name_the_key(tmp_path: Path, raw: Any, message: str)
     assert str(caught.value).startswith(message.format(dir=tmp_path)), str(caught.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_parse_audit_refuses_a_directory_it_cannot_write(tmp_path: Path) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    with pytest.raises(ConfigError, match="is not writable"):
-        parse_audit({"path": str(locked / "audit.log")})
+def test_parse_audit_refuses_a_path_it_cannot_create(tmp_path: Path) -> None:
+    """Checked at startup, as root too (which may write in any directory): a path under a regular file, or
+    one that is a directory, can never be the audit file."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="a-file is not a directory"):
+        parse_audit({"path": str(tmp_path / "a-file" / "audit.log")})
+    (tmp_path / "logs").mkdir()
+    with pytest.raises(ConfigError, match="logs is a directory: name a file in it"):
+        parse_audit({"path": str(tmp_path / "logs")})

@@ -25,12 +25,14 @@ from mcpgw.cluster.routes import RemoteRoute
 from mcpgw.cluster.service import Cluster
 from mcpgw.cluster.streams import ClusterOutlet, RemoteOutlet
 from mcpgw.config import RemoteServer, StdioServer, ToolFilter, parse
+from mcpgw.dispatch import ObservedRoute
 from mcpgw.interfaces import ILocalSession, IOutlet, IRoute, ISession, IUpstream, IUpstreamDelegate
 from mcpgw.pool import ChildPool, PooledChild, PooledSession, PoolLease, ToolsFetch
 from mcpgw.pool.session import _SessionRoute
 from mcpgw.session import Session, SessionManager
 from mcpgw.store import SessionRecord
 from mcpgw.toolpolicy import HiddenTools
+from mcpgw.tracing import NOOP_SPAN
 from mcpgw.transports.common import GatewayContext
 from mcpgw.transports.legacy import LegacyStream
 from mcpgw.transports.modern import ModernExchange
@@ -111,6 +113,8 @@ class ProviderTests(unittest.TestCase):
             (IRoute, _SessionRoute(pooled, RecordingRoute(), 1)), (IRoute, ToolsFetch(self.pool, 0)),
             (IOutlet, outlet), (IRoute, PostExchange(outlet, DummyRequest([b""]), [1], False)),
             (IRoute, legacy), (IOutlet, legacy), (IRoute, HiddenTools(RecordingRoute(), frozenset({"x"}))),
+            (IRoute, ObservedRoute(ctx, RecordingRoute(), NOOP_SPAN, NOOP_SPAN, {"method": "tools/call"}, server="a",
+                                   identity=None, client_ip=None)),
         )
 
     def cluster_providers(self) -> set[type]:

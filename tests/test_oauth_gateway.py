@@ -337,3 +337,21 @@ def test_servers_index_takes_a_gateway_token_and_refuses_a_server_token(gw: Harn
         refused = client.get("/servers", headers={"authorization": f"Bearer {token(gw)}"})
     assert ok.status_code == 200 and {s["name"] for s in ok.json()["servers"]} == {"files", "notes"}
     assert refused.status_code == 401 and challenge(refused)["resource_metadata"] == PRM
+
+
+def test_hs256_jwts_of_auth_jwt_keep_working_beside_oauth(fake_as: FakeHttp) -> None:
+    """``auth.jwt``'s own issuer's HS256 tokens go to its verifier; other JWTs to the authorization servers."""
+    import jwt as pyjwt
+
+    secret = "a-jwt-secret-of-at-least-thirty-two-bytes!"
+    config = gateway_config()
+    config["auth"]["jwt"] = {"secret": secret, "issuer": "https://idp.internal", "audience": "mcpgw"}
+    with Harness(config) as h, h.client() as client:
+        now = h.clock.seconds()
+        hs256 = pyjwt.encode({"iss": "https://idp.internal", "aud": "mcpgw", "sub": "batch", "exp": now + 60},
+                             secret, algorithm="HS256")
+        open_session(client, hs256)
+        open_session(client, token(h))  # an OAuth access token still goes to its authorization server
+        forged = pyjwt.encode({"iss": ISSUER, "aud": FILES, "sub": "x", "exp": now + 60}, secret, algorithm="HS256")
+        r = client.post("/servers/files/mcp", headers=bearer(forged), json=initialize())
+    assert r.status_code == 401  # an HS256 token claiming the authorization server's issuer is never accepted

@@ -488,6 +488,14 @@ def test_the_sdk_switches_turn_it_off(environ: dict[str, str]) -> None:
     assert not parse_tracing({"enabled": True}, environ=environ).enabled
 
 
+def test_otel_traces_exporter_otlp_turns_it_on() -> None:
+    """A deployment turns tracing on without editing the file (the compose stack's ``tracing`` profile)."""
+    assert parse_tracing(None, environ={"OTEL_TRACES_EXPORTER": "otlp"}).enabled
+    assert parse_tracing({"enabled": False}, environ={"OTEL_TRACES_EXPORTER": " OTLP "}).enabled
+    assert not parse_tracing(None, environ={}).enabled
+    assert not parse_tracing(None, environ={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}).enabled
+
+
 @pytest.mark.parametrize(("raw", "environ", "key"), [
     ([], {}, "tracing: must be an object"),
     ({"enabled": "yes"}, {}, "tracing.enabled: must be true or false"),

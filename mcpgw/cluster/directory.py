@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import mcpgw.cluster.wire as wire
-from mcpgw import jsonrpc, logs
+from mcpgw import dispatch, jsonrpc, logs
 from mcpgw.cluster.node import Node
 from mcpgw.cluster.routes import Routes
 from mcpgw.interfaces import IOutlet, IRoute, ISession
@@ -89,20 +89,32 @@ class RemoteSession:
     # What the transports call
 
     def request(self, msg: dict[str, Any], raw: bytes, route: Any) -> None:
+        """Forward a request to the owner; its answer comes back to ``route``.
+
+        ``route`` may be the transport's Route wrapped for this one request (mcpgw.dispatch's spans, the
+        tool policy's filter): the waiting Route is numbered once, the wrapper answers this request, and
+        dispatch's wrapper gives the message its trace context and client address (``ObservedRoute.hop``)."""
         self.last_used = self._clock.seconds()
         if self.ended:
             route.answer(msg["id"], jsonrpc.error_bytes(msg["id"], jsonrpc.CONNECTION_CLOSED, self.end_reason))
             return
-        if route is self.outlet:
-            self._routes.forward(self, wire.Post, None, raw)
+        base = dispatch.base_route(route)
+        observed = route if isinstance(route, dispatch.ObservedRoute) else None
+        carrier, client_ip = observed.hop() if observed is not None else (None, None)
+        if base is self.outlet:
+            self._routes.forward(self, wire.Post, None, raw, carrier=carrier, client_ip=client_ip)
+            if observed is not None:  # answered on the owner's stream, where its own span and audit line end
+                observed.settle("ok")
             return
-        rid = self._route_ids.get(route)
+        rid = self._route_ids.get(base)
         if rid is None:
-            rid = self._route_ids[route] = self._routes.add_route(route, self)
+            rid = self._route_ids[base] = self._routes.add_route(base, self)
             self.routes.add(rid)
-            if isinstance(route, PostExchange):
-                route.request.notifyFinish().addErrback(lambda _: self._routes.route_closed(self, rid))
-        self._routes.forward(self, wire.Post, rid, raw)
+            if isinstance(base, PostExchange):
+                base.request.notifyFinish().addErrback(lambda _: self._routes.route_closed(self, rid))
+        if route is not base:
+            self._routes.answerers.setdefault(rid, {})[msg["id"]] = route
+        self._routes.forward(self, wire.Post, rid, raw, carrier=carrier, client_ip=client_ip)
 
     def notify(self, msg: dict[str, Any], raw: bytes) -> None:
         self.last_used = self._clock.seconds()

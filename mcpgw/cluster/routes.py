@@ -15,14 +15,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 import mcpgw.cluster.wire as wire
-from mcpgw import jsonrpc, logs
+from mcpgw import dispatch, jsonrpc, logs
 from mcpgw.cluster.node import Node
 from mcpgw.interfaces import IRoute
 from mcpgw.transports.streamable import PostExchange
 
 #: A message a receiving instance forwards to a session's owner: its class, called with
-#: (session id, this instance, route id, payload).
-Forwarded = Callable[[str, str, Any, bytes], wire.Message]
+#: (session id, this instance, route id, payload) and its optional fields by name.
+Forwarded = Callable[..., wire.Message]
 
 
 class Routes:
@@ -35,6 +35,9 @@ class Routes:
         #: ``alive(instance, connected=True)``: the instance registry's check.
         self._alive = alive
         self.routes: dict[int, Any] = {}
+        #: Route id -> request id -> the route that request's answer goes through: the waiting Route
+        #: wrapped for that one request (mcpgw.dispatch's spans, the tool policy's filter).
+        self.answerers: dict[int, dict[Any, Any]] = {}
         self._route_session: dict[int, Any] = {}
         #: ``owner_gone(session)``: the session's owner is gone for good (set by the directory).
         self.owner_gone: Callable[[Any], None] = lambda session: None
@@ -48,9 +51,9 @@ class Routes:
         self._route_session[rid] = session
         return rid
 
-    def forward(self, session: Any, kind: Forwarded, rid: int | None, payload: bytes) -> None:
+    def forward(self, session: Any, kind: Forwarded, rid: int | None, payload: bytes, **fields: Any) -> None:
         """Publish a message of ``session`` to its owner; routes fail if it cannot get there."""
-        message = kind(session.id, self.node.instance, rid, payload)
+        message = kind(session.id, self.node.instance, rid, payload, **fields)
         d = self.node.send(session.instance, message)
         d.addCallbacks(self._forwarded, self._forward_failed, callbackArgs=(session, rid), errbackArgs=(session, rid))
 
@@ -80,6 +83,7 @@ class Routes:
     def fail_route(self, rid: int, status: int, message: str) -> None:
         route = self.routes.pop(rid, None)
         session = self._route_session.pop(rid, None)
+        answerers = self.answerers.pop(rid, {})
         if session is not None:
             session.route_done(route)
         if route is None:
@@ -89,9 +93,11 @@ class Routes:
             if status == 503 and not route.request.startedWriting:
                 route.request.setHeader(b"retry-after", b"1")
             route.fail(status, code, message)
+            for answerer in answerers.values():  # their answers were the error above
+                dispatch.settle(answerer, "error", code)
         else:
             for id in list(route.waiting):
-                route.answer(id, jsonrpc.error_bytes(id, code, message))
+                answerers.get(id, route).answer(id, jsonrpc.error_bytes(id, code, message))
 
     def fail_routes(self, session: Any, status: int, message: str) -> None:
         for rid in list(session.routes):
@@ -103,10 +109,16 @@ class Routes:
         if route is not None and route.waiting and self.node.pubsub.available:
             self.forward(session, wire.RouteClosed, rid, b"")
 
+    def _answerer(self, rid: int, id: Any, route: Any) -> Any:
+        """The route the answer to request ``id`` goes through (its own wrapper, else the waiting Route)."""
+        answerers = self.answerers.get(rid)
+        found = answerers.pop(id, None) if answerers is not None else None
+        return route if found is None else found
+
     def _on_answer(self, message: wire.Answer) -> None:
         route = self.routes.get(message.route)
         if route is not None:
-            route.answer(message.id, message.payload)
+            self._answerer(message.route, message.id, route).answer(message.id, message.payload)
             self._maybe_done(message.route, route)
 
     def _on_deliver(self, message: wire.Deliver) -> None:
@@ -117,12 +129,13 @@ class Routes:
     def _on_forget(self, message: wire.Forget) -> None:
         route = self.routes.get(message.route)
         if route is not None:
-            route.forget(message.id)
+            self._answerer(message.route, message.id, route).forget(message.id)
             self._maybe_done(message.route, route)
 
     def _maybe_done(self, rid: int, route: Any) -> None:
         if not route.waiting:
             self.routes.pop(rid, None)
+            self.answerers.pop(rid, None)
             session = self._route_session.pop(rid, None)
             if session is not None:
                 session.route_done(route)
@@ -198,6 +211,8 @@ class OwnerRoutes:
     def __init__(self, node: Node):
         self.node = node
         self.routes_out: dict[tuple[str, int], RemoteRoute] = {}
+        #: The GatewayContext of this instance (``Cluster.bind``): its tracer and audit trail.
+        self.ctx: Any = None
         node.handle(wire.Post, self._on_post)
         node.handle(wire.Emit, self._on_emit)
         node.handle(wire.Delete, self._on_delete)
@@ -234,9 +249,18 @@ class OwnerRoutes:
                     continue
                 if isinstance(route, RemoteRoute):
                     route.waiting.add(msg["id"])
-                session.request(msg, line, route)
+                self._request(session, msg, line, route, message)
             else:
                 session.notify(msg, line)
+
+    def _request(self, session: Any, msg: dict[str, Any], line: bytes, route: Any, message: wire.Post) -> None:
+        """A forwarded request to the session: its trace goes on from the forwarding instance's span, and
+        its audit line is written here, where it is answered (mcpgw.dispatch)."""
+        if self.ctx is None:
+            session.request(msg, line, route)
+            return
+        dispatch.forward(self.ctx, session, msg, line, route, transport=session.transport, identity=session.owner,
+                         client_ip=message.client_ip, parent=message.carrier)
 
     def _on_emit(self, message: wire.Emit) -> None:
         session = self.node.owned(message)

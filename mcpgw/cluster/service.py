@@ -127,7 +127,7 @@ class Cluster(MultiService):
 
     def bind(self, ctx: Any) -> None:
         """Serve the gateway of ``ctx`` (its SessionManager's store is ``self.store``)."""
-        self.directory.ctx = self.streams.ctx = ctx
+        self.directory.ctx = self.streams.ctx = self.owner.ctx = ctx
         self.node.sessions = sessions = ctx.sessions
         # The registry refreshes the records of the sessions that are in use.
         self.backend.registry.refresh_records_of(lambda: list(sessions.sessions.values()))

@@ -10,6 +10,11 @@ order), so instances running older and newer code can share one Redis during a r
 ``tests/test_cluster_unit.py`` decodes messages as earlier releases wrote them. A header key this
 codec does not know is ignored (a newer instance may add one); a missing key, a value of the wrong
 type or an unknown type is a ``WireError``, which the subscriber logs and drops.
+
+Optional keys (``_optional``) are written only when they hold a value, so a message without them is
+byte for byte what earlier releases wrote, and an earlier release ignores them: ``Post`` carries the
+trace context of the forwarding instance's span (``tc``) and the client's address (``ip``) that way,
+for the owner's span and audit line (mcpgw.dispatch).
 """
 
 from __future__ import annotations
@@ -27,11 +32,19 @@ class WireError(ValueError):
 
 #: ``ack`` statuses: the request was granted, or why not.
 ACK_STATUSES = frozenset({"ok", "conflict", "gone", "unknown"})
+#: What a trace context carrier (``Post.carrier``) may hold, and how long each value may be (W3C Trace Context).
+CARRIER_KEYS = frozenset({"traceparent", "tracestate"})
+MAX_CARRIER_VALUE = 512
 
 
 def _key(key: str, kind: str, optional: bool = False) -> Any:
     """A header field: its wire ``key``, its JSON ``kind`` (str, int, id, status), whether null is allowed."""
     return attrs.field(metadata={"key": key, "kind": kind, "optional": optional})
+
+
+def _optional(key: str, kind: str) -> Any:
+    """A header field written only when it is not None, and None when a message lacks it."""
+    return attrs.field(default=None, metadata={"key": key, "kind": kind, "optional": True, "omitted": True})
 
 
 def _payload() -> Any:
@@ -57,6 +70,10 @@ class Post(Message):
     sender: str = _key("f", "str")
     route: int | None = _key("r", "int", optional=True)
     payload: bytes = _payload()
+    #: The W3C trace context (``traceparent``, ``tracestate``) of the forwarding instance's span.
+    carrier: dict[str, str] | None = _optional("tc", "carrier")
+    #: The address of the client that sent the request.
+    client_ip: str | None = _optional("ip", "str")
 
 
 @attrs.frozen
@@ -246,7 +263,7 @@ def encode(message: Message) -> bytes:
         value = getattr(message, field.name)  # each declared attrs field, by its name: the codec's schema
         if field.metadata.get("payload"):
             payload = value
-        else:
+        elif value is not None or not field.metadata.get("omitted"):
             header[field.metadata["key"]] = value
     return jsonrpc.dumps(header) + b"\n" + payload
 
@@ -275,6 +292,8 @@ def decode(data: bytes) -> Message:
 
 def _field(t: str, header: dict[str, Any], meta: Any) -> Any:
     key, kind = meta["key"], meta["kind"]
+    if key not in header and meta.get("omitted"):
+        return None
     if key not in header:
         raise WireError(f"{t}: {key!r} is missing")
     value = header[key]
@@ -292,5 +311,8 @@ def _fits(value: Any, kind: str) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "status":
         return value in ACK_STATUSES
+    if kind == "carrier":
+        return (isinstance(value, dict) and "traceparent" in value and set(value) <= CARRIER_KEYS
+                and all(isinstance(v, str) and len(v) <= MAX_CARRIER_VALUE for v in value.values()))
     # A JSON-RPC request id: a string or a number.
     return isinstance(value, str | int | float) and not isinstance(value, bool)

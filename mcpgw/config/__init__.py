@@ -8,6 +8,7 @@ stop with one clear line before anything listens. Each part of the file has its 
 - ``auth``: ``auth`` (static tokens, JWT); ``oauth``: ``auth.oauth``;
 - ``sections``: the small sections (cors, rateLimit, session, sse, websocket, redis, admin, metrics, ...);
 - ``limits``: ``limits``;
+- ``observability``: ``tracing`` (OpenTelemetry export, with the ``OTEL_*`` variables) and ``auditLog``;
 - ``environment``: the environment's overrides, and PRIVATE_ENV, which no child sees;
 - ``gateway``: GatewayConfig, ``parse`` and ``load``.
 
@@ -35,6 +36,7 @@ from mcpgw.config.oauth import (
     check_servers,
     parse_oauth,
 )
+from mcpgw.config.observability import AuditConfig, TracingConfig
 from mcpgw.config.sections import (
     AdminConfig,
     CorsConfig,
@@ -62,9 +64,9 @@ from mcpgw.config.servers import (
 __all__ = [
     "CLIENT_SECRET_ENV", "DEFAULT_MAX_MESSAGE_BYTES", "EXAMPLE_SECRET", "EXAMPLE_SECRETS", "LOG_FORMATS", "LOG_LEVELS",
     "PRIVATE_ENV", "REMOTE_TRANSPORTS", "SERVER_NAME", "SESSION_MODES",
-    "AdminConfig", "AggregateServer", "AuthConfig", "ConfigError", "CorsConfig", "GatewayConfig", "IntrospectionConfig",
+    "AdminConfig", "AggregateServer", "AuditConfig", "AuthConfig", "ConfigError", "CorsConfig", "GatewayConfig", "IntrospectionConfig",
     "JwtConfig", "LimitsConfig", "MetricsConfig", "OAuthConfig", "RateLimitConfig", "RedisConfig", "RemoteServer",
-    "ServerBase", "ServerConfig", "SessionConfig", "SseConfig", "StaticToken", "StdioServer", "ToolFilter",
+    "ServerBase", "ServerConfig", "SessionConfig", "SseConfig", "StaticToken", "StdioServer", "ToolFilter", "TracingConfig",
     "WebSocketConfig",
     "canonical_uri", "check_object", "check_server_name", "check_servers", "duration_seconds", "expect", "load",
     "load_jwks", "parse", "parse_auth", "parse_oauth", "parse_server",

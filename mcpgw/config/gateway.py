@@ -18,6 +18,7 @@ from mcpgw.config.checks import DEFAULT_MAX_MESSAGE_BYTES, ConfigError, boolean,
 from mcpgw.config.environment import with_environment
 from mcpgw.config.limits import LimitsConfig, parse_limits
 from mcpgw.config.oauth import check_servers
+from mcpgw.config.observability import AuditConfig, TracingConfig, parse_audit, parse_tracing
 from mcpgw.config.sections import (
     AdminConfig,
     CorsConfig,
@@ -48,7 +49,7 @@ EXAMPLE_SECRETS = frozenset({EXAMPLE_SECRET, "change-this-session-secret"})
 TOP_LEVEL_KEYS = frozenset({
     "port", "host", "logLevel", "logFormat", "cors", "rateLimit", "session", "sse", "websocket", "redis",
     "metrics", "auth", "mcpServers", "maxBodyBytes", "limits", "trustedProxies", "aggregate",
-    "admin", "allowedHosts", "fastPaths",
+    "admin", "allowedHosts", "fastPaths", "tracing", "auditLog",
 })
 
 
@@ -81,6 +82,10 @@ class GatewayConfig:
     #: Shortcuts past Twisted's and Autobahn's public APIs (mcpgw._fast); false, or the environment's
     #: MCPGW_FAST_PATHS=0, serves everything through the public paths.
     fastPaths: bool = True
+    #: Spans of client requests exported over OTLP/HTTP (mcpgw.tracing); off unless the section says otherwise.
+    tracing: TracingConfig = TracingConfig()
+    #: The audit trail's file (mcpgw.audit); None: no audit trail.
+    auditLog: AuditConfig | None = None
 
     @property
     def default_server(self) -> ServerConfig:
@@ -116,6 +121,8 @@ def parse(raw: Any, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         port=port(raw.get("port", 3000), "port"),
         maxBodyBytes=positive(raw.get("maxBodyBytes", DEFAULT_MAX_MESSAGE_BYTES), "maxBodyBytes"),
         fastPaths=boolean(raw.get("fastPaths", True), "fastPaths"),
+        tracing=parse_tracing(raw.get("tracing"), "tracing", environ),
+        auditLog=parse_audit(raw.get("auditLog")),
     )
     if config.auth.oauth is not None:
         # Per-server scopes naming no server would leave the server they were meant for open to any scope.

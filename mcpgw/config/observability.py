@@ -6,7 +6,8 @@ the environment overrides the file (a deployment points the same config at its o
 
 ========================================  =====================================================
 ``OTEL_SDK_DISABLED=true``                tracing off
-``OTEL_TRACES_EXPORTER``                  ``none``: tracing off; ``otlp``: as configured
+``OTEL_TRACES_EXPORTER``                  ``none``: tracing off; ``otlp``: tracing on, with or
+                                          without a ``tracing`` section
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``    ``endpoint``, as given (the full URL)
 ``OTEL_EXPORTER_OTLP_ENDPOINT``           ``endpoint``, a base URL (``/v1/traces`` appended)
 ``OTEL_EXPORTER_OTLP_PROTOCOL``           must be ``http/protobuf`` (the one exporter mcpgw has)
@@ -91,13 +92,13 @@ def parse_tracing(raw: Any, key: str = "tracing", environ: Mapping[str, str] | N
         raw = {"enabled": False}
     check_object(raw, key, {"enabled", "endpoint", "serviceName", "sampleRatio", "parentBased", "headers", "recordArguments"})
     enabled = expect(raw.get("enabled", True), bool, f"{key}.enabled", "true or false")
+    exporter = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter not in ("", "otlp", "none"):
+        raise ConfigError("OTEL_TRACES_EXPORTER", f'must be "otlp" or "none" (mcpgw exports OTLP only), not {exporter!r}')
+    if exporter:  # named: the environment decides, as it overrides the file everywhere
+        enabled = exporter == "otlp"
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         enabled = False
-    exporter = environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
-    if exporter == "none":
-        enabled = False
-    elif exporter != "otlp":
-        raise ConfigError("OTEL_TRACES_EXPORTER", f'must be "otlp" or "none" (mcpgw exports OTLP only), not {exporter!r}')
     ratio, parent_based = _sampling(raw, key, environ)
     config = TracingConfig(
         enabled=enabled,
@@ -232,6 +233,8 @@ def parse_audit(raw: Any, key: str = "auditLog") -> AuditConfig | None:
     path = expect(raw["path"], str, f"{key}.path", "a file path")
     if not path.strip() or path.endswith(("/", os.sep)):
         raise ConfigError(f"{key}.path", f"must name a file, not {path!r}")
+    if os.path.isdir(path):
+        raise ConfigError(f"{key}.path", f"{path} is a directory: name a file in it")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ConfigError(f"{key}.path", f"{directory} is not a directory")

@@ -24,16 +24,18 @@ from typing import Any
 from mcpgw.config.checks import ConfigError
 from mcpgw.config.observability import TracingConfig
 from mcpgw.tracing.api import NOOP, NOOP_SPAN, Span, Tracer
-from mcpgw.tracing.propagation import extract, inject_meta, inject_raw
+from mcpgw.tracing.propagation import extract, inject, inject_meta, inject_raw
 
-__all__ = ["NOOP", "NOOP_SPAN", "Span", "Tracer", "build", "extract", "inject_meta", "inject_raw"]
+__all__ = ["NOOP", "NOOP_SPAN", "Span", "Tracer", "build", "extract", "inject", "inject_meta", "inject_raw"]
 
 
-def build(config: TracingConfig | None, reactor: Any = None) -> Tracer:
+def build(config: TracingConfig | None, reactor: Any = None, *, exporter: Any = None) -> Tracer:
     """``NOOP`` when tracing is off (None, or not ``enabled``), else the OpenTelemetry tracer ``config`` describes.
 
-    ``reactor``: whose thread pool runs the final flush (default: the global reactor). Raises
-    ConfigError when tracing is on and the OpenTelemetry SDK is not installed."""
+    ``reactor``: whose thread pool runs the final flush (default: the global reactor). ``exporter``: an
+    SDK SpanExporter that gets every span as it ends, in place of the batched OTLP export (tests give the
+    SDK's InMemorySpanExporter). Raises ConfigError when tracing is on and the OpenTelemetry SDK is not
+    installed."""
     if config is None or not config.enabled:
         return NOOP
     try:
@@ -44,4 +46,4 @@ def build(config: TracingConfig | None, reactor: Any = None) -> Tracer:
         raise ConfigError("tracing.enabled", f"needs the OpenTelemetry SDK ({e.name} is not installed): pip install 'mcpgw[otel]'") from None
     if reactor is None:
         from twisted.internet import reactor
-    return otel.from_config(config, reactor)
+    return otel.from_config(config, reactor, exporter=exporter)

@@ -46,8 +46,8 @@ class Span(Protocol):
         """Facts learned after the span began (None: not given); ``session_id`` is hashed."""
 
     def end(self, outcome: str = "ok", error_code: int | str | None = None) -> None:
-        """Close it: "ok", or the failure ("error", "tool_error", "timeout", "cancelled", ...) and the
-        JSON-RPC error code if there is one. A second call changes nothing."""
+        """Close it: "ok" (or "input_required", no failure either), or the failure ("error", "tool_error",
+        "timeout", "cancelled", ...) and the JSON-RPC error code if there is one. A second call changes nothing."""
 
     def traceparent(self) -> str | None:
         """The W3C ``traceparent`` that makes the receiver's span a child of this one; None when off."""

@@ -56,6 +56,9 @@ CHILD_PID = "mcpgw.child.pid"
 MEMBER = "mcpgw.aggregate.member"
 NODE = "mcpgw.cluster.node"
 
+#: Outcomes that are no failure: the span keeps status UNSET and gets no ``error.type`` (an
+#: InputRequiredResult is a 2026-07-28 call's first round, answered as designed).
+SUCCESSES = frozenset({"ok", "input_required"})
 #: Longest client-sent text kept in an attribute (a tool name, a URI, a request id), and in a span name.
 MAX_VALUE = 256
 MAX_NAME_TARGET = 128

@@ -24,7 +24,7 @@ from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -41,10 +41,16 @@ from mcpgw.tracing.propagation import TRACEPARENT, TRACESTATE, from_headers, fro
 _W3C = TraceContextTextMapPropagator()
 
 
-def from_config(config: TracingConfig, reactor: Any) -> OtelTracer:
-    """The tracer ``config`` describes: sampled by trace id, batched, exported to ``config.endpoint``."""
+def from_config(config: TracingConfig, reactor: Any, exporter: SpanExporter | None = None) -> OtelTracer:
+    """The tracer ``config`` describes: sampled by trace id, batched, exported to ``config.endpoint``.
+
+    ``exporter``: given (a test's InMemorySpanExporter), each span goes to it as it ends, on the
+    thread that ends it, and nothing is sent over the network."""
     provider = provider_for(config)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.endpoint, headers=dict(config.headers))))
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    else:
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.endpoint, headers=dict(config.headers))))
     return OtelTracer(provider, reactor, record_arguments=config.recordArguments)
 
 
@@ -189,7 +195,7 @@ class OtelSpan:
         self._span.set_attribute(a.OUTCOME, outcome)
         if error_code is not None:
             self._span.set_attribute(a.RPC_STATUS, str(error_code))
-        if outcome != "ok":
+        if outcome not in a.SUCCESSES:
             self._span.set_attribute(a.ERROR_TYPE, a.error_type(outcome, error_code))
             # No description: a JSON-RPC error message can quote the request's arguments.
             self._span.set_status(Status(StatusCode.ERROR))

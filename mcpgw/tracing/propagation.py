@@ -88,6 +88,30 @@ def inject_raw(msg: dict[str, Any], raw: bytes, span: Span) -> bytes:
     return dumps({**msg, "params": injected})
 
 
+def inject(msg: dict[str, Any], raw: bytes, span: Span) -> tuple[dict[str, Any], bytes]:
+    """Request ``msg`` (``raw`` as received) as it goes upstream under ``span``: both unchanged when ``span``
+    propagates nothing, else a new message whose ``params._meta`` carries its context, and its encoding.
+
+    Both, because an upstream may read either: a stdio child gets the bytes, a pool re-encodes the message,
+    a remote upstream reads its ``traceparent`` header off the message (``trace_headers``)."""
+    params = msg.get("params")
+    injected = inject_meta(params, span)
+    if injected is params:
+        return msg, raw
+    sent = {**msg, "params": injected}
+    return sent, dumps(sent)
+
+
+def trace_headers(msg: Any) -> dict[bytes, bytes] | None:
+    """The ``traceparent`` (and ``tracestate``) a message carries in ``params._meta``, checked as a
+    client's are, as HTTP headers for a remote upstream; None when it carries none."""
+    params = msg.get("params") if isinstance(msg, dict) else None
+    carrier = from_meta(params.get("_meta")) if isinstance(params, dict) else None
+    if carrier is None:
+        return None
+    return {name.encode("ascii"): value.encode("ascii") for name, value in carrier.items()}
+
+
 def _carrier(traceparent: Any, tracestate: Any) -> dict[str, str] | None:
     parent = _text(traceparent, MAX_TRACEPARENT)
     if parent is None:

@@ -9,9 +9,11 @@ import attrs
 from twisted.web.server import Request
 
 from mcpgw import jsonrpc
+from mcpgw.audit import NOOP_AUDIT, Audit
 from mcpgw.config import GatewayConfig
 from mcpgw.metrics import Metrics, NoMetrics
 from mcpgw.session import SessionManager
+from mcpgw.tracing import NOOP, Tracer
 from mcpgw.transports.sse import Heartbeat
 
 # Re-exported: the transports import them from here (they live in mcpgw.versions so that pools and
@@ -40,6 +42,10 @@ class GatewayContext:
     pools: Any = None
     #: mcpgw.origin.HostPolicy of the listening site (None: the Guards derive it from ``config.host``).
     hosts: Any = None
+    #: mcpgw.tracing's Tracer of client requests (NOOP: ``tracing`` is off, or a context built in a test).
+    tracer: Tracer = NOOP
+    #: mcpgw.audit's trail (NOOP_AUDIT: no ``auditLog``, or a context built in a test).
+    audit: Audit = NOOP_AUDIT
 
 
 @attrs.frozen
@@ -171,13 +177,3 @@ def accepts(types: set[str], wanted: str) -> bool:
 def discover_unsupported(id: Any) -> bytes:
     """``server/discover`` (MCP 2026-07-28) answered at once so the client falls back to initialize."""
     return jsonrpc.error_bytes(id, jsonrpc.METHOD_NOT_FOUND, "Method not found: server/discover (use initialize)")
-
-
-def relay(session: Any, m: Incoming, route: Any) -> None:
-    """Hand one client message to its session (a request's answer goes to ``route``)."""
-    if m.kind != jsonrpc.REQUEST:
-        session.notify(m.msg, m.raw)
-    elif m.msg["method"] == "server/discover":
-        route.answer(m.msg["id"], discover_unsupported(m.msg["id"]))
-    else:
-        session.request(m.msg, m.raw, route)

@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from mcpgw import jsonrpc, logs, toolpolicy
+from mcpgw import dispatch, jsonrpc, logs, toolpolicy
 from mcpgw.auth import identity_of, principal_of
 from mcpgw.config import ServerConfig
 from mcpgw.interfaces import IOutlet, IRoute
@@ -27,7 +27,6 @@ from mcpgw.transports.common import (
     parse_messages,
     read_body,
     refuse_new_session,
-    relay,
 )
 from mcpgw.transports.sse import Heartbeat, SseResponse, frame
 from mcpgw.transports.streamable import when_found
@@ -158,13 +157,12 @@ class MessagesEndpoint(Resource):
                                          max_batch=self._ctx.config.limits.maxBatchMessages)
         except HttpError as e:
             return http_error_reply(request, e)
-        principal, server = principal_of(request), self._server.name
-        refused = toolpolicy.refusal(self._ctx.auth, principal, server, messages)
+        principal, headers = principal_of(request), request.requestHeaders
+        refused = dispatch.refusal(self._ctx, principal, self._server.name, messages, transport="sse", headers=headers)
         if refused is not None:  # auth.oauth.toolScopes: refused before any of the POST's messages goes on
             return toolpolicy.forbidden_reply(self._ctx.auth, request, refused[1], refused[0].msg["id"])
-        stream = session.outlet
         for m in messages:
-            relay(session, m, toolpolicy.route_for(self._ctx.auth, principal, server, m.msg, stream))
+            dispatch.relay(self._ctx, session, m, session.outlet, principal=principal, transport="sse", headers=headers)
         request.setResponseCode(202)
         request.setHeader(b"content-type", b"text/plain")
         return b"Accepted"

@@ -50,16 +50,13 @@ this module does not touch.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 from typing import Any
 
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from mcpgw import jsonrpc, logs, toolpolicy
+from mcpgw import dispatch, jsonrpc, logs, toolpolicy
 from mcpgw.auth import identity_of, principal_of
 from mcpgw.config import ServerConfig
 from mcpgw.interfaces import IRoute
@@ -73,10 +70,10 @@ from mcpgw.transports.common import (
     error_reply,
     http_error_reply,
 )
+from mcpgw.transports.mirror import HEADER_MISMATCH, check_params, decode_header_value
 from mcpgw.transports.sse import SseResponse, frame
 
 MODERN_VERSIONS = ("2026-07-28",)
-HEADER_MISMATCH = -32020
 META_VERSION = "io.modelcontextprotocol/protocolVersion"
 META_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
 META_CLIENT_INFO = "io.modelcontextprotocol/clientInfo"
@@ -98,8 +95,6 @@ CACHEABLE = frozenset({"tools/list", "prompts/list", "resources/list", "resource
 #: Calls that may answer with an InputRequiredResult.
 INTERACTIVE = frozenset(NAME_BEARING)
 ROUTING_HEADERS = (b"mcp-protocol-version", b"mcp-method", b"mcp-name")
-_B64 = re.compile(r"=\?base64\?(.*)\?=", re.DOTALL)
-_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
 #: subscriptions/listen filter keys -> (capability, flag) the children must advertise.
 LIST_CHANGED = {
     "toolsListChanged": ("tools", "notifications/tools/list_changed"),
@@ -133,22 +128,6 @@ def is_modern(request: Request, messages: list[Any]) -> bool:
         return False
     meta = _meta(messages[0].msg)
     return meta is not None and META_VERSION in meta
-
-
-def decode_header_value(value: str | None) -> str | None:
-    """A header value with the ``=?base64?...?=`` sentinel decoded; None if it is malformed."""
-    if value is None:
-        return None
-    m = _B64.fullmatch(value)
-    if m is None:
-        return value if _HEADER_VALUE.fullmatch(value) else None
-    try:
-        raw = base64.b64decode(m[1].encode("ascii"), validate=True)
-        if base64.b64encode(raw).decode("ascii") != m[1]:
-            return None
-        return raw.decode("utf-8")
-    except (binascii.Error, UnicodeError, ValueError):
-        return None
 
 
 def stamp(raw: bytes, server_info: Any, method: str | None = None) -> tuple[bytes, dict[str, Any]]:
@@ -189,6 +168,8 @@ class ModernExchange:
         level = meta.get(META_LOG_LEVEL)
         self.log_level = LOG_LEVELS.index(level) if level in LOG_LEVELS else None
         self.pending: Pending | None = None
+        #: What the pool answers: this exchange, or mcpgw.dispatch's ObservedRoute around it (its spans, its audit line).
+        self.outer: Any = self
         self.sse: SseResponse | None = None
         self.done = False
         self._ticks = 0
@@ -241,6 +222,7 @@ class ModernExchange:
 
     def _missing_capability(self, id: Any, needed: str) -> None:
         self.done = True
+        dispatch.settle(self.outer, "missing_capability", MISSING_CAPABILITY)
         self.metrics.modern_outcome("missing_capability")
         self._ctx.heartbeat.discard(self)
         raw = jsonrpc.error_bytes(id, MISSING_CAPABILITY, f"Missing required client capability: {needed}",
@@ -274,6 +256,7 @@ class ModernExchange:
         self._ctx.heartbeat.discard(self)
         if not self.done:
             self.done = True
+            dispatch.settle(self.outer, "cancelled")
             if self.pending is not None:
                 self.pool.cancel(self.pending)
 
@@ -298,7 +281,7 @@ class ModernExchange:
     def _input_required(self, pending: Pending, inputs: dict[str, Any], state: str) -> None:
         self.metrics.modern_outcome("input_required")
         result = {"resultType": "input_required", "inputRequests": inputs, "requestState": state}
-        self.answer(pending.id, jsonrpc.dumps({"jsonrpc": "2.0", "id": pending.id, "result": result}))
+        self.outer.answer(pending.id, jsonrpc.dumps({"jsonrpc": "2.0", "id": pending.id, "result": result}))
 
 
 class ModernEndpoint:
@@ -333,7 +316,8 @@ class ModernEndpoint:
             request.setResponseCode(202)
             return b""
         self.metrics.request(m.msg["method"], int(request.getHeader(b"content-length") or 0))
-        if refused := toolpolicy.refusal(self._ctx.auth, principal_of(request), self._server.name, messages):
+        if refused := dispatch.refusal(self._ctx, principal_of(request), self._server.name, messages, transport="streamable",
+                                       headers=request.requestHeaders):
             return toolpolicy.forbidden_reply(self._ctx.auth, request, refused[1], id)  # auth.oauth.toolScopes
         try:
             return self._request(request, pool, m.msg, header)
@@ -397,13 +381,15 @@ class ModernEndpoint:
             return self._retry(request, pool, msg, params["requestState"], responses or {})
         exchange = ModernExchange(self._ctx, pool, request, _meta(msg), self.metrics)
         try:
-            route = toolpolicy.route_for(self._ctx.auth, principal_of(request), self._server.name, msg, exchange)
-            exchange.pending = pool.request(self._forwarded(msg), route, on_input=exchange.on_input, owner=identity_of(request))
+            exchange.pending = dispatch.pooled(self._ctx, pool, self._forwarded(msg), exchange, server=self._server.name,
+                                               principal=principal_of(request), headers=request.requestHeaders,
+                                               on_input=exchange.on_input)
         except PoolFull as e:
             exchange.done = True
             self._ctx.heartbeat.discard(exchange)
             request.setHeader(b"retry-after", b"%d" % e.retry_after)
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}", id)
+        exchange.outer = exchange.pending.route
         if responses:
             exchange.pending.offered = dict(responses)
         return NOT_DONE_YET
@@ -418,7 +404,9 @@ class ModernEndpoint:
             self.log.info("{server}: requestState refused ({kind})", server=self._server.name, kind=e.kind)
             raise HttpError(400, jsonrpc.INVALID_PARAMS, e.message, msg["id"], data={"requestState": e.kind}) from e
         exchange = ModernExchange(self._ctx, pool, request, _meta(msg), self.metrics)
-        exchange.pending = pool.resume(pending, msg, responses, exchange)
+        exchange.pending = dispatch.resumed(self._ctx, pool, pending, msg, responses, exchange, server=self._server.name,
+                                            principal=principal_of(request), headers=request.requestHeaders)
+        exchange.outer = exchange.pending.route
         exchange.pending.on_input = exchange.on_input  # a further round asks through this exchange
         self.metrics.modern_outcome("resumed")
         return NOT_DONE_YET
@@ -545,49 +533,6 @@ class ModernEndpoint:
 def _input_responses(value: Any) -> bool:
     """Whether ``value`` is an InputResponses map: an object of result objects (2026-07-28 mrtr Core Types)."""
     return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, dict) for k, v in value.items())
-
-
-def _same(sent: str, value: Any) -> bool:
-    """Whether a decoded Mcp-Param-* value mirrors the argument (2026-07-28 Value Encoding; numbers numerically)."""
-    if isinstance(value, bool):
-        return sent == ("true" if value else "false")
-    if isinstance(value, (int, float)):
-        try:
-            return float(sent) == value
-        except ValueError:
-            return False
-    return isinstance(value, str) and sent == value
-
-
-def check_params(request: Request, msg: dict[str, Any], tools: dict[str, Any]) -> None:
-    """SEP-2243 Server Behavior for Custom Headers: each argument the tool annotates with ``x-mcp-header``
-    comes with its ``Mcp-Param-{name}`` header, equal after decoding; an absent or null argument with no
-    header. Anything else: 400/-32020."""
-    params = msg["params"]
-    annotations = tools.get(params.get("name")) if isinstance(params.get("name"), str) else None
-    if not annotations:
-        return
-    id = msg["id"]
-    args = params.get("arguments")
-    for path, header, _ in annotations:
-        value: Any = args
-        for step in path:
-            value = value.get(step) if isinstance(value, dict) else None
-        name = f"Mcp-Param-{header}"
-        raw = request.requestHeaders.getRawHeaders(name.lower().encode("latin-1"))
-        if raw is not None and len(raw) > 1:
-            raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: {name} was sent more than once", id)
-        where = ".".join(path)
-        if value is None:
-            if raw is not None:
-                raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: {name} was sent but arguments.{where} is absent", id)
-            continue
-        if raw is None:
-            raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: {name} is missing but arguments.{where} has a value", id)
-        sent = decode_header_value(raw[0].decode("latin-1"))
-        if sent is None or not _same(sent, value):
-            raise HttpError(400, HEADER_MISMATCH, f"Header mismatch: {name} header value {raw[0].decode('latin-1')!r} "
-                                                  f"does not match body value {value!r} (arguments.{where})", id)
 
 
 def _write_json(request: Request, status: int, body: bytes) -> None:

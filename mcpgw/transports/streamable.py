@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from mcpgw import jsonrpc, logs, toolpolicy
+from mcpgw import dispatch, jsonrpc, logs, toolpolicy
 from mcpgw.auth import identity_of, principal_of
 from mcpgw.config import ServerConfig
 from mcpgw.interfaces import IOutlet, IRoute
@@ -471,8 +471,8 @@ class StreamableEndpoint(Resource):
         self._check_version(request)
         if batch and session.protocol_version not in (None, "2025-03-26"):
             raise HttpError(400, jsonrpc.INVALID_REQUEST, f"JSON-RPC batches are not supported in protocol version {session.protocol_version}")
-        principal = principal_of(request)
-        refused = toolpolicy.refusal(self._ctx.auth, principal, self._server.name, messages)
+        principal, headers = principal_of(request), request.requestHeaders
+        refused = dispatch.refusal(self._ctx, principal, self._server.name, messages, transport="streamable", headers=headers)
         if refused is not None:  # before any of the POST's messages goes on (auth.oauth.toolScopes)
             return toolpolicy.forbidden_reply(self._ctx.auth, request, refused[1], refused[0].msg["id"])
         requests = [m for m in messages if m.kind == jsonrpc.REQUEST]
@@ -484,7 +484,8 @@ class StreamableEndpoint(Resource):
             return b""
         exchange = PostExchange(cast(StreamableOutlet, session.outlet), request, [m.msg["id"] for m in requests], batch)
         for m in requests:
-            session.request(m.msg, m.raw, toolpolicy.route_for(self._ctx.auth, principal, self._server.name, m.msg, exchange))
+            dispatch.request(self._ctx, session, m.msg, m.raw, exchange, principal=principal, transport="streamable",
+                             headers=headers)
         return NOT_DONE_YET
 
     def _initialize(self, request: Request, m: Any) -> Any:
@@ -493,16 +494,19 @@ class StreamableEndpoint(Resource):
             return refuse_new_session(request, sessions, m.msg["id"])
         # A cluster's outlet numbers and logs its streams so that any instance can resume them.
         make_outlet = self._ctx.cluster.outlet if self._ctx.cluster is not None else StreamableOutlet
+        span = dispatch.begin(self._ctx, m.msg, server=self._server.name, transport="streamable", request=request)
         try:
             # Pooled or not: SessionManager. The principal keys an anonymous client's session quota.
-            session = sessions.create(self._server, "streamable", identity_of(request), principal=principal_of(request),
-                                      outlet=lambda s: make_outlet(s, self._ctx))
+            session = dispatch.setup(span, self._server.name, lambda: sessions.create(
+                self._server, "streamable", identity_of(request), principal=principal_of(request),
+                outlet=lambda s: make_outlet(s, self._ctx)))
         except SessionRefused as e:
             request.setHeader(b"retry-after", b"%d" % e.retry_after)
             return error_reply(request, 503, jsonrpc.CONNECTION_CLOSED, f"Service Unavailable: {e.reason}", m.msg["id"])
         request.setHeader(SESSION_HEADER, session.id.encode())
         exchange = PostExchange(cast(StreamableOutlet, session.outlet), request, [m.msg["id"]], False)
-        session.request(m.msg, m.raw, exchange)
+        dispatch.request(self._ctx, session, m.msg, m.raw, exchange, principal=principal_of(request),
+                         transport="streamable", headers=request.requestHeaders, span=span)
         return NOT_DONE_YET
 
     # -- GET ----------------------------------------------------------------

@@ -50,7 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mcpgw import __version__, jsonrpc, logs, toolpolicy
+from mcpgw import __version__, dispatch, jsonrpc, logs, toolpolicy
 from mcpgw._fast import websocket as fast_websocket
 from mcpgw.auth import Principal, principal_of
 from mcpgw.config import ServerConfig
@@ -63,7 +63,6 @@ from mcpgw.transports.common import (
     error_reply,
     not_accepting,
     parse_messages,
-    relay,
 )
 from mcpgw.transports.sse import _PauseShare
 
@@ -297,7 +296,10 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
             if messages[0].kind == jsonrpc.REQUEST:
                 id = messages[0].msg["id"]
         except HttpError as e:
+            messages = []
             invalid = e.code == jsonrpc.PARSE_ERROR or not (len(payload) <= _PING_MAX and _is_ping(payload))
+        dispatch.refused_message(self.factory.ctx, "rate_limited", jsonrpc.CONNECTION_CLOSED, messages[0].msg if messages else None,
+                                 principal=self.principal, server=self.factory.mcp_server.name, transport="ws")
         self.send_text(jsonrpc.error_bytes(
             id, jsonrpc.CONNECTION_CLOSED,
             f"Too Many Requests: more than {decision.limit} messages per {decision.window:g} s; retry after {decision.retry_after} s",
@@ -329,11 +331,11 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
             self._errors = 0
         m = messages[0]
         ctx, server = self.factory.ctx, self.factory.mcp_server.name
-        refused = toolpolicy.refusal(ctx.auth, self.principal, server, messages)
+        refused = dispatch.refusal(ctx, self.principal, server, messages, transport="ws")
         if refused is not None:  # auth.oauth.toolScopes: a live stream answers with a JSON-RPC error
             self.send_text(toolpolicy.refusal_error(m.msg["id"], refused[1]))
             return
-        relay(session, m, toolpolicy.route_for(ctx.auth, self.principal, server, m.msg, connection))
+        dispatch.relay(ctx, session, m, connection, principal=self.principal, transport="ws")
 
     def _invalid_message(self) -> None:
         """One more invalid message in a row: at websocket.maxErrors the connection fails with 1008.

@@ -17,7 +17,9 @@ did not declare in its ``initialize`` never reaches the client: the gateway answ
 the client's SDK would (mcpgw.versions ``capability_refusal``).
 
 Credentials: only the configured ``headers`` go upstream; nothing of the client's request
-(its ``Authorization``, cookies, session id) ever does, because only message bytes cross.
+(its ``Authorization``, cookies, session id) ever does, because only message bytes cross. The one
+header taken from a message is its ``params._meta.traceparent`` (and ``tracestate``): the trace
+context of the gateway's span for the request (mcpgw.dispatch), or the client's own.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from mcpgw import jsonrpc, logs
 from mcpgw.config import RemoteServer
 from mcpgw.interfaces import IUpstream, IUpstreamDelegate, upstream_kind
 from mcpgw.metrics import NULL_BOUND, BoundMetrics
+from mcpgw.tracing.propagation import trace_headers
 from mcpgw.upstream.http import Body, SseParser, http_client
 from mcpgw.upstream.http import _QuietEndpoints as _QuietEndpoints  # re-exported: tests check the quiet client here
 from mcpgw.versions import capability_refusal, undeclared
@@ -225,7 +228,9 @@ class RemoteUpstream:
     def _post(self, raw: bytes, msg: dict[str, Any]) -> None:
         url = self._endpoint if self.server.transport == "sse" else self.server.url
         assert url is not None
-        d = self._request("POST", url, raw, timeout=self.server.requestTimeout)
+        # The request's trace goes on in the remote server (W3C Trace Context): mcpgw.dispatch put the
+        # gateway's span in params._meta, as the message itself carries it to a stdio child.
+        d = self._request("POST", url, raw, timeout=self.server.requestTimeout, extra=trace_headers(msg))
         self._posts.add(d)
         d.addBoth(self._posted, d)
         d.addCallback(self._post_answer, msg)
