@@ -18,7 +18,8 @@ WORKDIR /src
 COPY setup.py ./
 COPY mcpgw ./mcpgw
 COPY twisted ./twisted
-RUN pip wheel --wheel-dir /wheels .
+# With the otel extra: tracing (docker compose --profile tracing) is a setting, not a rebuild.
+RUN pip wheel --wheel-dir /wheels ".[otel]"
 
 # -- runtime -----------------------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim
@@ -38,7 +39,7 @@ RUN if [ "$INSTALL_NODE" = "true" ]; then \
 # Install from the build stage's wheels (mounted, not copied: no wheels left in a layer),
 # then write twisted/plugins/dropin.cache as root: the runtime user cannot.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links /wheels mcpgw \
+    pip install --no-index --find-links /wheels "mcpgw[otel]" \
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 
 COPY conf/gateway.json /etc/mcpgw/gateway.json

@@ -37,6 +37,7 @@ from mcpgw.audit import NOOP_AUDIT, Audit, AuditEvent
 from mcpgw.channel import ADMIT
 from mcpgw.config import ConfigError, check_server_name
 from mcpgw.control import ServerConflict, ServerControl, UnknownServer
+from mcpgw.failures import RecentFailures
 from mcpgw.request import IHeadChecked, head_decision
 from mcpgw.responding import gone
 from mcpgw.stats import StatsSampler
@@ -92,12 +93,14 @@ class AdminResource(Resource):
     isLeaf = True
     log = Logger(observer=logs.observer)
 
-    def __init__(self, control: ServerControl, stats: StatsSampler, auth: AdminAuth, audit: Audit = NOOP_AUDIT):
+    def __init__(self, control: ServerControl, stats: StatsSampler, auth: AdminAuth, audit: Audit = NOOP_AUDIT,
+                 failures: RecentFailures | None = None):
         super().__init__()
         self._control = control
         self._stats = stats
         self._auth = auth
         self._audit = audit
+        self._failures = failures if failures is not None else RecentFailures()
         #: Asked on the request head (mcpgw.web.GatewaySite.head_received): a request without the
         #: token is answered 401 before a byte of its body is read.
         self.head_guard = self
@@ -151,6 +154,7 @@ class AdminResource(Resource):
             (["sessions", "*"], {"GET": self.get_session, "DELETE": self.end_session}),
             (["drain"], {"GET": self.drain_status, "POST": self.drain, "DELETE": self.resume}),
             (["stats"], {"GET": self.stats}),
+            (["failures"], {"GET": self.failures}),
         ]
         for pattern, methods in routes:
             if len(pattern) != len(parts) or any(p != "*" and p != q for p, q in zip(pattern, parts)):
@@ -230,6 +234,10 @@ class AdminResource(Resource):
 
     def stats(self, request: Request) -> bytes:
         return _json(request, self._stats.snapshot())
+
+    def failures(self, request: Request) -> bytes:
+        """The last failed calls (traced or audited ones), newest first, with their trace ids."""
+        return _json(request, {"failures": self._failures.describe()})
 
     # -- helpers -------------------------------------------------------------
 
@@ -314,10 +322,11 @@ class ConsoleResource(Resource):
         return body
 
 
-def install(root: Resource, control: ServerControl, stats: StatsSampler, token: str, audit: Audit = NOOP_AUDIT) -> None:
+def install(root: Resource, control: ServerControl, stats: StatsSampler, token: str, audit: Audit = NOOP_AUDIT,
+            failures: RecentFailures | None = None) -> None:
     """Put ``/admin/`` and ``/console/`` under ``root`` (only ever with a token); ``audit``: the trail
-    every admin request is written to."""
+    every admin request is written to; ``failures``: the recent failed calls ``/admin/failures`` lists."""
     if not token:
         raise ValueError("the admin API needs a token")
-    root.putChild(b"admin", AdminResource(control, stats, AdminAuth(token), audit))
+    root.putChild(b"admin", AdminResource(control, stats, AdminAuth(token), audit, failures))
     root.putChild(b"console", ConsoleResource())

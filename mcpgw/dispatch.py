@@ -37,6 +37,7 @@ from zope.interface import implementer
 from mcpgw import jsonrpc, toolpolicy
 from mcpgw.audit import AUDITED, NOOP_AUDIT, AuditEvent
 from mcpgw.auth import InsufficientScope, Principal, principal_of
+from mcpgw.failures import Failure
 from mcpgw.interfaces import ILocalSession, IRoute
 from mcpgw.metrics import method_label
 from mcpgw.pool import PoolFull
@@ -45,6 +46,8 @@ from mcpgw.tracing import NOOP, Span, inject, inject_meta
 from mcpgw.transports.common import GatewayContext, discover_unsupported
 
 T = TypeVar("T")
+#: Outcomes that are not failures (the console's recent failed calls leave them out).
+_NOT_FAILED = frozenset({"ok", "cancelled", "input_required"})
 #: The outcome of an answer whose JSON-RPC error is the gateway's limits.requestTimeout.
 TIMEOUT = "timeout"
 #: A large result is searched for these rather than decoded (a 1 MiB result is not turned into objects
@@ -148,10 +151,13 @@ def request(ctx: GatewayContext, session: Any, msg: dict[str, Any], raw: bytes, 
 
 
 def forward(ctx: GatewayContext, session: Any, msg: dict[str, Any], raw: bytes, route: Any, *, transport: str,
-            identity: str | None, client_ip: str | None = None, parent: Mapping[str, str] | None = None) -> None:
+            identity: str | None, client_ip: str | None = None, parent: Mapping[str, str] | None = None,
+            hidden: Any = None) -> None:
     """``session.request`` with the request's spans and audit line, the tool policy applied already: the
-    cluster's owner side (the instance that took the request applied it). ``parent``: the trace context
-    of that instance's span."""
+    cluster's owner side (the instance that took the request applied it, and ``hidden`` is what its
+    ``tools/list`` answer leaves out). ``parent``: the trace context of that instance's span."""
+    if hidden and msg.get("method") == "tools/list":
+        route = toolpolicy.HiddenTools(route, frozenset(hidden))
     if not observed(ctx, msg["method"]):
         session.request(msg, raw, route)
         return
@@ -354,6 +360,9 @@ class ObservedRoute:
         trace_id = self.span.trace_id
         if trace_id is not None:
             ctx.metrics.exemplar(method_label(self._method), duration, trace_id)
+        if outcome not in _NOT_FAILED:
+            ctx.failures.add(Failure(time=self._started, server=self._server, method=self._method, target=self._target,
+                                     outcome=outcome, error_code=error_code, trace_id=trace_id, identity=self._identity))
         if self._audit is not None:
             self._audit.record(AuditEvent(
                 time=self._started, method=self._method, outcome=outcome, identity=self._identity,
@@ -366,6 +375,13 @@ def settle(route: Any, outcome: str, error_code: int | None = None) -> None:
     spans and audit line of ``route`` if it is an ObservedRoute, else nothing."""
     if isinstance(route, ObservedRoute):
         route.settle(outcome, error_code)
+
+
+def hidden_tools(route: Any) -> frozenset[str]:
+    """The tools a route's ``tools/list`` answer loses (toolpolicy.HiddenTools among its wrappers)."""
+    while isinstance(route, ObservedRoute):
+        route = route.route
+    return route.hidden if isinstance(route, toolpolicy.HiddenTools) else frozenset()
 
 
 def base_route(route: Any) -> Any:

@@ -233,7 +233,7 @@ def _control(top: GatewayService, ctx: GatewayContext, site: Any, reactor: Any) 
         sampler = StatsSampler(ctx.metrics, control.sessions_by_transport, reactor, admin.statsInterval)
         sampler.setServiceParent(top)
         top.stats = sampler  # type: ignore[attr-defined]
-        admin_api.install(site.resource, control, sampler, admin.token, audit=ctx.audit)
+        admin_api.install(site.resource, control, sampler, admin.token, audit=ctx.audit, failures=ctx.failures)
 
 
 def warn_if_open(config: GatewayConfig, listen: Listens, log: Logger = _log) -> None:

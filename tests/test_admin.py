@@ -348,4 +348,4 @@ class OpenApiTests(SynchronousTestCase):
                 if handler is not None:
                     served.add((path, method))
         self.assertEqual(served, documented)
-        self.assertEqual(len(documented), 13)
+        self.assertEqual(len(documented), 14)

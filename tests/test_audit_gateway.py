@@ -204,3 +204,23 @@ async def test_the_service_builds_both_and_its_stop_flushes_them(tmp_path: Path)
     assert exported.trace_id == span.trace_id and exported.resource["service.name"] == "flush-test"
     [line] = [orjson.loads(x) for x in path.read_bytes().splitlines()]
     assert line["target"] == "t" and line["trace_id"] == span.trace_id
+
+
+def test_admin_failures_lists_the_recent_failed_calls_with_their_trace_ids():
+    """What the console's "Recent failed calls" shows (GET /admin/failures): failures only, newest first,
+    each with the trace id of its span; never arguments."""
+    traced, audit = Traced(), AuditTrail()
+    with Harness(config(admin={"token": ADMIN_TOKEN}, limits={"requestTimeout": 2})) as h, h.client() as client:
+        observe(h, traced, audit)
+        sid = open_session(client)
+        post(client, sid, tool_call(2, "echo", {"text": SECRET_ARGUMENT}))  # ok: not listed
+        post(client, sid, tool_call(3, "no_such_tool", {"password": SECRET_ARGUMENT}))  # -32602
+        post(client, sid, tool_call(4, "sleep", {"seconds": 30}))  # timeout
+        r = client.get("/admin/failures", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert r.status_code == 200
+    failures = r.json()["failures"]
+    assert [(f["target"], f["outcome"], f["errorCode"]) for f in failures] == [
+        ("sleep", "timeout", -32001), ("no_such_tool", "error", -32602)]
+    spans = {s.name: trace_hex(s) for s in traced.spans() if s.kind == SpanKind.SERVER}
+    assert [f["traceId"] for f in failures] == [spans["tools/call sleep"], spans["tools/call no_such_tool"]]
+    assert SECRET_ARGUMENT not in r.text and failures[0]["identity"] == "token:ci"

@@ -69,8 +69,8 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], list[In
     config = http.config(session={"secret": SECRET},
                          redis={"url": "redis://127.0.0.1:9/0", "heartbeat": HEARTBEAT, "timeout": 1.0})
 
-    def start(n: int = 2) -> list[Instance]:
-        started.extend(Instance(config, clock, world) for _ in range(n))
+    def start(n: int = 2, **extra: Any) -> list[Instance]:
+        started.extend(Instance({**config, **extra}, clock, world) for _ in range(n))
         return started[-n:]
 
     yield start
@@ -226,6 +226,31 @@ def test_legacy_messages_to_another_instance(cluster):
         r = c.post(stream.endpoint, headers=POST_HEADERS, json=http.request(50, "server/discover"))
         assert r.status_code == 202
         assert a.run_until(lambda: b"-32601" in stream.received, 5), stream.received
+    stream.close()
+
+
+def test_legacy_tools_list_through_another_instance_hides_what_the_token_may_not_call(cluster, monkeypatch):
+    """auth.oauth.toolScopes across instances: the answer goes out on the owner's stream, so the
+    forwarding instance sends what the token may not see with the request and the owner leaves it out."""
+    from tests.test_oauth_unit import ISSUER, FakeHttp, as_routes
+    from tests.test_oauth_unit import token as signed
+
+    http_client = FakeHttp(as_routes())
+    monkeypatch.setattr("mcpgw.auth.TreqHttp", lambda reactor: http_client)
+    gw = f"http://{HOST}:{PORT}"
+    a, b = cluster(2, auth={"oauth": {"resource": gw, "authorizationServers": [ISSUER],
+                                      "toolScopes": {"fx": {"sleep": ["files:write"]}}}})
+    now = a.clock.seconds()
+    reader = {"authorization": "Bearer " + signed(aud=gw, scope="files:read", iat=now, exp=now + 600)}
+    stream = a.open_sse("/sse", reader)
+    with b.client() as c:
+        headers = {**POST_HEADERS, **reader}
+        assert c.post(stream.endpoint, headers=headers, json=http.initialize(version="2024-11-05")).status_code == 202
+        assert a.run_until(lambda: b'"protocolVersion"' in stream.received, 5)
+        assert c.post(stream.endpoint, headers=headers, json=http.request(7, "tools/list")).status_code == 202
+        assert a.run_until(lambda: b'"id":7' in stream.received, 5)
+    listed = [line for line in stream.received.split(b"\n") if b'"id":7' in line]
+    assert b'"echo"' in listed[0] and b'"sleep"' not in listed[0]
     stream.close()
 
 
@@ -452,6 +477,9 @@ RECORDED = [
      wire.Post("S1", "123456789", 4, b'{"jsonrpc":"2.0","id":1,"method":"ping"}')),
     (b'{"t":"post","s":"S1","f":"123456789","r":null}\n{"jsonrpc":"2.0","method":"n"}',
      wire.Post("S1", "123456789", None, b'{"jsonrpc":"2.0","method":"n"}')),
+    # A newer instance's optional field (what a token's tools/list leaves out): old ones ignore it.
+    (b'{"t":"post","s":"S1","f":"123456789","r":null,"ht":["sleep"]}\n{"jsonrpc":"2.0","id":2,"method":"tools/list"}',
+     wire.Post("S1", "123456789", None, b'{"jsonrpc":"2.0","id":2,"method":"tools/list"}', hidden=["sleep"])),
     (b'{"t":"emit","s":"S1","f":"123456789","r":null}\nraw', wire.Emit("S1", "123456789", None, b"raw")),
     (b'{"t":"del","s":"S1","f":"123456789","r":null}\nbye', wire.Delete("S1", "123456789", None, b"bye")),
     (b'{"t":"rc","s":"S1","f":"123456789","r":7}\n', wire.RouteClosed("S1", "123456789", 7)),

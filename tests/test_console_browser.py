@@ -181,6 +181,10 @@ async def drive(ws_url: str, console_url: str, gw: Any) -> tuple[Page, str, byte
             # the console's own session shows up in the sessions table, and the chart has samples
             await page.until("document.querySelectorAll('#sessions tbody tr').length >= 2")
             await page.until("document.getElementById('by-transport').textContent.includes('streamable')")
+            # the recent failed calls: none here (no tracing, no audit log), and the table says why
+            await page.until("document.querySelector('#failures tbody td.muted') !== null")
+            assert "tracing" in await page.js("document.querySelector('#failures tbody').textContent")
+            assert "crashes" in await page.js("document.querySelector('#servers thead').textContent")
             await page.js("const w = document.getElementById('chart-window'); w.value = '60'; "
                           "w.dispatchEvent(new Event('change')); window.scrollTo(0, 0); true")
             shot = await page.send("Page.captureScreenshot", format="png")

@@ -102,7 +102,10 @@ class RemoteSession:
         observed = route if isinstance(route, dispatch.ObservedRoute) else None
         carrier, client_ip = observed.hop() if observed is not None else (None, None)
         if base is self.outlet:
-            self._routes.forward(self, wire.Post, None, raw, carrier=carrier, client_ip=client_ip)
+            # Answered on the owner's stream: what the tool policy hides goes with the request.
+            hidden = dispatch.hidden_tools(route)
+            self._routes.forward(self, wire.Post, None, raw, carrier=carrier, client_ip=client_ip,
+                                 hidden=sorted(hidden) if hidden else None)
             if observed is not None:  # answered on the owner's stream, where its own span and audit line end
                 observed.settle("ok")
             return

@@ -260,7 +260,7 @@ class OwnerRoutes:
             session.request(msg, line, route)
             return
         dispatch.forward(self.ctx, session, msg, line, route, transport=session.transport, identity=session.owner,
-                         client_ip=message.client_ip, parent=message.carrier)
+                         client_ip=message.client_ip, parent=message.carrier, hidden=message.hidden)
 
     def _on_emit(self, message: wire.Emit) -> None:
         session = self.node.owned(message)

@@ -74,6 +74,9 @@ class Post(Message):
     carrier: dict[str, str] | None = _optional("tc", "carrier")
     #: The address of the client that sent the request.
     client_ip: str | None = _optional("ip", "str")
+    #: Tools a ``tools/list`` answer leaves out for the client's token (auth.oauth.toolScopes): the answer
+    #: goes out on the owner's HTTP+SSE stream, so the owner applies the filter the forwarder decided.
+    hidden: list[str] | None = _optional("ht", "names")
 
 
 @attrs.frozen
@@ -311,6 +314,8 @@ def _fits(value: Any, kind: str) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "status":
         return value in ACK_STATUSES
+    if kind == "names":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "carrier":
         return (isinstance(value, dict) and "traceparent" in value and set(value) <= CARRIER_KEYS
                 and all(isinstance(v, str) and len(v) <= MAX_CARRIER_VALUE for v in value.values()))

@@ -76,14 +76,15 @@ async function refresh() {
   // Only the latest refresh renders: a poll answered late must not hide a session opened since.
   const mine = ++refreshes;
   try {
-    const [overview, list, sessions, stats] = await Promise.all([
-      admin(""), admin("servers"), admin("sessions"), admin("stats"),
+    const [overview, list, sessions, stats, failures] = await Promise.all([
+      admin(""), admin("servers"), admin("sessions"), admin("stats"), admin("failures"),
     ]);
     if (mine !== refreshes) return;
     renderOverview(overview);
     renderServers(list.servers);
     renderSessions(sessions);
     renderStats(stats);
+    renderFailures(failures.failures);
     showError("");
   } catch (e) {
     showError("Refresh failed: " + e.message);
@@ -110,7 +111,7 @@ function renderServers(list) {
     body.append(el("tr", { "data-server": s.name },
       el("td", {}, s.name + (s.default ? " (default)" : "")),
       el("td", { class: s.health === "ok" ? "ok" : "bad", title: s.problems.join("; ") }, s.health),
-      el("td", {}, s.sessions), el("td", {}, s.inFlight), el("td", {}, s.starts), el("td", {}, s.restarts),
+      el("td", {}, s.sessions), el("td", {}, s.inFlight), el("td", {}, s.starts), el("td", {}, s.crashes),
       el("td", {}, restart)));
     for (const c of s.children) {
       children.append(el("tr", {}, el("td", {}, s.name), el("td", {}, c.pid), el("td", {}, seconds(c.uptime)),
@@ -153,6 +154,21 @@ function renderSessions(data) {
     body.append(el("tr", { "data-session": s.id },
       el("td", { class: "id", title: s.id }, s.id), el("td", {}, s.server), el("td", {}, s.transport),
       el("td", {}, seconds(s.age)), el("td", {}, s.inFlight), el("td", {}, end)));
+  }
+}
+
+function renderFailures(list) {
+  const body = $("failures").tBodies[0];
+  body.replaceChildren();
+  if (!list.length) {
+    body.append(el("tr", {}, el("td", { colSpan: 7, class: "muted" }, "(none: or tracing and the audit log are off)")));
+    return;
+  }
+  for (const f of list) {
+    body.append(el("tr", { "data-trace": f.traceId || "" },
+      el("td", {}, new Date(f.time * 1000).toLocaleTimeString()), el("td", {}, f.server || ""), el("td", {}, f.method),
+      el("td", {}, f.target || ""), el("td", { class: "bad" }, f.outcome), el("td", {}, f.errorCode ?? ""),
+      el("td", { class: "id", title: f.traceId || "" }, f.traceId || "(not traced)")));
   }
 }
 

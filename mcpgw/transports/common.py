@@ -11,6 +11,7 @@ from twisted.web.server import Request
 from mcpgw import jsonrpc
 from mcpgw.audit import NOOP_AUDIT, Audit
 from mcpgw.config import GatewayConfig
+from mcpgw.failures import RecentFailures
 from mcpgw.metrics import Metrics, NoMetrics
 from mcpgw.session import SessionManager
 from mcpgw.tracing import NOOP, Tracer
@@ -46,6 +47,8 @@ class GatewayContext:
     tracer: Tracer = NOOP
     #: mcpgw.audit's trail (NOOP_AUDIT: no ``auditLog``, or a context built in a test).
     audit: Audit = NOOP_AUDIT
+    #: The last failed traced or audited calls, with their trace ids (the admin API's /admin/failures).
+    failures: RecentFailures = attrs.field(factory=RecentFailures)
 
 
 @attrs.frozen
