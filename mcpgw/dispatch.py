@@ -37,7 +37,6 @@ from zope.interface import implementer
 from mcpgw import jsonrpc, toolpolicy
 from mcpgw.audit import AUDITED, NOOP_AUDIT, AuditEvent
 from mcpgw.auth import InsufficientScope, Principal, principal_of
-from mcpgw.failures import Failure
 from mcpgw.interfaces import ILocalSession, IRoute
 from mcpgw.metrics import method_label
 from mcpgw.pool import PoolFull
@@ -360,14 +359,15 @@ class ObservedRoute:
         trace_id = self.span.trace_id
         if trace_id is not None:
             ctx.metrics.exemplar(method_label(self._method), duration, trace_id)
-        if outcome not in _NOT_FAILED:
-            ctx.failures.add(Failure(time=self._started, server=self._server, method=self._method, target=self._target,
-                                     outcome=outcome, error_code=error_code, trace_id=trace_id, identity=self._identity))
-        if self._audit is not None:
-            self._audit.record(AuditEvent(
-                time=self._started, method=self._method, outcome=outcome, identity=self._identity,
-                client_ip=self.client_ip, server=self._server, target=self._target, duration=duration,
-                trace_id=trace_id, error_code=error_code))
+        failed = outcome not in _NOT_FAILED
+        if failed or self._audit is not None:
+            event = AuditEvent(time=self._started, method=self._method, outcome=outcome, identity=self._identity,
+                               client_ip=self.client_ip, server=self._server, target=self._target, duration=duration,
+                               trace_id=trace_id, error_code=error_code)
+            if failed:
+                ctx.failures.add(event)
+            if self._audit is not None:
+                self._audit.record(event)
 
 
 def settle(route: Any, outcome: str, error_code: int | None = None) -> None:
