@@ -182,20 +182,21 @@ def build_service(
     heartbeat = Heartbeat(config.sse.keepalive, reactor)
     heartbeat.setServiceParent(top)
     pools.setServiceParent(top)
+    web_listens = listens_of(listen) or [endpoint_for(config)]
+    extra: dict[str, Any] = {}
+    if cluster is not None and config.rateLimit.enabled:
+        # Shared counters: the limit holds for the whole cluster, whichever instance is hit.
+        from mcpgw.store.redis import RedisRateLimiter
+
+        rl = config.rateLimit
+        extra["limiter"] = RedisRateLimiter(cluster.redis, cluster.keys, rl.max, rl.window_seconds, reactor, rl.maxKeys)
     ctx = GatewayContext(config=config, sessions=sessions, heartbeat=heartbeat, reactor=reactor, metrics=metrics,
-                         cluster=cluster, pools=pools, tracer=observed.tracer, audit=observed.audit)
+                         cluster=cluster, pools=pools, tracer=observed.tracer, audit=observed.audit,
+                         # Host and Origin are judged by where the site really listens (--listen wins over host/port).
+                         hosts=HostPolicy.for_listens(config, web_listens if serve else None), **extra)
     if cluster is not None:
         cluster.bind(ctx)
-        if config.rateLimit.enabled:
-            # Shared counters: the limit holds for the whole cluster, whichever instance is hit.
-            from mcpgw.store.redis import RedisRateLimiter
-
-            rl = config.rateLimit
-            ctx.limiter = RedisRateLimiter(cluster.redis, cluster.keys, rl.max, rl.window_seconds, reactor, rl.maxKeys)
     top.context = ctx  # type: ignore[attr-defined]
-    web_listens = listens_of(listen) or [endpoint_for(config)]
-    # Host and Origin are judged by where the site really listens (--listen wins over host/port).
-    ctx.hosts = HostPolicy.for_listens(config, web_listens if serve else None)
     site = build_site(ctx)
     top.site = site  # type: ignore[attr-defined]
     _control(top, ctx, site, reactor)

@@ -23,7 +23,7 @@ from mcpgw.channel import ADMIT, ChannelLimits, Connections, GatewayChannel
 from mcpgw.config import ServerConfig
 from mcpgw.oauth.metadata import well_known
 from mcpgw.origin import HostPolicy
-from mcpgw.ratelimit import Decision, MemoryRateLimiter
+from mcpgw.ratelimit import Decision
 from mcpgw.request import GatewayRequest, HeadChecked, IHeadChecked, head_decision
 from mcpgw.responding import gone
 from mcpgw.toolpolicy import forbidden_reply
@@ -285,11 +285,13 @@ class ServersIndex(Resource):
             found = ctx.auth.principal(request)  # what the gateway runs is not for anonymous eyes
         except Unauthorized as e:
             return unauthorized_reply(ctx.auth, request, e)
-        if isinstance(found, Deferred):
-            found.addCallbacks(lambda _: self._index(request), lambda f: unauthorized_reply(ctx.auth, request, _refusal(f)))
-            found.addCallback(_finish, request)
-            return NOT_DONE_YET
-        return self._index(request)
+        if isinstance(found, Principal):
+            return self._index(request)
+        # An OAuth access token: answered once it is checked.
+        body: Deferred[bytes] = found.addCallbacks(lambda _: self._index(request),
+                                                   lambda f: unauthorized_reply(ctx.auth, request, _refusal(f)))
+        body.addCallback(_finish, request)
+        return NOT_DONE_YET
 
     def _index(self, request: Request) -> bytes:
         ctx = self._ctx
@@ -378,13 +380,6 @@ class Ready(Resource):
 class Root(Resource):
     def __init__(self, ctx: GatewayContext):
         super().__init__()
-        config = ctx.config
-        if ctx.auth is None:
-            ctx.auth = Authenticator(config.auth, ctx.reactor, config.trustedProxies,
-                                     servers=config.servers, default=config.default_server.name)
-        if ctx.limiter is None and config.rateLimit.enabled:
-            rl = config.rateLimit
-            ctx.limiter = MemoryRateLimiter(rl.max, rl.window_seconds, ctx.reactor, rl.maxKeys)
         self.putChild(b"health", Health(ctx))
         self.putChild(b"ready", Ready(ctx))
         self.putChild(b"servers", ServersIndex(ctx))

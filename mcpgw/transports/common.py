@@ -10,9 +10,13 @@ from twisted.web.server import Request
 
 from mcpgw import jsonrpc
 from mcpgw.audit import NOOP_AUDIT, Audit
+from mcpgw.auth import Authenticator
 from mcpgw.config import GatewayConfig
 from mcpgw.failures import RecentFailures
 from mcpgw.metrics import Metrics, NoMetrics
+from mcpgw.origin import HostPolicy
+from mcpgw.pool import PoolManager
+from mcpgw.ratelimit import IRateLimiter, MemoryRateLimiter
 from mcpgw.session import SessionManager
 from mcpgw.tracing import NOOP, Tracer
 from mcpgw.transports.sse import Heartbeat
@@ -23,26 +27,40 @@ from mcpgw.versions import DEFAULT_VERSION as DEFAULT_VERSION
 from mcpgw.versions import SUPPORTED_VERSIONS as SUPPORTED_VERSIONS
 
 
+def _authenticator(ctx: GatewayContext) -> Authenticator:
+    config = ctx.config
+    return Authenticator(config.auth, ctx.reactor, config.trustedProxies, servers=config.servers,
+                         default=config.default_server.name)
+
+
+def _limiter(ctx: GatewayContext) -> IRateLimiter | None:
+    rl = ctx.config.rateLimit
+    return MemoryRateLimiter(rl.max, rl.window_seconds, ctx.reactor, rl.maxKeys) if rl.enabled else None
+
+
 @attrs.define
 class GatewayContext:
-    """What the resources of one gateway share."""
+    """What the resources of one gateway share: complete once made (what is not given is built from
+    ``config``), so no resource changes it afterwards. The one later change is ``config`` itself,
+    replaced whole by mcpgw.control when servers are added or removed at run time."""
 
     config: GatewayConfig
     sessions: SessionManager
     heartbeat: Heartbeat
     reactor: Any
-    #: mcpgw.auth.Authenticator (None: every request is anonymous, no address checks).
-    auth: Any = None
-    #: mcpgw.ratelimit.IRateLimiter (None: rateLimit is off).
-    limiter: Any = None
+    #: Who sent each request (``auth``; with it off, every request is anonymous).
+    auth: Authenticator = attrs.field(default=attrs.Factory(_authenticator, takes_self=True))
+    #: ``rateLimit`` (None: off); mcpgw.tap gives a cluster the Redis one, shared by every instance.
+    limiter: IRateLimiter | None = attrs.field(default=attrs.Factory(_limiter, takes_self=True))
     #: mcpgw.metrics.Metrics (NoMetrics: metrics.enabled is false, or a context built in a test).
     metrics: Metrics = attrs.field(factory=NoMetrics)
-    #: mcpgw.cluster.Cluster (None: no ``redis`` configured, one instance).
+    #: mcpgw.cluster.Cluster (None: no ``redis`` configured, one instance). Typed Any: the cluster is
+    #: built on the transports (its outlets are theirs), so naming its class here would be an import cycle.
     cluster: Any = None
-    #: mcpgw.pool.PoolManager (None: no server is "sessions": "pooled", or a context built in a test).
-    pools: Any = None
-    #: mcpgw.origin.HostPolicy of the listening site (None: the Guards derive it from ``config.host``).
-    hosts: Any = None
+    #: The children of "sessions": "pooled" servers (None: a context built in a test).
+    pools: PoolManager | None = None
+    #: Host and Origin rules of the listening site (None: the Guards derive them from ``config.host``).
+    hosts: HostPolicy | None = None
     #: mcpgw.tracing's Tracer of client requests (NOOP: ``tracing`` is off, or a context built in a test).
     tracer: Tracer = NOOP
     #: mcpgw.audit's trail (NOOP_AUDIT: no ``auditLog``, or a context built in a test).
