@@ -425,8 +425,20 @@ def test_config_remote_server_fields():
     server = config.servers["r"]
     assert server.kind == "remote" and server.transport == "sse"
     assert server.headers == {"Authorization": "Bearer abc"}
-    assert (server.connectTimeout, server.requestTimeout) == (3, 60)
+    assert (server.connectTimeout, server.exchangeTimeout) == (3, 60)  # requestTimeout: exchangeTimeout's old name
     assert "abc" not in repr(server)
+
+
+def test_config_exchange_timeout_and_its_old_name():
+    """``exchangeTimeout`` (one HTTP exchange with the remote server), read from ``requestTimeout`` too; both: an error."""
+    def server(**keys: Any) -> Any:
+        return parse({"mcpServers": {"r": {"url": "https://mcp.example/mcp", **keys}}}, {}).servers["r"]
+
+    assert server().exchangeTimeout == 300.0
+    assert server(exchangeTimeout=7).exchangeTimeout == 7
+    assert server(requestTimeout=9).exchangeTimeout == 9
+    with pytest.raises(ConfigError, match="mcpServers.r.requestTimeout: is the old name of exchangeTimeout"):
+        server(exchangeTimeout=7, requestTimeout=9)
 
 
 @pytest.mark.parametrize("spec, key", [

@@ -110,9 +110,11 @@ class RemoteServer(ServerBase):
     headers: Mapping[str, str] = attrs.field(factory=dict, repr=False)
     #: Longest message accepted from the server.
     maxMessageBytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    #: Seconds to connect to the server / for one HTTP exchange with it (not the SSE streams).
+    #: Seconds to connect to the server.
     connectTimeout: float = 10.0
-    requestTimeout: float = 300.0
+    #: Seconds one HTTP exchange with it may take (not its SSE streams): key ``exchangeTimeout``, or
+    #: ``requestTimeout``, its older name, which read like ``limits.requestTimeout`` (a client request's).
+    exchangeTimeout: float = 300.0
 
     @property
     def kind(self) -> Literal["remote"]:
@@ -307,8 +309,8 @@ def _child_account(raw: dict[str, Any], key: str) -> tuple[str | None, str | Non
 # -- remote, aggregate, tools ------------------------------------------------
 
 
-_REMOTE_KEYS = {"url", "transport", "headers", "connectTimeout", "requestTimeout", "default", "disabled", "maxSessions",
-                "maxMessageBytes", "tools"}
+_REMOTE_KEYS = {"url", "transport", "headers", "connectTimeout", "exchangeTimeout", "requestTimeout", "default",
+                "disabled", "maxSessions", "maxMessageBytes", "tools"}
 
 
 def _remote_server(name: str, raw: dict[str, Any], environ: Mapping[str, str]) -> RemoteServer:
@@ -333,9 +335,18 @@ def _remote_server(name: str, raw: dict[str, Any], environ: Mapping[str, str]) -
         transport=transport,
         headers=_headers(raw.get("headers", {}), f"{key}.headers", environ),
         connectTimeout=positive(raw.get("connectTimeout", 10.0), f"{key}.connectTimeout", (int, float)),
-        requestTimeout=positive(raw.get("requestTimeout", 300.0), f"{key}.requestTimeout", (int, float)),
+        exchangeTimeout=_exchange_timeout(raw, key),
         tools=_tool_filter(raw.get("tools"), f"{key}.tools"),
     )
+
+
+def _exchange_timeout(raw: dict[str, Any], key: str) -> float:
+    """``exchangeTimeout``; ``requestTimeout`` is its deprecated name (still read, never both)."""
+    if "exchangeTimeout" in raw and "requestTimeout" in raw:
+        raise ConfigError(f"{key}.requestTimeout", "is the old name of exchangeTimeout: give one of them")
+    name = "requestTimeout" if "requestTimeout" in raw else "exchangeTimeout"
+    value: float = positive(raw.get(name, 300.0), f"{key}.{name}", (int, float))
+    return value
 
 
 def _headers(value: Any, key: str, environ: Mapping[str, str]) -> dict[str, str]:

@@ -230,7 +230,7 @@ class RemoteUpstream:
         assert url is not None
         # The request's trace goes on in the remote server (W3C Trace Context): mcpgw.dispatch put the
         # gateway's span in params._meta, as the message itself carries it to a stdio child.
-        d = self._request("POST", url, raw, timeout=self.server.requestTimeout, extra=trace_headers(msg))
+        d = self._request("POST", url, raw, timeout=self.server.exchangeTimeout, extra=trace_headers(msg))
         self._posts.add(d)
         d.addBoth(self._posted, d)
         d.addCallback(self._post_answer, msg)
