@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -246,7 +247,8 @@ class AdminResource(Resource):
         peer = request.getClientAddress()
         self._audit.record(AuditEvent(
             time=began, method="admin", outcome="ok" if status < 400 else ("unauthorized" if status == 401 else "error"),
-            identity=identity, client_ip=getattr(peer, "host", None), target=audit_target(request),
+            identity=identity, client_ip=peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else None,
+            target=audit_target(request),
             duration=time.time() - began, error_code=status if status >= 400 else None))
 
     def _later(self, request: Request, d: defer.Deferred[Any], body: Callable[[Any], Any]) -> Any:

@@ -37,6 +37,7 @@ from zope.interface import implementer
 from mcpgw import jsonrpc, toolpolicy
 from mcpgw.audit import AUDITED, NOOP_AUDIT, AuditEvent
 from mcpgw.auth import InsufficientScope, Principal, principal_of
+from mcpgw.config import StdioServer
 from mcpgw.interfaces import ILocalSession, IRoute
 from mcpgw.metrics import method_label
 from mcpgw.pool import PoolFull
@@ -180,10 +181,10 @@ def _observed(ctx: GatewayContext, session: Any, msg: dict[str, Any], raw: bytes
         msg, raw = inject(msg, raw, leg)
     call = ObservedRoute(ctx, route, span, leg, msg, server=session.server.name, identity=identity,
                          client_ip=client_ip, audited=local)
-    pid = getattr(session.upstream, "pid", None) if local else None
+    pid = session.upstream.pid if local else None
     session.request(msg, raw, call)
     if local and pid is None and session.server.kind == "stdio":  # a child started by this request
-        leg.set(pid=getattr(session.upstream, "pid", None))
+        leg.set(pid=session.upstream.pid)
 
 
 def begin(ctx: GatewayContext, msg: dict[str, Any], *, server: str, transport: str, request: Any) -> Span:
@@ -205,7 +206,8 @@ def setup(span: Span, server: str, create: Callable[[], T]) -> T:
         step.end(outcome)
         span.end(outcome, jsonrpc.CONNECTION_CLOSED)
         raise
-    step.set(pid=getattr(getattr(made, "upstream", None), "pid", None))
+    if ILocalSession.providedBy(made):
+        step.set(pid=made.upstream.pid)
     step.end()
     return made
 
@@ -254,15 +256,15 @@ def _leg(span: Span, session: Any, local: bool) -> Span:
     """The upstream leg of a request to ``session``: the hop to the cluster instance that owns it, or
     its server's kind (a pooled server's handshake-era session: its pool)."""
     if not local:
-        return span.upstream("cluster", node=getattr(session, "instance", None))
+        return span.upstream("cluster", node=session.instance)
     server = session.server
     if server.kind == "remote":
         return span.upstream("remote", server=server.name, url=server.url)
     if server.kind == "aggregate":
         return span.upstream("aggregate", server=server.name)
-    if getattr(server, "sessions", None) == "pooled":
+    if isinstance(server, StdioServer) and server.sessions == "pooled":
         return span.upstream("pool", server=server.name)
-    return span.upstream("stdio", server=server.name, pid=getattr(session.upstream, "pid", None))
+    return span.upstream("stdio", server=server.name, pid=session.upstream.pid)
 
 
 def target_of(method: str, params: Any) -> str | None:

@@ -103,6 +103,7 @@ class ISession(Interface):
     metrics = Attribute("its BoundMetrics")
     ended = Attribute("True once it is over")
     end_reason = Attribute('why it ended ("" while it runs)')
+    instance = Attribute("the cluster instance that runs it (mcpgw.cluster), or None: this instance runs it")
     outlet = Attribute("its IOutlet, made with the session for the transport that created it, or None: no "
                        "transport listens (a session made without one, as in unit tests)")
 

@@ -93,6 +93,8 @@ class Session:
     routes_on_view = True
     #: The identity that created the session (mcpgw.auth); only it may use the session.
     owner: str | None = None
+    #: ISession.instance: this instance runs it.
+    instance: str | None = None
     #: Whose quota the session counts in (limits.maxSessionsPerIdentity; ``quota_key``), or None.
     quota_key: str | None = None
     #: limits.maxPendingRequests (given by the SessionManager).

@@ -24,8 +24,8 @@ from twisted.web import http
 from twisted.web.iweb import INonQueuedRequestFactory
 
 try:
-    # Bound once: twisted.web.http is a deprecation proxy module, whose every attribute read costs a
-    # Python-level __getattribute__ (a visible share of a small request's head parsing).
+    # Bound once: twisted.web.http is a deprecation proxy module, whose every attribute read runs a
+    # Python-level lookup method (a visible share of a small request's head parsing).
     from twisted.web.http import _MalformedChunkedDataError, _parseRequestLine
 except ImportError:  # the probe below reports it, and the public path serves
     _parseRequestLine = _MalformedChunkedDataError = None  # type: ignore[assignment,misc]

@@ -136,8 +136,8 @@ def parse_oauth(raw: Any, key: str = "auth.oauth", environ: Mapping[str, str] | 
 def check_servers(config: OAuthConfig, names: Collection[str], key: str = "auth.oauth") -> None:
     """ConfigError if ``scopes`` or ``toolScopes`` name a server that is not configured (a typo there
     would leave the server open to any scope)."""
-    for field in ("scopes", "toolScopes"):
-        for name in getattr(config, field):
+    for field, by_server in (("scopes", config.scopes), ("toolScopes", config.toolScopes)):
+        for name in by_server:
             if name not in names:
                 raise ConfigError(f"{key}.{field}.{name}", "is not a configured server")
 
