@@ -69,7 +69,7 @@ class EPollReactor(epollreactor.EPollReactor):
     """Twisted's epoll reactor; its ``doPoll`` pushes no log context per I/O event when it may."""
 
     def doPoll(self, timeout: float | None) -> None:
-        if not (usable and _fast.enabled()):
+        if not (usable and _fast._enabled):  # (the flag, not enabled(): a call per reactor turn)
             super().doPoll(timeout)
             return
         try:
