@@ -99,6 +99,13 @@ class TestDocument:
         assert any("histogram_quantile(0.50" in e for e in exprs) and any("histogram_quantile(0.99" in e for e in exprs)
         assert all("mcp_gateway_request_duration_seconds_bucket" in e and "le" in e for e in exprs)
 
+    def test_latency_queries_ask_for_exemplars(self) -> None:
+        """Issue 19: with tracing on, the duration histogram carries trace ids as exemplars; the latency
+        panel asks Grafana to show them (a click leads to the trace, docs/observability.md)."""
+        targets = [t for panel in dashboard()["panels"] for t in panel.get("targets", [])
+                   if "mcp_gateway_request_duration_seconds_bucket" in t.get("expr", "")]
+        assert targets and all(t.get("exemplar") is True for t in targets)
+
     def test_prometheus_scrape_config(self) -> None:
         doc = yaml.safe_load(PROMETHEUS.read_text())
         jobs = {job["job_name"]: job for job in doc["scrape_configs"]}
