@@ -323,7 +323,7 @@ class ObservedRoute:
         self._server = server
         self._identity = identity
         self.client_ip = client_ip
-        self._audit = ctx.audit if audited and self._method in AUDITED else None
+        self._audit = ctx.audit if audited and ctx.audit is not NOOP_AUDIT and self._method in AUDITED else None
         self._started = ctx.reactor.seconds()
         self._done = False
 

@@ -1,8 +1,8 @@
 """Issue 19: spans leave the gateway as OTLP/HTTP protobuf and a collector decodes them.
 
-The tracer is built as the service builds it (``parse_tracing`` -> ``mcpgw.tracing.build``: the SDK's
-BatchSpanProcessor and OTLP/HTTP exporter, the exporter in its own thread); the collector is
-tests/otlp_receiver.py on 127.0.0.1, decoding with opentelemetry-proto's messages. ``shutdown``
+The tracer is built as the service builds it (``parse_tracing`` -> ``mcpgw.tracing.build``: the
+export queue and thread of mcpgw.tracing.export, which encodes with mcpgw.tracing.otlp and POSTs);
+the collector is tests/otlp_receiver.py on 127.0.0.1, decoding with opentelemetry-proto's messages. ``shutdown``
 flushes in the reactor's thread pool while the reactor serves the receiver; the test waits on the
 receiver's Deferred.
 """

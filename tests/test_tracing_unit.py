@@ -1,9 +1,10 @@
 """Issue 19: the tracer (mcpgw.tracing) against OpenTelemetry's own SDK, and the ``tracing`` config.
 
-Spans go through a real TracerProvider, configured by mcpgw.tracing.otel.provider_for, into the
-SDK's InMemorySpanExporter: the span tree, the semantic conventions' attributes, the parents taken
-from a client's headers or ``params._meta``, sampling; then the no-op tracer's promise (the same
-signatures, nothing allocated) and ``parse_tracing``.
+Spans go through the production tracer (``mcpgw.tracing.build``) into the SDK's InMemorySpanExporter
+(the ``exporter`` seam, which hands over each span as the SDK's ReadableSpan): the span tree, the
+semantic conventions' attributes, the parents taken from a client's headers or ``params._meta``,
+sampling; then the no-op tracer's promise (the same signatures, nothing allocated) and
+``parse_tracing``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from twisted.web.http_headers import Headers
@@ -31,7 +31,7 @@ from mcpgw.tracing import NOOP, NOOP_SPAN, build, extract, inject_meta, inject_r
 from mcpgw.tracing import api as tracing_api
 from mcpgw.tracing.api import EMPTY_CARRIER, NoopSpan, NoopTracer
 from mcpgw.tracing.attributes import session_hash
-from mcpgw.tracing.otel import OtelSpan, OtelTracer, provider_for
+from mcpgw.tracing.otel import OtelSpan, OtelTracer
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -47,9 +47,9 @@ class Traced:
     def __init__(self, config: TracingConfig | None = None):
         config = config or TracingConfig(enabled=True)
         self.exporter = InMemorySpanExporter()
-        provider = provider_for(config)
-        provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-        self.tracer = OtelTracer(provider, None, record_arguments=config.recordArguments)
+        tracer = build(config, None, exporter=self.exporter)
+        assert isinstance(tracer, OtelTracer)
+        self.tracer = tracer
 
     def spans(self) -> list[ReadableSpan]:
         return list(self.exporter.get_finished_spans())
@@ -285,13 +285,14 @@ def test_the_ambient_context_is_never_the_parent(traced: Traced) -> None:
 def test_traceparent_and_carrier_name_this_span(traced: Traced) -> None:
     span = call(traced.tracer, headers={"traceparent": CLIENT_PARENT, "tracestate": "rojo=1"})
     leg = span.upstream("remote", url="http://up:9000/mcp")
-    context = leg._span.get_span_context()
-    expected = f"00-{CLIENT_TRACE}-{trace.format_span_id(context.span_id)}-{context.trace_flags:02x}"
-    assert context.trace_flags.sampled  # the client's decision (flags 01) carried on
-    assert leg.traceparent() == expected
-    assert leg.carrier() == {"traceparent": expected, "tracestate": "rojo=1"}
+    traceparent, carrier = leg.traceparent(), leg.carrier()
     leg.end()
     span.end()
+    context = next(s for s in traced.spans() if s.kind is SpanKind.CLIENT).context
+    expected = f"00-{CLIENT_TRACE}-{trace.format_span_id(context.span_id)}-{context.trace_flags:02x}"
+    assert context.trace_flags.sampled  # the client's decision (flags 01) carried on
+    assert traceparent == expected
+    assert carrier == {"traceparent": expected, "tracestate": "rojo=1"}
 
 
 # -- injecting into params._meta ---------------------------------------------------------
@@ -424,7 +425,7 @@ def test_build_without_the_sdk_says_which_extra(monkeypatch: pytest.MonkeyPatch)
 def test_build_with_the_sdk_gives_the_otel_tracer() -> None:
     tracer = build(TracingConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"), reactor=object())
     assert isinstance(tracer, OtelTracer) and tracer.enabled
-    tracer._provider.shutdown()  # nothing was recorded: nothing is sent
+    tracer._stop()  # nothing was recorded: no export thread started, nothing is sent
 
 
 # -- the tracing section of the config --------------------------------------------------------

@@ -14,7 +14,9 @@ the same way either way::
     audit.record(AuditEvent(..., trace_id=span.trace_id))
 
 Modules: ``api`` (the Tracer and Span protocols, ``NOOP``), ``attributes`` (the semantic
-conventions' names), ``propagation`` (``traceparent`` in and out), ``otel`` (the SDK).
+conventions' names), ``propagation`` (``traceparent`` in and out), ``otel`` (the spans, over the SDK's
+propagator, resource and sampler arithmetic), ``otlp`` (their OTLP protobuf encoding), ``export``
+(the queue and thread that POST them), ``sdk`` (them as the SDK's ReadableSpan, for ``exporter=``).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ Gateway facts no convention names are ``mcpgw.*``. Nothing here imports OpenTele
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from typing import Any
 
 METHOD = "mcp.method.name"
@@ -75,6 +76,7 @@ def cut(value: Any, limit: int = MAX_VALUE) -> str:
     return text if len(text) <= limit else text[:limit]
 
 
+@lru_cache(maxsize=4096)  # a session's every request hashes the same id
 def session_hash(session_id: str) -> str:
     """What ``mcp.session.id`` holds: 16 hex digits of the id's SHA-256.
 

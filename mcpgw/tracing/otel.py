@@ -1,86 +1,159 @@
-"""The tracer behind ``tracing.enabled``: OpenTelemetry's SDK, spans exported over OTLP/HTTP.
+"""The tracer behind ``tracing.enabled``: spans recorded by the gateway, exported over OTLP/HTTP.
 
-The only module that imports OpenTelemetry (the ``otel`` extra); mcpgw.tracing.build imports it
-only when tracing is on.
+The only module the request path reaches that imports OpenTelemetry (the ``otel`` extra);
+mcpgw.tracing.build imports it only when tracing is on. What comes from the OpenTelemetry SDK: the
+W3C propagator that parses a client's ``traceparent`` / ``tracestate``, the ``Resource`` (service
+name and version, the SDK's telemetry attributes and ``OTEL_RESOURCE_ATTRIBUTES``), the sampler's
+arithmetic (TraceIdRatioBased, ParentBased) and, behind the ``exporter`` seam, its span exporters.
 
-The reactor never waits on an export: a span's end puts it on the BatchSpanProcessor's queue (a
-deque; full, it drops the span), and the processor's own thread encodes the batch and POSTs it to
-the collector. ``shutdown`` runs the final flush in the reactor's thread pool.
+What is the gateway's own: the span objects and the export. A span is a small object with its
+attributes in one dict, given at its start, and ids from ``random.getrandbits``; its end queues it
+(mcpgw.tracing.export) for a thread that encodes batches straight to OTLP protobuf
+(mcpgw.tracing.otlp). The SDK's span (locks, BoundedAttributes, a Resource per span, one call per
+attribute) and its generic encoder (a protobuf object per attribute) cost more than the rest of a
+proxied call; the wire format, names, kinds, parents, links and attributes are the same (the
+SDK's encoder and ours are compared in tests/test_otlp_encoder.py).
 
-Every span is started with an explicit parent context (an empty ``Context()`` for a new trace):
-nothing is ever attached as the current context, because contextvars do not follow a Deferred's
-callbacks from one reactor turn to the next. The provider stays private to the gateway (never the
-global one), so an application that embeds mcpgw keeps its own.
+Every span has an explicit parent (a remote carrier, or the span it is under): nothing is read from
+or attached to OpenTelemetry's ambient context, which lives in contextvars that do not follow a
+Deferred's callbacks from one reactor turn to the next.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
+from random import getrandbits
+from time import time_ns
 from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 
 import mcpgw.tracing.attributes as a
 from mcpgw import __version__
 from mcpgw.config.observability import TracingConfig
 from mcpgw.jsonrpc import dumps
-from mcpgw.tracing.api import EMPTY_CARRIER
+from mcpgw.tracing.export import BatchExport, OtlpHttp, Settings
+from mcpgw.tracing.otlp import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, Encoder
 from mcpgw.tracing.propagation import TRACEPARENT, TRACESTATE, from_headers, from_meta
 
 _W3C = TraceContextTextMapPropagator()
+SCOPE = "mcpgw"
+#: Tool names whose span name and attributes are kept (past this the cache starts over).
+MAX_TOOLS = 1024
+MAX_TEMPLATES = 4096
+#: A remote parent: trace id, span id, sampled, tracestate header (or None).
+Remote = tuple[int, int, bool, "str | None"]
 
 
 def from_config(config: TracingConfig, reactor: Any, exporter: SpanExporter | None = None) -> OtelTracer:
     """The tracer ``config`` describes: sampled by trace id, batched, exported to ``config.endpoint``.
 
-    ``exporter``: given (a test's InMemorySpanExporter), each span goes to it as it ends, on the
-    thread that ends it, and nothing is sent over the network."""
-    provider = provider_for(config)
+    ``exporter``: given (an SDK SpanExporter: a test's InMemorySpanExporter, or the SDK's own
+    OTLPSpanExporter), each sampled span goes to it as an SDK ReadableSpan as it ends, on the thread
+    that ends it, and nothing else is sent."""
+    resource = resource_for(config)
     if exporter is not None:
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-    else:
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.endpoint, headers=dict(config.headers))))
-    return OtelTracer(provider, reactor, record_arguments=config.recordArguments)
+        from mcpgw.tracing.sdk import SdkSink
+
+        sdk = SdkSink(exporter, resource, SCOPE, __version__)
+        return OtelTracer(sdk.put, sdk.shutdown, reactor, config)
+    settings = Settings.from_environ(os.environ)
+    http = OtlpHttp(config.endpoint, config.headers, settings)
+    batches = BatchExport(Encoder(resource.attributes, SCOPE, __version__).request, http.send,
+                          max_batch=settings.max_batch, max_queue=settings.max_queue, interval=settings.interval)
+
+    def stop() -> None:
+        batches.shutdown()
+        http.close()
+
+    return OtelTracer(batches.put, stop, reactor, config)
 
 
-def provider_for(config: TracingConfig) -> TracerProvider:
-    """A private TracerProvider with ``config``'s sampler and resource, and no span processor yet."""
-    sampler: Sampler = TraceIdRatioBased(config.sampleRatio)
-    if config.parentBased:
-        sampler = ParentBased(sampler)
-    resource = Resource.create({"service.name": config.serviceName, "service.version": __version__})
-    # shutdown_on_exit=False: the service flushes in stopService (``shutdown``), not an atexit hook
-    # that would hold the process for an unreachable collector's timeout.
-    return TracerProvider(sampler=sampler, resource=resource, shutdown_on_exit=False)
+def resource_for(config: TracingConfig) -> Resource:
+    """The SDK's resource of the gateway (``OTEL_RESOURCE_ATTRIBUTES`` and the telemetry.sdk.* attributes included)."""
+    return Resource.create({"service.name": config.serviceName, "service.version": __version__})
 
 
 class OtelTracer:
-    """mcpgw.tracing.api.Tracer over an SDK ``TracerProvider`` (tests give one with an in-memory exporter)."""
+    """mcpgw.tracing.api.Tracer: ``sink`` takes each sampled span as it ends, ``stop`` flushes (blocking)."""
 
     enabled = True
 
-    def __init__(self, provider: TracerProvider, reactor: Any, *, record_arguments: bool = False):
-        self._provider = provider
-        self._tracer = provider.get_tracer("mcpgw", __version__)
+    def __init__(self, sink: Callable[[OtelSpan], None], stop: Callable[[], None], reactor: Any, config: TracingConfig):
+        self.sink = sink
+        self._stop = stop
         self._reactor = reactor
-        self._record_arguments = record_arguments
+        self._record_arguments = config.recordArguments
+        #: The sampler's threshold on a trace id's low 64 bits (TraceIdRatioBased's arithmetic).
+        self._bound = TraceIdRatioBased.get_bound_for_rate(config.sampleRatio)
+        self._parent_based = config.parentBased
+        self._tools: dict[str, tuple[str, dict[str, str]]] = {}
+        self._templates = Templates()
 
     def request(self, method: str, params: Any = None, *, server: str | None, transport: str,
                 request_id: Any = None, session_id: str | None = None, identity: str | None = None,
                 client_ip: str | None = None, headers: Any = None, parent: Mapping[str, str] | None = None) -> OtelSpan:
+        name, mcp, known_tool = self._named(method, params)
+        links: tuple[tuple[int, int], ...] = ()
+        if parent is None and (params is None or (type(params) is dict and "_meta" not in params)):
+            remote = _remote(from_headers(headers))  # the usual case: the headers' context or none
+        else:
+            remote, links = self._parent(params, headers, parent)
+        if remote is None:
+            trace_id = getrandbits(128) or 1
+            span = OtelSpan(self, trace_id, 0, False, (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound, None, name,
+                            KIND_SERVER, mcp)
+        else:
+            trace_id, parent_id, parent_sampled, state = remote
+            sampled = parent_sampled if self._parent_based else (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound
+            span = OtelSpan(self, trace_id, parent_id, True, sampled, state, name, KIND_SERVER, mcp)
+        if span.sampled:
+            span.links = links
+            if self._record_arguments or not known_tool:
+                span.attributes = self._request_attributes(mcp, method, params, server, transport, session_id,
+                                                           identity, client_ip)
+            else:  # a known tool's: the same attributes as the session's last call of it
+                key = (id(mcp), transport, server, session_id, identity, client_ip)
+                known = self._templates.get(key)
+                if known is None:
+                    known = self._templates.keep(key, mcp, self._request_attributes(mcp, method, params, server, transport,
+                                                                               session_id, identity, client_ip))
+                span.attributes = known.copy()
+            if request_id is not None:
+                span.request_id = a.cut(request_id)
+        return span
+
+    def _named(self, method: str, params: Any) -> tuple[str, dict[str, str], bool]:
+        """The span's name and MCP attributes (never changed once made: the request's spans share them),
+        and whether they are a known tool's.
+
+        A ``tools/call``'s are kept by tool name: the same few tools are called over and over."""
+        tool = params.get("name") if method == "tools/call" and type(params) is dict else None
+        if type(tool) is str:
+            known = self._tools.get(tool)
+            if known is not None:
+                return known[0], known[1], True
         target, mcp = a.target_of(method, params)
         mcp[a.METHOD] = a.cut(method)
+        name = a.span_name(mcp[a.METHOD], target)
+        if type(tool) is str and len(tool) <= a.MAX_NAME_TARGET:
+            if len(self._tools) >= MAX_TOOLS:
+                self._tools.clear()
+            self._tools[tool] = (name, mcp)
+        return name, mcp, False
+
+    def _request_attributes(self, mcp: dict[str, str], method: str, params: Any, server: str | None, transport: str,
+                            session_id: str | None, identity: str | None, client_ip: str | None) -> dict[str, Any]:
+        """The server span's attributes but ``jsonrpc.request.id`` (the span's ``request_id``)."""
         attributes: dict[str, Any] = {
             **mcp,
             a.TRANSPORT: transport,
@@ -89,8 +162,6 @@ class OtelTracer:
         }
         if server is not None:
             attributes[a.SERVER] = server
-        if request_id is not None:
-            attributes[a.REQUEST_ID] = a.cut(request_id)
         if session_id:
             attributes[a.SESSION_ID] = a.session_hash(session_id)
         if identity is not None:
@@ -99,60 +170,102 @@ class OtelTracer:
             attributes[a.CLIENT_ADDRESS] = client_ip
         if self._record_arguments and method == "tools/call" and isinstance(params, dict) and "arguments" in params:
             _put(attributes, a.TOOL_ARGUMENTS, _json(params["arguments"]))
-        context, links = self._parent(params, headers, parent)
-        name = a.span_name(mcp[a.METHOD], target)
-        span = self._tracer.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes, links=links)
-        return OtelSpan(self, span, name, mcp)
+        return attributes
 
-    def _parent(self, params: Any, headers: Any, parent: Mapping[str, str] | None) -> tuple[Context, list[Link]]:
-        """The parent context, and a link to the HTTP request's context when the message's own is the parent.
+    def _parent(self, params: Any, headers: Any, parent: Mapping[str, str] | None) -> tuple[Remote | None, tuple[tuple[int, int], ...]]:
+        """The remote parent, and a link to the HTTP request's context when the message's own is the parent.
 
         A carrier whose ``traceparent`` does not parse counts as absent (the next one is tried)."""
         hop = _remote(parent)
         if hop is not None:
-            return hop, []
+            return hop, ()
         from_message = _remote(from_meta(params.get("_meta")) if isinstance(params, dict) else None)
         from_http = _remote(from_headers(headers))
         if from_message is None:
-            return from_http or Context(), []
-        links = []
-        linked = None if from_http is None else trace.get_current_span(from_http).get_span_context()
-        if linked is not None and linked != trace.get_current_span(from_message).get_span_context():
+            return from_http, ()
+        if from_http is not None and from_http[:3] != from_message[:3]:
             # The transport's context is not the parent but is worth a link (MCP conventions).
-            links.append(Link(linked))
-        return from_message, links
-
-    def start(self, name: str, parent: trace.Span, kind: SpanKind, attributes: dict[str, Any], mcp: dict[str, str]) -> OtelSpan:
-        span = self._tracer.start_span(name, context=trace.set_span_in_context(parent, Context()), kind=kind,
-                                       attributes=attributes)
-        return OtelSpan(self, span, name, mcp)
+            return from_message, ((from_http[0], from_http[1]),)
+        return from_message, ()
 
     def shutdown(self) -> Deferred[None]:
-        """Flush and stop the exporter in the reactor's thread pool (the last POST may wait on the network)."""
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._provider.shutdown)
+        """Flush and stop the export in the reactor's thread pool (the last POST may wait on the network)."""
+        if self._reactor is None:
+            self._stop()
+            return succeed(None)
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._stop)
+
+
+class Templates:
+    """Attribute dicts a span starts with, kept by what they are made of: a session's calls repeat them.
+
+    A key holds ``id()`` of the MCP attributes it was made from; the entry holds that dict, so the id
+    cannot be reused by another while the entry exists. Past ``MAX_TEMPLATES`` entries it starts over."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[Any, ...], tuple[dict[str, str], dict[str, Any]]] = {}
+
+    def get(self, key: tuple[Any, ...]) -> dict[str, Any] | None:
+        kept = self._kept.get(key)
+        return None if kept is None else kept[1]
+
+    def keep(self, key: tuple[Any, ...], mcp: dict[str, str], attributes: dict[str, Any]) -> dict[str, Any]:
+        if len(self._kept) >= MAX_TEMPLATES:
+            self._kept.clear()
+        self._kept[key] = (mcp, attributes)
+        return attributes
 
 
 class OtelSpan:
-    """mcpgw.tracing.api.Span over an SDK span."""
+    """mcpgw.tracing.api.Span, and the record mcpgw.tracing.otlp encodes (its ``SpanRecord`` fields).
 
-    __slots__ = ("_ended", "_mcp", "_name", "_span", "_tracer")
+    A span that is not sampled keeps its ids (they propagate, with the sampled flag clear) and
+    records nothing."""
 
-    def __init__(self, tracer: OtelTracer, span: trace.Span, name: str, mcp: dict[str, str]):
+    __slots__ = ("_mcp", "_tracer", "attributes", "error", "kind", "links", "name", "parent_id", "parent_remote",
+                 "request_id", "sampled", "span_id", "start", "state", "stop", "trace")
+
+    def __init__(self, tracer: OtelTracer, trace_id: int, parent_id: int, parent_remote: bool, sampled: bool,
+                 state: str | None, name: str, kind: int, mcp: dict[str, str]):
         self._tracer = tracer
-        self._span = span
-        self._name = name
+        self.trace = trace_id
+        self.span_id = getrandbits(64) or 1
+        self.parent_id = parent_id
+        self.parent_remote = parent_remote
+        self.sampled = sampled
+        self.state = state
+        self.name = name
+        self.kind = kind
         #: The request's MCP attributes (method, tool / prompt / URI): its upstream legs carry them too.
         self._mcp = mcp
-        self._ended = False
+        self.attributes: dict[str, Any] = {}
+        self.links: tuple[tuple[int, int], ...] = ()
+        self.request_id: str | None = None
+        self.error = False
+        self.start = time_ns()
+        #: 0 until it ends.
+        self.stop = 0
 
     @property
     def trace_id(self) -> str | None:
-        context = self._span.get_span_context()
-        return trace.format_trace_id(context.trace_id) if context.is_valid else None
+        return f"{self.trace:032x}"
 
     def upstream(self, leg: str, *, server: str | None = None, pid: int | None = None, member: str | None = None,
                  node: str | None = None, url: str | None = None) -> OtelSpan:
-        attributes: dict[str, Any] = {**self._mcp, a.UPSTREAM: leg}
+        span = self._under(self.name, KIND_CLIENT)
+        if not span.sampled:
+            return span
+        tracer = self._tracer
+        key = (id(self._mcp), leg, server, pid, member, node, url)
+        known = tracer._templates.get(key)
+        if known is None:
+            known = tracer._templates.keep(key, self._mcp, self._leg_attributes(leg, server, pid, member, node, url))
+        span.attributes = known.copy()
+        return span
+
+    def _leg_attributes(self, leg: str, server: str | None, pid: int | None, member: str | None, node: str | None,
+                        url: str | None) -> dict[str, Any]:
+        attributes = {**self._mcp, a.UPSTREAM: leg}
         network = a.LEG_TRANSPORT.get(leg)
         if network is not None:
             attributes[a.NETWORK_TRANSPORT] = network
@@ -164,18 +277,25 @@ class OtelSpan:
             parts = urlsplit(url)
             _put(attributes, a.SERVER_ADDRESS, parts.hostname)
             _put(attributes, a.SERVER_PORT, parts.port or (443 if parts.scheme == "https" else 80))
-        return self._tracer.start(self._name, self._span, SpanKind.CLIENT, attributes, self._mcp)
+        return attributes
 
     def child(self, name: str, *, server: str | None = None, pid: int | None = None) -> OtelSpan:
-        attributes: dict[str, Any] = {}
-        _put(attributes, a.SERVER, server)
-        _put(attributes, a.CHILD_PID, pid)
-        return self._tracer.start(name, self._span, SpanKind.INTERNAL, attributes, self._mcp)
+        span = self._under(name, KIND_INTERNAL)
+        _put(span.attributes, a.SERVER, server)
+        _put(span.attributes, a.CHILD_PID, pid)
+        return span
+
+    def _under(self, name: str, kind: int) -> OtelSpan:
+        tracer = self._tracer
+        sampled = self.sampled if tracer._parent_based else (self.trace & 0xFFFFFFFFFFFFFFFF) < tracer._bound
+        return OtelSpan(tracer, self.trace, self.span_id, False, sampled, self.state, name, kind, self._mcp)
 
     def set(self, *, server: str | None = None, tool: str | None = None, prompt: str | None = None,
             uri: str | None = None, protocol_version: str | None = None, session_id: str | None = None,
             pid: int | None = None, member: str | None = None, http_status: int | None = None) -> None:
-        attributes: dict[str, Any] = {}
+        if self.stop or not self.sampled:
+            return
+        attributes = self.attributes
         _put(attributes, a.SERVER, server)
         _put(attributes, a.TOOL, None if tool is None else a.cut(tool))
         _put(attributes, a.PROMPT, None if prompt is None else a.cut(prompt))
@@ -185,38 +305,33 @@ class OtelSpan:
         _put(attributes, a.CHILD_PID, pid)
         _put(attributes, a.MEMBER, member)
         _put(attributes, a.HTTP_STATUS, http_status)
-        if attributes:
-            self._span.set_attributes(attributes)
 
     def end(self, outcome: str = "ok", error_code: int | str | None = None) -> None:
-        if self._ended:
+        if self.stop:
             return
-        self._ended = True
-        self._span.set_attribute(a.OUTCOME, outcome)
+        self.stop = time_ns()
+        if not self.sampled:
+            return
+        attributes = self.attributes
+        attributes[a.OUTCOME] = outcome
         if error_code is not None:
-            self._span.set_attribute(a.RPC_STATUS, str(error_code))
+            attributes[a.RPC_STATUS] = str(error_code)
         if outcome not in a.SUCCESSES:
-            self._span.set_attribute(a.ERROR_TYPE, a.error_type(outcome, error_code))
+            attributes[a.ERROR_TYPE] = a.error_type(outcome, error_code)
             # No description: a JSON-RPC error message can quote the request's arguments.
-            self._span.set_status(Status(StatusCode.ERROR))
-        self._span.end()
+            self.error = True
+        self._tracer.sink(self)
 
     def traceparent(self) -> str | None:
-        context = self._span.get_span_context()
-        if not context.is_valid:
-            return None
-        return f"00-{trace.format_trace_id(context.trace_id)}-{trace.format_span_id(context.span_id)}-{context.trace_flags:02x}"
+        return f"00-{self.trace:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
 
     def tracestate(self) -> str | None:
-        state = self._span.get_span_context().trace_state
-        return state.to_header() if state else None
+        return self.state
 
     def carrier(self) -> Mapping[str, str]:
         traceparent = self.traceparent()
-        if traceparent is None:
-            return EMPTY_CARRIER
-        tracestate = self.tracestate()
-        return {TRACEPARENT: traceparent, TRACESTATE: tracestate} if tracestate else {TRACEPARENT: traceparent}
+        assert traceparent is not None
+        return {TRACEPARENT: traceparent, TRACESTATE: self.state} if self.state else {TRACEPARENT: traceparent}
 
 
 def _put(attributes: dict[str, Any], name: str, value: Any) -> None:
@@ -231,9 +346,11 @@ def _json(value: Any) -> str | None:
         return None
 
 
-def _remote(carrier: Mapping[str, str] | None) -> Context | None:
-    """The context ``carrier`` names, built on an empty one (never the ambient), or None if it names none."""
+def _remote(carrier: Mapping[str, str] | None) -> Remote | None:
+    """The context ``carrier`` names (the SDK's W3C propagator parses it), or None if it names none."""
     if not carrier:
         return None
-    context = _W3C.extract(carrier, context=Context())
-    return context if trace.get_current_span(context).get_span_context().is_valid else None
+    context = trace.get_current_span(_W3C.extract(carrier, context=Context())).get_span_context()
+    if not context.is_valid:
+        return None
+    return context.trace_id, context.span_id, context.trace_flags.sampled, context.trace_state.to_header() or None

@@ -33,12 +33,14 @@ def from_headers(headers: Any) -> dict[str, str] | None:
     get_raw = getattr(headers, "getRawHeaders", None)
     if get_raw is not None:
         parents = get_raw(b"traceparent")
+        if not parents or len(parents) != 1:  # W3C: more than one traceparent is no parent
+            return None
         states = get_raw(b"tracestate")
     else:
         parents = _as_list(headers.get(TRACEPARENT))
+        if not parents or len(parents) != 1:
+            return None
         states = _as_list(headers.get(TRACESTATE))
-    if not parents or len(parents) != 1:  # W3C: more than one traceparent is no parent
-        return None
     # Several tracestate headers are one list, joined with commas (RFC 9110 field lines).
     return _carrier(parents[0], b",".join(_bytes(s) for s in states) if states else None)
 
