@@ -81,6 +81,8 @@ class ServerControl:
         )
 
         self._replace_servers({**self.servers, name: server})
+        if self._ctx.auth.resources is not None:  # auth.oauth: its metadata and audiences
+            self._ctx.auth.resources.add_server(name)
         self._index().putChild(name.encode(), ServerResource(self._ctx, server))
         self.log.info("server {server} added ({command})", server=name, command=command)
         return server
@@ -93,6 +95,8 @@ class ServerControl:
             raise ServerConflict(f"server {name!r} is the default server (also at /mcp, /sse, /ws) and cannot be removed")
         self._index().children.pop(name.encode(), None)
         self._replace_servers({k: v for k, v in self.servers.items() if k != name})
+        if self._ctx.auth.resources is not None:
+            self._ctx.auth.resources.remove_server(name)
         self.log.info("server {server} removed", server=name)
         return self._end_all(name, "server removed")
 

@@ -355,3 +355,19 @@ def test_hs256_jwts_of_auth_jwt_keep_working_beside_oauth(fake_as: FakeHttp) -> 
         forged = pyjwt.encode({"iss": ISSUER, "aud": FILES, "sub": "x", "exp": now + 60}, secret, algorithm="HS256")
         r = client.post("/servers/files/mcp", headers=bearer(forged), json=initialize())
     assert r.status_code == 401  # an HS256 token claiming the authorization server's issuer is never accepted
+
+
+def test_a_server_added_at_run_time_gets_its_metadata_and_audience_and_loses_them_when_removed(gw: Harness) -> None:
+    """RFC 9728 / RFC 8707 for servers the admin API (mcpgw.control) adds and removes without a restart."""
+    extra = GW + "/servers/extra/mcp"
+    fixture = fixture_server()
+    gw.gateway.add_server("extra", command=fixture["command"], args=fixture["args"])
+    with gw.client() as client:
+        prm = client.get("/.well-known/oauth-protected-resource/servers/extra/mcp")
+        assert prm.status_code == 200 and prm.json()["resource"] == extra
+        open_session(client, token(gw, aud=extra), "/servers/extra/mcp")
+        gw.gateway.remove_server("extra")
+        gw.run_until(lambda: not gw.child_pids(), 10)
+        assert client.get("/.well-known/oauth-protected-resource/servers/extra/mcp").status_code == 404
+        r = client.post("/servers/files/mcp", headers=bearer(token(gw, aud=extra)), json=initialize())
+        assert r.status_code == 401  # its token is good on no other server

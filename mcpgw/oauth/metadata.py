@@ -49,17 +49,34 @@ class ProtectedResources:
     def __init__(self, config: OAuthConfig, servers: Iterable[str], default: str | None = None):
         self.config = config
         self.base = config.resource
-        self.servers = tuple(servers)
+        self.servers: tuple[str, ...] = ()
         self.default = default
+        #: Changes with the servers (mcpgw.control adds and removes them at run time): documents made
+        #: from an older version are made again.
+        self.version = 0
         # resource identifier -> the server it names (None: the gateway itself)
         self._owner: dict[str, str | None] = {self.base: None}
-        for name in self.servers:
-            self._owner[self.base + f"/servers/{name}"] = name
-            for endpoint in ENDPOINTS:
-                self._owner[self.resource(name, endpoint)] = name
+        for name in servers:
+            self.add_server(name)
         if default is not None:
             for endpoint in ENDPOINTS:
                 self._owner[self.resource(default, endpoint, root=True)] = default
+
+    def add_server(self, name: str) -> None:
+        """Server ``name`` and its endpoints are resources of the gateway (a server added at run time too)."""
+        self.servers = (*self.servers, name)
+        self._owner[self.base + f"/servers/{name}"] = name
+        for endpoint in ENDPOINTS:
+            self._owner[self.resource(name, endpoint)] = name
+        self.version += 1
+
+    def remove_server(self, name: str) -> None:
+        """Server ``name`` is gone: its resource identifiers and metadata with it (the default server stays)."""
+        self.servers = tuple(n for n in self.servers if n != name)
+        prefix = self.base + f"/servers/{name}"
+        for uri in [u for u in self._owner if u == prefix or u.startswith(prefix + "/")]:
+            del self._owner[uri]
+        self.version += 1
 
     # -- identifiers -------------------------------------------------------------
 
@@ -185,18 +202,28 @@ class MetadataResource(Resource):
     def __init__(self, resources: ProtectedResources, cache_seconds: int = CACHE_SECONDS):
         super().__init__()
         self._cache = b"public, max-age=%d" % cache_seconds
-        by_path = resources.documents()
-        self._bodies = {path.encode("ascii"): json.dumps(doc, separators=(",", ":")).encode() for path, doc in by_path.items()}
-        # Behind a proxy that strips the gateway's path prefix, the request names the path without it.
-        prefix = urlsplit(resources.base).path.rstrip("/").encode("ascii")
-        if prefix:
-            for path in list(self._bodies):
-                if path.startswith(prefix):
-                    self._bodies.setdefault(path[len(prefix):], self._bodies[path])
+        self._resources = resources
+        self._version = -1
+        self._bodies: dict[bytes, bytes] = {}
+
+    def _documents(self) -> dict[bytes, bytes]:
+        """The documents by path, made again when the servers changed."""
+        resources = self._resources
+        if self._version != resources.version:
+            by_path = resources.documents()
+            bodies = {path.encode("ascii"): json.dumps(doc, separators=(",", ":")).encode() for path, doc in by_path.items()}
+            # Behind a proxy that strips the gateway's path prefix, the request names the path without it.
+            prefix = urlsplit(resources.base).path.rstrip("/").encode("ascii")
+            if prefix:
+                for path in list(bodies):
+                    if path.startswith(prefix):
+                        bodies.setdefault(path[len(prefix):], bodies[path])
+            self._bodies, self._version = bodies, resources.version
+        return self._bodies
 
     def render_GET(self, request: Request) -> bytes:
         path = b"".join(b"/" + segment for segment in request.postpath or []).rstrip(b"/")
-        body = self._bodies.get(path)
+        body = self._documents().get(path)
         self._common(request)
         if body is None:
             request.setResponseCode(404)
