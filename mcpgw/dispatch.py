@@ -169,7 +169,7 @@ def _observed(ctx: GatewayContext, session: Any, msg: dict[str, Any], raw: bytes
               identity: str | None, client_ip: str | None, headers: Any, parent: Mapping[str, str] | None,
               span: Span | None) -> None:
     """``session.request`` under the request's span and upstream leg, answering on an ObservedRoute."""
-    local = ILocalSession.providedBy(session)
+    local = session.instance is None  # ISession.instance: None when this instance runs it
     if span is None:
         span = ctx.tracer.request(msg["method"], msg.get("params"), server=session.server.name, transport=transport,
                                   request_id=msg["id"], session_id=session.id, identity=identity, client_ip=client_ip,
@@ -309,7 +309,7 @@ class ObservedRoute:
     ``settle`` does that once, whichever comes first: the answer, the client's cancellation
     (``forget``), or the caller's word (a pool that was full, a call the client left)."""
 
-    __slots__ = ("_audit", "_ctx", "_done", "_identity", "_method", "_server", "_started", "_target",
+    __slots__ = ("_audit", "_ctx", "_done", "_identity", "_method", "_server", "_started", "_params",
                  "client_ip", "leg", "route", "span")
 
     def __init__(self, ctx: GatewayContext, route: Any, span: Span, leg: Span, msg: dict[str, Any], *,
@@ -319,7 +319,8 @@ class ObservedRoute:
         self.span = span
         self.leg = leg
         self._method = msg["method"]
-        self._target = target_of(self._method, msg.get("params"))
+        #: The request's params, read for the audit line's target only when a line is written.
+        self._params = msg.get("params")
         self._server = server
         self._identity = identity
         self.client_ip = client_ip
@@ -364,7 +365,7 @@ class ObservedRoute:
         failed = outcome not in _NOT_FAILED
         if failed or self._audit is not None:
             event = AuditEvent(time=self._started, method=self._method, outcome=outcome, identity=self._identity,
-                               client_ip=self.client_ip, server=self._server, target=self._target, duration=duration,
+                               client_ip=self.client_ip, server=self._server, target=target_of(self._method, self._params), duration=duration,
                                trace_id=trace_id, error_code=error_code)
             if failed:
                 ctx.failures.add(event)

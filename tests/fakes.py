@@ -60,6 +60,21 @@ class FakeUpstream:
         self.paused -= 1
 
 
+class SilentDelegate:
+    """An IUpstreamDelegate that keeps nothing: for upstreams whose test needs only that one exists."""
+
+    routes_on_view = False
+
+    def upstreamMessage(self, raw: bytes, msg: dict[str, Any]) -> None:
+        pass
+
+    def upstreamProtocolError(self, reason: str) -> None:
+        pass
+
+    def upstreamEnded(self, reason: str) -> None:
+        pass
+
+
 class RecordingRoute:
     """A route (the client side of requests) that keeps what the session hands it."""
 

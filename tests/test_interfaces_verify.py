@@ -44,28 +44,13 @@ from mcpgw.upstream.remote import RemoteUpstream
 from mcpgw.upstream.stdio import StdioUpstream
 from mcpgw.upstream.warm import WarmChildren, _Waiting
 from tests.fake_process import FakeProcessReactor
-from tests.fakes import RecordingRoute
+from tests.fakes import RecordingRoute, SilentDelegate
 
 OURS = (ISession, ILocalSession, IRoute, IOutlet, IUpstream, IUpstreamDelegate)
 
 
 def stdio(**kw: Any) -> StdioServer:
     return StdioServer(**{"name": "s", "command": sys.executable, "executable": sys.executable, **kw})
-
-
-class Delegate:
-    """An IUpstreamDelegate that records nothing (the upstreams under test only need one to exist)."""
-
-    routes_on_view = False
-
-    def upstreamMessage(self, raw: bytes, msg: dict[str, Any]) -> None:
-        pass
-
-    def upstreamProtocolError(self, reason: str) -> None:
-        pass
-
-    def upstreamEnded(self, reason: str) -> None:
-        pass
 
 
 class ProviderTests(unittest.TestCase):
@@ -85,11 +70,11 @@ class ProviderTests(unittest.TestCase):
         pooled = PooledSession(self.pool, "pid", self.pool.server, "sse", reactor, lambda s: None)
         config = parse({"mcpServers": {"a": {"command": sys.executable}, "b": {"command": sys.executable}},
                         "aggregate": {"name": "all", "servers": ["a", "b"]}}, {})
-        aggregate = AggregateUpstream(config.servers["all"], Delegate(), reactor)
-        filtered = make_upstream(stdio(tools=ToolFilter(allow=("x",))), Delegate(), reactor)
-        remote = RemoteUpstream(RemoteServer(name="r", url="http://127.0.0.1:1/mcp"), Delegate(), reactor, http=object())
+        aggregate = AggregateUpstream(config.servers["all"], SilentDelegate(), reactor)
+        filtered = make_upstream(stdio(tools=ToolFilter(allow=("x",))), SilentDelegate(), reactor)
+        remote = RemoteUpstream(RemoteServer(name="r", url="http://127.0.0.1:1/mcp"), SilentDelegate(), reactor, http=object())
         warm = WarmChildren(stdio(warmPool=1), reactor)
-        child = StdioUpstream(stdio(), Delegate(), reactor)
+        child = StdioUpstream(stdio(), SilentDelegate(), reactor)
         return self.verified(
             (ILocalSession, session), (ISession, session), (IUpstreamDelegate, session),
             (ILocalSession, pooled), (IUpstream, pooled.upstream),

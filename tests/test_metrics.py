@@ -38,7 +38,7 @@ from mcpgw.transports.sse import Heartbeat, SseResponse, frame
 from mcpgw.upstream import stdio
 from mcpgw.upstream.stdio import StdioUpstream
 from tests.fake_process import FakeProcessReactor
-from tests.fakes import FakeChildSession, RecordingRoute
+from tests.fakes import FakeChildSession, RecordingRoute, SilentDelegate
 from tests.gateway_process import Gateway, fixture_server, wait_until
 from tests.wire import POST_HEADERS, RawSseStream, http_client, messages_of, open_session, session_headers
 
@@ -286,20 +286,7 @@ class ChildGaugeTests(SynchronousTestCase):
         self.patch(stdio, "_SETSID", None)
         self.reactor = FakeProcessReactor()
         self.metrics = Metrics(["fx"], process=False)
-
-        class Delegate:
-            routes_on_view = False
-
-            def upstreamMessage(self, raw: bytes, msg: dict[str, Any]) -> None:
-                pass
-
-            def upstreamProtocolError(self, reason: str) -> None:
-                pass
-
-            def upstreamEnded(self, reason: str) -> None:
-                pass
-
-        self.upstream = StdioUpstream(SERVER, Delegate(), self.reactor)
+        self.upstream = StdioUpstream(SERVER, SilentDelegate(), self.reactor)
         self.upstream.metrics = self.metrics.bound("ws", "fx")
         self.upstream.spawn()
 
