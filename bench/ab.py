@@ -4,8 +4,8 @@ DIR holds another copy of the ``mcpgw`` package (e.g. ``git stash``-free:
 ``mkdir -p /tmp/before && git archive HEAD mcpgw | tar -x -C /tmp/before``), or ``.`` for this
 tree itself with ``--before-env``: ``--before . --before-env MCPGW_FAST_PATHS=0`` compares the
 public paths (before) with the fast paths (after).
-``--tracing`` gives both gateways a ``tracing`` section (sampleRatio 1.0) exporting to a sink in this
-process (bench/otlp_sink.py): ``--before . --before-env OTEL_SDK_DISABLED=true --tracing`` compares
+``--tracing`` gives both gateways a ``tracing`` section (sampleRatio 1.0) exporting to a sink in a
+process of its own (bench/otlp_sink.py): ``--before . --before-env OTEL_SDK_DISABLED=true --tracing`` compares
 tracing off (before) with tracing on at ratio 1.0 (after).
 Both gateways run side by side; the workloads alternate between them
 (ABAB...) so that a busy neighbour on the shared cores hits both alike, and
@@ -58,8 +58,8 @@ async def amain(args: argparse.Namespace) -> None:
     if args.tracing:
         from bench import otlp_sink
 
-        endpoint, sink = otlp_sink.start()
-        config["tracing"] = {"enabled": True, "endpoint": endpoint, "sampleRatio": 1.0, "serviceName": "mcpgw-bench"}
+        sink = otlp_sink.start()
+        config["tracing"] = {"enabled": True, "endpoint": sink.endpoint, "sampleRatio": 1.0, "serviceName": "mcpgw-bench"}
     targets = [Mcpgw(workdir, name="before", pythonpath=before, environ=environ, config=config),
                Mcpgw(workdir, name="after", config=config)]
     for t in targets:

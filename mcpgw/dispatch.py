@@ -42,7 +42,7 @@ from mcpgw.interfaces import ILocalSession, IRoute
 from mcpgw.metrics import method_label
 from mcpgw.pool import PoolFull
 from mcpgw.session import SessionRefused
-from mcpgw.tracing import NOOP, Span, inject, inject_meta
+from mcpgw.tracing import NOOP, NOOP_SPAN, Span, inject, inject_line, inject_meta
 from mcpgw.transports.common import GatewayContext, discover_unsupported
 
 T = TypeVar("T")
@@ -145,9 +145,10 @@ def request(ctx: GatewayContext, session: Any, msg: dict[str, Any], raw: bytes, 
     if ctx.tracer is NOOP and (ctx.audit is NOOP_AUDIT or msg["method"] not in AUDITED):
         session.request(msg, raw, route)  # nothing observes it: no object made, no byte changed
         return
-    identity, client_ip = _who(principal)
-    _observed(ctx, session, msg, raw, route, transport=transport, identity=identity, client_ip=client_ip,
-              headers=headers, parent=None, span=span)
+    if principal is None:
+        _observed(ctx, session, msg, raw, route, transport, None, None, headers, None, span)
+    else:
+        _observed(ctx, session, msg, raw, route, transport, principal.identity, principal.client_ip, headers, None, span)
 
 
 def forward(ctx: GatewayContext, session: Any, msg: dict[str, Any], raw: bytes, route: Any, *, transport: str,
@@ -161,29 +162,36 @@ def forward(ctx: GatewayContext, session: Any, msg: dict[str, Any], raw: bytes, 
     if not observed(ctx, msg["method"]):
         session.request(msg, raw, route)
         return
-    _observed(ctx, session, msg, raw, route, transport=transport, identity=identity, client_ip=client_ip,
-              headers=None, parent=parent, span=None)
+    _observed(ctx, session, msg, raw, route, transport, identity, client_ip, None, parent, None)
 
 
-def _observed(ctx: GatewayContext, session: Any, msg: dict[str, Any], raw: bytes, route: Any, *, transport: str,
+def _observed(ctx: GatewayContext, session: Any, msg: dict[str, Any], raw: bytes, route: Any, transport: str,
               identity: str | None, client_ip: str | None, headers: Any, parent: Mapping[str, str] | None,
               span: Span | None) -> None:
-    """``session.request`` under the request's span and upstream leg, answering on an ObservedRoute."""
+    """``session.request`` under the request's span and upstream leg, answering on an ObservedRoute.
+    (Positional: every traced request passes here.)"""
     local = session.instance is None  # ISession.instance: None when this instance runs it
+    server = session.server
     if span is None:
-        span = ctx.tracer.request(msg["method"], msg.get("params"), server=session.server.name, transport=transport,
+        span = ctx.tracer.request(msg["method"], msg.get("params"), server=server.name, transport=transport,
                                   request_id=msg["id"], session_id=session.id, identity=identity, client_ip=client_ip,
                                   headers=headers, parent=parent)
     else:
         span.set(session_id=session.id)
-    leg = _leg(span, session, local)
-    if local:  # a session owned elsewhere gets the context in the cluster's message (ObservedRoute.hop)
-        msg, raw = inject(msg, raw, leg)
-    call = ObservedRoute(ctx, route, span, leg, msg, server=session.server.name, identity=identity,
+    pid = None
+    if local and server.kind == "stdio" and server.sessions != "pooled":  # a child of its own: it reads the bytes only
+        pid = session.upstream.pid
+        leg = span.upstream("stdio", server=server.name, pid=pid)
+        raw = inject_line(msg, raw, leg)
+    else:
+        pid = session.upstream.pid if local else None
+        leg = _leg(span, session, local)
+        if local:  # a session owned elsewhere gets the context in the cluster's message (ObservedRoute.hop)
+            msg, raw = inject(msg, raw, leg)
+    call = ObservedRoute(ctx, route, span, leg, msg, server=server.name, identity=identity,
                          client_ip=client_ip, audited=local)
-    pid = session.upstream.pid if local else None
     session.request(msg, raw, call)
-    if local and pid is None and session.server.kind == "stdio":  # a child started by this request
+    if local and pid is None and server.kind == "stdio":  # a child started by this request
         leg.set(pid=session.upstream.pid)
 
 
@@ -355,15 +363,16 @@ class ObservedRoute:
         if self._done:
             return
         self._done = True
+        span = self.span
+        span.end(outcome, error_code)  # and its leg, if it is the span's latest (Span.end)
         self.leg.end(outcome, error_code)
-        self.span.end(outcome, error_code)
         ctx = self._ctx
         duration = ctx.reactor.seconds() - self._started
-        trace_id = self.span.trace_id
-        if trace_id is not None:
-            ctx.metrics.exemplar(method_label(self._method), duration, trace_id)
+        if span is not NOOP_SPAN:  # traced: its trace id is the exemplar of its latency bucket
+            ctx.metrics.exemplar(method_label(self._method), duration, span)
         failed = outcome not in _NOT_FAILED
         if failed or self._audit is not None:
+            trace_id = span.trace_id
             event = AuditEvent(time=self._started, method=self._method, outcome=outcome, identity=self._identity,
                                client_ip=self.client_ip, server=self._server, target=target_of(self._method, self._params), duration=duration,
                                trace_id=trace_id, error_code=error_code)

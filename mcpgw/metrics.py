@@ -52,6 +52,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from mcpgw import __version__
+from mcpgw.tracing.api import Span
 
 #: JSON-RPC methods a client sends to an MCP server (2024-11-05 .. 2025-11-25); anything else is ``other``.
 MCP_METHODS = frozenset({
@@ -383,10 +384,14 @@ class Metrics:
                 self._redis[(op, outcome)] = counter
         counter.inc()
 
-    def exemplar(self, method: str, seconds: float, trace_id: str) -> None:
-        """Trace ``trace_id`` took ``seconds`` for a request of ``method`` (a method label): the latest one
-        of each bucket of mcp_gateway_request_duration_seconds is its exemplar (OpenMetrics exposition)."""
-        self.durations[method].exemplar(seconds, trace_id)
+    def exemplar(self, method: str, seconds: float, span: Span) -> None:
+        """The request of ``span`` (a traced one) took ``seconds`` for a request of ``method`` (a method label):
+        the latest one of each bucket of mcp_gateway_request_duration_seconds is its exemplar (OpenMetrics
+        exposition), its trace id written out at scrape time."""
+        histogram = self.durations[method]  # (_Histogram.exemplar, inlined: once per traced request)
+        if histogram.exemplars is None:
+            histogram.exemplars = {}
+        histogram.exemplars[bisect_left(DURATION_BUCKETS, seconds)] = (span, seconds, time.time())
 
     def rate_limited(self, transport: str = OTHER, server: str = OTHER) -> None:
         """A request the rate limiter refused (unknown transports and servers count as ``other``)."""
@@ -415,23 +420,18 @@ class _Histogram:
     def __init__(self) -> None:
         self.counts = [0] * (len(DURATION_BUCKETS) + 1)
         self.sum = 0.0
-        #: Bucket index -> (trace id, seconds, when): the latest traced request of each bucket (tracing on).
-        self.exemplars: dict[int, tuple[str, float, float]] | None = None
+        #: Bucket index -> (span, seconds, when): the latest traced request of each bucket (tracing on).
+        self.exemplars: dict[int, tuple[Span, float, float]] | None = None
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.sum += seconds
 
-    def exemplar(self, seconds: float, trace_id: str) -> None:
-        if self.exemplars is None:
-            self.exemplars = {}
-        self.exemplars[bisect_left(DURATION_BUCKETS, seconds)] = (trace_id, seconds, time.time())
-
     def buckets(self) -> list[Any]:
         """(le, cumulative count), with its exemplar where a bucket has one."""
         buckets: list[Any] = list(zip(_LE, accumulate(self.counts)))
-        for i, (trace_id, seconds, when) in (self.exemplars or {}).items():
-            buckets[i] = (*buckets[i], Exemplar({"trace_id": trace_id}, seconds, when))
+        for i, (span, seconds, when) in (self.exemplars or {}).items():
+            buckets[i] = (*buckets[i], Exemplar({"trace_id": span.trace_id or ""}, seconds, when))
         return buckets
 
 
@@ -505,7 +505,7 @@ class NoMetrics(Metrics):
     def redis_op(self, op: str, outcome: str = "ok") -> None:
         pass
 
-    def exemplar(self, method: str, seconds: float, trace_id: str) -> None:
+    def exemplar(self, method: str, seconds: float, span: Span) -> None:
         pass
 
     def rate_limited(self, transport: str = OTHER, server: str = OTHER) -> None:

@@ -26,9 +26,9 @@ from typing import Any
 from mcpgw.config.checks import ConfigError
 from mcpgw.config.observability import TracingConfig
 from mcpgw.tracing.api import NOOP, NOOP_SPAN, Span, Tracer
-from mcpgw.tracing.propagation import extract, inject, inject_meta, inject_raw
+from mcpgw.tracing.propagation import extract, inject, inject_line, inject_meta, inject_raw
 
-__all__ = ["NOOP", "NOOP_SPAN", "Span", "Tracer", "build", "extract", "inject", "inject_meta", "inject_raw"]
+__all__ = ["NOOP", "NOOP_SPAN", "Span", "Tracer", "build", "extract", "inject", "inject_line", "inject_meta", "inject_raw"]
 
 
 def build(config: TracingConfig | None, reactor: Any = None, *, exporter: Any = None) -> Tracer:

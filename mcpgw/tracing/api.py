@@ -47,7 +47,8 @@ class Span(Protocol):
 
     def end(self, outcome: str = "ok", error_code: int | str | None = None) -> None:
         """Close it: "ok" (or "input_required", no failure either), or the failure ("error", "tool_error",
-        "timeout", "cancelled", ...) and the JSON-RPC error code if there is one. A second call changes nothing."""
+        "timeout", "cancelled", ...) and the JSON-RPC error code if there is one. A second call changes nothing.
+        Its latest ``upstream`` leg, if still open, ends with it (the same moment and outcome)."""
 
     def traceparent(self) -> str | None:
         """The W3C ``traceparent`` that makes the receiver's span a child of this one; None when off."""

@@ -112,3 +112,13 @@ def span_name(method: str, target: str | None) -> str:
 def error_type(outcome: str, error_code: int | str | None) -> str:
     """``error.type`` of a failed request: its JSON-RPC code when it has one, else the outcome (``tool_error``, ``timeout``)."""
     return str(error_code) if error_code is not None else outcome
+
+
+def outcome_attributes(outcome: str, error_code: int | str | None) -> dict[str, str]:
+    """What a span's end adds to its attributes: ``mcpgw.outcome``, and on failure the code and ``error.type``."""
+    attributes = {OUTCOME: outcome}
+    if error_code is not None:
+        attributes[RPC_STATUS] = str(error_code)
+    if outcome not in SUCCESSES:
+        attributes[ERROR_TYPE] = error_type(outcome, error_code)
+    return attributes

@@ -7,9 +7,9 @@ name and version, the SDK's telemetry attributes and ``OTEL_RESOURCE_ATTRIBUTES`
 arithmetic (TraceIdRatioBased, ParentBased) and, behind the ``exporter`` seam, its span exporters.
 
 What is the gateway's own: the span objects and the export. A span is a small object with its
-attributes in one dict, given at its start, and ids from ``random.getrandbits``; its end queues it
-(mcpgw.tracing.export) for a thread that encodes batches straight to OTLP protobuf
-(mcpgw.tracing.otlp). The SDK's span (locks, BoundedAttributes, a Resource per span, one call per
+attributes in one dict given at its start (a template the tracer keeps, shared by a session's
+spans), and ids from ``random.getrandbits``; its end encodes it straight to OTLP protobuf
+(mcpgw.tracing.otlp) and queues the bytes for a thread that POSTs batches (mcpgw.tracing.export). The SDK's span (locks, BoundedAttributes, a Resource per span, one call per
 attribute) and its generic encoder (a protobuf object per attribute) cost more than the rest of a
 proxied call; the wire format, names, kinds, parents, links and attributes are the same (the
 SDK's encoder and ours are compared in tests/test_otlp_encoder.py).
@@ -68,14 +68,22 @@ def from_config(config: TracingConfig, reactor: Any, exporter: SpanExporter | No
         return OtelTracer(sdk.put, sdk.shutdown, reactor, config)
     settings = Settings.from_environ(os.environ)
     http = OtlpHttp(config.endpoint, config.headers, settings)
-    batches = BatchExport(Encoder(resource.attributes, SCOPE, __version__).request, http.send,
+    encoder = Encoder(resource.attributes, SCOPE, __version__)
+    batches = BatchExport(encoder.envelope, http.send,
                           max_batch=settings.max_batch, max_queue=settings.max_queue, interval=settings.interval)
+
+    def ended(span: OtelSpan, encode: Callable[[OtelSpan], bytes] = encoder.span, put: Callable[[bytes], None] = batches.put) -> None:
+        put(encode(span))  # encoded as it ends: see mcpgw.tracing.export
+
+    def ended_pair(leg: OtelSpan, span: OtelSpan, encode: Callable[[OtelSpan, OtelSpan], bytes] = encoder.pair,
+                   put: Callable[[bytes], None] = batches.put) -> None:
+        put(encode(leg, span))
 
     def stop() -> None:
         batches.shutdown()
         http.close()
 
-    return OtelTracer(batches.put, stop, reactor, config)
+    return OtelTracer(ended, stop, reactor, config, sink_pair=ended_pair)
 
 
 def resource_for(config: TracingConfig) -> Resource:
@@ -88,8 +96,11 @@ class OtelTracer:
 
     enabled = True
 
-    def __init__(self, sink: Callable[[OtelSpan], None], stop: Callable[[], None], reactor: Any, config: TracingConfig):
+    def __init__(self, sink: Callable[[OtelSpan], None], stop: Callable[[], None], reactor: Any, config: TracingConfig,
+                 sink_pair: Callable[[OtelSpan, OtelSpan], None] | None = None):
         self.sink = sink
+        #: Takes a span and its upstream leg that ended with it (``OtelSpan.end``), the leg first.
+        self.sink_pair = sink_pair or self._each
         self._stop = stop
         self._reactor = reactor
         self._record_arguments = config.recordArguments
@@ -98,6 +109,10 @@ class OtelTracer:
         self._parent_based = config.parentBased
         self._tools: dict[str, tuple[str, dict[str, str]]] = {}
         self._templates = Templates()
+
+    def _each(self, leg: OtelSpan, span: OtelSpan) -> None:
+        self.sink(leg)
+        self.sink(span)
 
     def request(self, method: str, params: Any = None, *, server: str | None, transport: str,
                 request_id: Any = None, session_id: str | None = None, identity: str | None = None,
@@ -110,26 +125,29 @@ class OtelTracer:
             remote, links = self._parent(params, headers, parent)
         if remote is None:
             trace_id = getrandbits(128) or 1
-            span = OtelSpan(self, trace_id, 0, False, (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound, None, name,
-                            KIND_SERVER, mcp)
+            span = OtelSpan(self, trace_id, trace_id.to_bytes(16, "big"), b"", False,
+                            (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound, None, name, KIND_SERVER, mcp)
         else:
             trace_id, parent_id, parent_sampled, state = remote
             sampled = parent_sampled if self._parent_based else (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound
-            span = OtelSpan(self, trace_id, parent_id, True, sampled, state, name, KIND_SERVER, mcp)
+            span = OtelSpan(self, trace_id, trace_id.to_bytes(16, "big"), parent_id.to_bytes(8, "big"), True, sampled,
+                            state, name, KIND_SERVER, mcp)
         if span.sampled:
             span.links = links
             if self._record_arguments or not known_tool:
-                span.attributes = self._request_attributes(mcp, method, params, server, transport, session_id,
-                                                           identity, client_ip)
+                span.base = self._request_attributes(mcp, method, params, server, transport, session_id,
+                                                     identity, client_ip)
+                span.private = True
             else:  # a known tool's: the same attributes as the session's last call of it
                 key = (id(mcp), transport, server, session_id, identity, client_ip)
                 known = self._templates.get(key)
                 if known is None:
                     known = self._templates.keep(key, mcp, self._request_attributes(mcp, method, params, server, transport,
                                                                                session_id, identity, client_ip))
-                span.attributes = known.copy()
+                span.base = known
             if request_id is not None:
-                span.request_id = a.cut(request_id)
+                text = request_id if type(request_id) is str else str(request_id)
+                span.request_id = text if len(text) <= a.MAX_VALUE else text[:a.MAX_VALUE]  # (a.cut, inlined)
         return span
 
     def _named(self, method: str, params: Any) -> tuple[str, dict[str, str], bool]:
@@ -222,15 +240,19 @@ class OtelSpan:
     A span that is not sampled keeps its ids (they propagate, with the sampled flag clear) and
     records nothing."""
 
-    __slots__ = ("_mcp", "_tracer", "attributes", "error", "kind", "links", "name", "parent_id", "parent_remote",
-                 "request_id", "sampled", "span_id", "start", "state", "stop", "trace")
+    __slots__ = ("_leg", "_mcp", "_tracer", "base", "error", "error_code", "id_bytes", "kind", "links", "name", "outcome",
+                 "parent_bytes", "parent_remote", "private", "request_id", "sampled", "start", "state", "stop", "trace",
+                 "trace_bytes")
 
-    def __init__(self, tracer: OtelTracer, trace_id: int, parent_id: int, parent_remote: bool, sampled: bool,
-                 state: str | None, name: str, kind: int, mcp: dict[str, str]):
+    def __init__(self, tracer: OtelTracer, trace_id: int, trace_bytes: bytes, parent_bytes: bytes, parent_remote: bool,
+                 sampled: bool, state: str | None, name: str, kind: int, mcp: dict[str, str]):
         self._tracer = tracer
         self.trace = trace_id
-        self.span_id = getrandbits(64) or 1
-        self.parent_id = parent_id
+        #: The ids as they are written (OTLP, ``traceparent``): the trace's 16 bytes, its own 8, its
+        #: parent's 8 (empty for a root span), made once and shared with the spans under it.
+        self.trace_bytes = trace_bytes
+        self.id_bytes = (getrandbits(64) or 1).to_bytes(8, "big")
+        self.parent_bytes = parent_bytes
         self.parent_remote = parent_remote
         self.sampled = sampled
         self.state = state
@@ -238,8 +260,16 @@ class OtelSpan:
         self.kind = kind
         #: The request's MCP attributes (method, tool / prompt / URI): its upstream legs carry them too.
         self._mcp = mcp
-        self.attributes: dict[str, Any] = {}
+        #: The attributes given at its start: a template the tracer keeps and other spans share (read
+        #: only) unless ``private``, the span's own dict.
+        self.base: dict[str, Any] = _NONE
+        self.private = False
+        #: How it ended (``end``): its outcome attributes are added to ``base``'s when it is encoded.
+        self.outcome: str | None = None
+        self.error_code: int | str | None = None
         self.links: tuple[tuple[int, int], ...] = ()
+        #: Its latest upstream leg (``upstream``), ended with it if still open.
+        self._leg: OtelSpan | None = None
         self.request_id: str | None = None
         self.error = False
         self.start = time_ns()
@@ -248,19 +278,44 @@ class OtelSpan:
 
     @property
     def trace_id(self) -> str | None:
-        return f"{self.trace:032x}"
+        return self.trace_bytes.hex()
+
+    @property
+    def span_id(self) -> int:
+        return int.from_bytes(self.id_bytes, "big")
+
+    @property
+    def parent_id(self) -> int:
+        """0 for a root span."""
+        return int.from_bytes(self.parent_bytes, "big")
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        """All its attributes but the request id, in the order they are encoded (mcpgw.tracing.otlp)."""
+        attributes = dict(self.base)
+        if self.outcome is not None:
+            attributes.update(a.outcome_attributes(self.outcome, self.error_code))
+        return attributes
+
+    def _own(self) -> dict[str, Any]:
+        """``base`` as the span's own dict, to change."""
+        if not self.private:
+            self.base = dict(self.base)
+            self.private = True
+        return self.base
 
     def upstream(self, leg: str, *, server: str | None = None, pid: int | None = None, member: str | None = None,
                  node: str | None = None, url: str | None = None) -> OtelSpan:
         span = self._under(self.name, KIND_CLIENT)
         if not span.sampled:
             return span
+        self._leg = span
         tracer = self._tracer
         key = (id(self._mcp), leg, server, pid, member, node, url)
         known = tracer._templates.get(key)
         if known is None:
             known = tracer._templates.keep(key, self._mcp, self._leg_attributes(leg, server, pid, member, node, url))
-        span.attributes = known.copy()
+        span.base = known
         return span
 
     def _leg_attributes(self, leg: str, server: str | None, pid: int | None, member: str | None, node: str | None,
@@ -281,21 +336,23 @@ class OtelSpan:
 
     def child(self, name: str, *, server: str | None = None, pid: int | None = None) -> OtelSpan:
         span = self._under(name, KIND_INTERNAL)
-        _put(span.attributes, a.SERVER, server)
-        _put(span.attributes, a.CHILD_PID, pid)
+        if span.sampled and (server is not None or pid is not None):
+            attributes = span._own()
+            _put(attributes, a.SERVER, server)
+            _put(attributes, a.CHILD_PID, pid)
         return span
 
     def _under(self, name: str, kind: int) -> OtelSpan:
         tracer = self._tracer
         sampled = self.sampled if tracer._parent_based else (self.trace & 0xFFFFFFFFFFFFFFFF) < tracer._bound
-        return OtelSpan(tracer, self.trace, self.span_id, False, sampled, self.state, name, kind, self._mcp)
+        return OtelSpan(tracer, self.trace, self.trace_bytes, self.id_bytes, False, sampled, self.state, name, kind, self._mcp)
 
     def set(self, *, server: str | None = None, tool: str | None = None, prompt: str | None = None,
             uri: str | None = None, protocol_version: str | None = None, session_id: str | None = None,
             pid: int | None = None, member: str | None = None, http_status: int | None = None) -> None:
         if self.stop or not self.sampled:
             return
-        attributes = self.attributes
+        attributes = self._own()
         _put(attributes, a.SERVER, server)
         _put(attributes, a.TOOL, None if tool is None else a.cut(tool))
         _put(attributes, a.PROMPT, None if prompt is None else a.cut(prompt))
@@ -312,18 +369,24 @@ class OtelSpan:
         self.stop = time_ns()
         if not self.sampled:
             return
-        attributes = self.attributes
-        attributes[a.OUTCOME] = outcome
-        if error_code is not None:
-            attributes[a.RPC_STATUS] = str(error_code)
-        if outcome not in a.SUCCESSES:
-            attributes[a.ERROR_TYPE] = a.error_type(outcome, error_code)
-            # No description: a JSON-RPC error message can quote the request's arguments.
-            self.error = True
-        self._tracer.sink(self)
+        self.outcome = outcome
+        self.error_code = error_code
+        # Status ERROR without a description: a JSON-RPC error message can quote the request's arguments.
+        error = self.error = outcome not in a.SUCCESSES
+        leg = self._leg
+        if leg is None or leg.stop:
+            self._tracer.sink(self)
+            return
+        # The leg still open ends now too, as the span did (the answer that ends a request ends its
+        # leg): both go out together, the leg first.
+        leg.stop = self.stop
+        leg.outcome = outcome
+        leg.error_code = error_code
+        leg.error = error
+        self._tracer.sink_pair(leg, self)
 
     def traceparent(self) -> str | None:
-        return f"00-{self.trace:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
+        return f"00-{self.trace_bytes.hex()}-{self.id_bytes.hex()}-{'01' if self.sampled else '00'}"
 
     def tracestate(self) -> str | None:
         return self.state
@@ -332,6 +395,10 @@ class OtelSpan:
         traceparent = self.traceparent()
         assert traceparent is not None
         return {TRACEPARENT: traceparent, TRACESTATE: self.state} if self.state else {TRACEPARENT: traceparent}
+
+
+#: The ``base`` of a span with no attributes of its own (shared, never changed).
+_NONE: dict[str, Any] = {}
 
 
 def _put(attributes: dict[str, Any], name: str, value: Any) -> None:

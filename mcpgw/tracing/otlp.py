@@ -3,13 +3,13 @@
 Written by hand for exactly the fields the gateway's spans use (opentelemetry-proto's
 ``trace/v1/trace.proto``), because the SDK's generic encoder builds a protobuf message object per
 span, attribute and value, which costs the gateway more than everything else tracing does. Here a
-batch is one ``bytes.join``: the resource and scope are encoded once per tracer, and a span's
-attributes once per distinct set (a session's calls repeat the same method, tool, server, session
-and outcome; only the request id, kept apart, differs). The gateway's attribute values are text or
-integers (a cache key cannot tell ``True`` from ``1``). Fields come out in field-number order with
-the SDK encoder's choices (an UNSET status present but empty, ``flags`` saying whether the parent is
-remote), so a collector decodes the same spans as from the SDK's exporter: tests/test_otlp_encoder.py
-compares both.
+span is one ``bytes.join`` of parts mostly encoded before: the resource and scope once per tracer,
+a span's attributes once per template the tracer keeps (a session's calls repeat the same method,
+tool, server and session), its outcome's once per outcome and code; only the ids, times and request
+id are new. The gateway's attribute values are text or integers (a cache key cannot tell ``True``
+from ``1``). Fields come out in field-number order with the SDK encoder's choices (an UNSET status
+present but empty, ``flags`` saying whether the parent is remote), so a collector decodes the same
+spans as from the SDK's exporter: tests/test_otlp_encoder.py compares both.
 
 No OpenTelemetry import: the records are mcpgw.tracing.otel's spans, read through ``SpanRecord``.
 """
@@ -19,6 +19,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
+
+from mcpgw.tracing.attributes import outcome_attributes
 
 #: OTLP's Span.SpanKind values.
 KIND_INTERNAL = 1
@@ -36,6 +38,9 @@ _DOUBLE = struct.Struct("<d")
 _TIMES = struct.Struct("<BQBQ")
 REQUEST_ID = "jsonrpc.request.id"
 _REQUEST_ID_KEY = b"\x0a" + bytes((len(REQUEST_ID),)) + REQUEST_ID.encode()
+#: status and flags, by (error, parent remote).
+_TAILS = ((_STATUS_UNSET + _FLAGS_LOCAL, _STATUS_UNSET + _FLAGS_REMOTE),
+          (_STATUS_ERROR + _FLAGS_LOCAL, _STATUS_ERROR + _FLAGS_REMOTE))
 #: Distinct attribute sets (and span names) kept encoded; past this the cache starts over.
 MAX_CACHED = 8192
 
@@ -51,6 +56,18 @@ class SpanRecord(Protocol):
     def parent_id(self) -> int:
         """0 for a root span."""
     @property
+    def attributes(self) -> Mapping[str, Any]:
+        """``base`` and the outcome's, as encoded (all but the request id)."""
+    @property
+    def trace_bytes(self) -> bytes:
+        """The trace id's 16 bytes."""
+    @property
+    def id_bytes(self) -> bytes:
+        """The span id's 8 bytes."""
+    @property
+    def parent_bytes(self) -> bytes:
+        """The parent span id's 8 bytes, empty for a root span."""
+    @property
     def parent_remote(self) -> bool: ...
     @property
     def state(self) -> str | None:
@@ -64,10 +81,19 @@ class SpanRecord(Protocol):
     @property
     def stop(self) -> int: ...
     @property
-    def attributes(self) -> Mapping[str, Any]: ...
+    def base(self) -> Mapping[str, Any]:
+        """The attributes it started with: read only and shared by other spans unless ``private``."""
+    @property
+    def private(self) -> bool:
+        """Whether ``base`` is the span's own (made or changed for it) rather than a kept template."""
+    @property
+    def outcome(self) -> str | None:
+        """How it ended (``mcpgw.outcome``, after ``base``), None if it has not."""
+    @property
+    def error_code(self) -> int | str | None: ...
     @property
     def request_id(self) -> str | None:
-        """``jsonrpc.request.id``, after ``attributes``: it differs on every request, they repeat."""
+        """``jsonrpc.request.id``, after the outcome: it differs on every request, the rest repeat."""
     @property
     def error(self) -> bool: ...
     @property
@@ -117,47 +143,108 @@ def key_value(key: str, value: Any) -> bytes:
 
 
 class Encoder:
-    """Encodes batches of one tracer's spans: its resource and scope are fixed, the attribute cache is its own.
+    """Encodes one tracer's spans: its resource and scope are fixed, the caches are its own.
 
-    Used from one thread at a time (the export thread)."""
+    ``span`` runs where spans end (the reactor: a span is a few dozen bytes by then, and nothing
+    holds its objects until an export), ``envelope`` where batches go out (the export thread)."""
 
     def __init__(self, resource: Mapping[str, Any], scope_name: str, scope_version: str | None):
         self._resource = _field(b"\x0a", b"".join(_field(b"\x0a", key_value(k, v)) for k, v in resource.items()))
         scope = _field(b"\x0a", scope_name.encode()) + (_field(b"\x12", scope_version.encode()) if scope_version else b"")
         self._scope = _field(b"\x0a", scope)
-        #: A span's attributes (all but the request id) encoded, by their items: a session's spans repeat them.
+        #: A span's own attributes encoded, by their items; a kept template's by its id (the entry holds
+        #: the template, so the id is not another's while the entry lasts); outcomes by outcome and code.
         self._attributes: dict[tuple[tuple[str, Any], ...], bytes] = {}
+        self._templates: dict[int, tuple[Any, ...]] = {}
+        self._outcomes: dict[tuple[str | None, Any], bytes] = {}
         self._names: dict[tuple[str, int], bytes] = {}
 
     def request(self, spans: Iterable[SpanRecord]) -> bytes:
         """The ``ExportTraceServiceRequest`` of ``spans`` (one resource, one scope)."""
-        encoded = b"".join([self.span(s) for s in spans])
-        scope_spans = _field(b"\x12", self._scope + encoded)
+        return self.envelope([self.span(s) for s in spans])
+
+    def envelope(self, spans: list[bytes]) -> bytes:
+        """The ``ExportTraceServiceRequest`` of spans encoded by ``span``."""
+        scope_spans = _field(b"\x12", self._scope + b"".join(spans))
         return _field(b"\x0a", self._resource + scope_spans)
+
+    def pair(self, leg: SpanRecord, s: SpanRecord) -> bytes:
+        """``span`` of both, a request's span and the upstream leg that ended with it, sharing what they share
+        (the trace id, the span's id as the leg's parent, the end, the outcome) in the usual case: no trace
+        state or links, attributes from kept templates."""
+        kept_leg = self._templates.get(id(leg.base))
+        kept = self._templates.get(id(s.base))
+        if (kept is None or kept_leg is None or kept[0] is not s.base or kept_leg[0] is not leg.base
+                or kept[1] is not s.name or kept_leg[1] is not leg.name or kept[2] != s.kind or kept_leg[2] != leg.kind
+                or s.private or leg.private or s.state or s.links or leg.links or leg.request_id is not None
+                or leg.parent_bytes is not s.id_bytes or leg.stop != s.stop):
+            return self.span(leg) + self.span(s)  # (which keeps the templates for the next)
+        trace = s.trace_bytes
+        span_id = s.id_bytes
+        stop = s.stop
+        if s.outcome == "ok" and s.error_code is None:
+            outcome = _OUTCOME_OK
+        else:
+            outcome = self._outcomes.get((s.outcome, s.error_code)) or self._outcome(s.outcome, s.error_code)
+        tails = _TAILS[s.error]
+        leg_body = b"".join((b"\x0a\x10", trace, b"\x12\x08", leg.id_bytes, b"\x22\x08", span_id,
+                             kept_leg[3], _TIMES.pack(0x39, leg.start, 0x41, stop), kept_leg[4], outcome, tails[0]))
+        parent = s.parent_bytes
+        request_id = s.request_id
+        body = b"".join((b"\x0a\x10", trace, b"\x12\x08", span_id, b"\x22\x08" + parent if parent else b"",
+                         kept[3], _TIMES.pack(0x39, s.start, 0x41, stop), kept[4], outcome,
+                         b"" if request_id is None else _request_id(request_id), tails[s.parent_remote]))
+        n, m = len(leg_body), len(body)
+        if n < len(_SPAN_TAGS) and m < len(_SPAN_TAGS):
+            return b"".join((_SPAN_TAGS[n], leg_body, _SPAN_TAGS[m], body))
+        return b"".join((b"\x12", varint(n), leg_body, b"\x12", varint(m), body))
 
     def span(self, s: SpanRecord) -> bytes:
         """One ``Span`` as the ``spans`` field of a ``ScopeSpans`` (tag, length, message)."""
-        head = b"\x0a\x10" + s.trace.to_bytes(16, "big") + b"\x12\x08" + s.span_id.to_bytes(8, "big")
-        if s.state:
-            head += _field(b"\x1a", s.state.encode())
-        if s.parent_id:
-            head += b"\x22\x08" + s.parent_id.to_bytes(8, "big")
+        parent = s.parent_bytes
+        head = b"".join((b"\x0a\x10", s.trace_bytes, b"\x12\x08", s.id_bytes,
+                         _field(b"\x1a", s.state.encode()) if s.state else b"", b"\x22\x08" + parent if parent else b""))
         name = self._names.get((s.name, s.kind)) or self._name(s.name, s.kind)
-        items = tuple(s.attributes.items())
-        attributes = self._attributes.get(items)
-        if attributes is None:
-            attributes = self._cached(items)
-        request_id = b"" if s.request_id is None else _text_attribute(_REQUEST_ID_KEY, s.request_id)
+        base = s.base
+        if s.private:
+            items = tuple(base.items())
+            attributes = self._attributes.get(items) or self._cached(items)
+        else:
+            kept = self._templates.get(id(base))
+            if kept is None or kept[0] is not base or kept[1] is not s.name or kept[2] != s.kind:
+                kept = self._template(base, s.name, s.kind)
+            attributes = kept[4]
+        if s.outcome == "ok" and s.error_code is None:
+            outcome = _OUTCOME_OK
+        else:
+            outcome = self._outcomes.get((s.outcome, s.error_code)) or self._outcome(s.outcome, s.error_code)
+        request_id = b"" if s.request_id is None else _request_id(s.request_id)
         links = b"".join([_field(b"\x6a", b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08" + span_id.to_bytes(8, "big")
                                  + _LINK_FLAGS_REMOTE) for trace_id, span_id in s.links]) if s.links else b""
-        body = b"".join((head, name, _TIMES.pack(0x39, s.start, 0x41, s.stop), attributes, request_id, links,
-                         _STATUS_ERROR if s.error else _STATUS_UNSET, _FLAGS_REMOTE if s.parent_remote else _FLAGS_LOCAL))
-        return b"\x12" + varint(len(body)) + body
+        body = b"".join((head, name, _TIMES.pack(0x39, s.start, 0x41, s.stop), attributes, outcome, request_id, links,
+                         _TAILS[s.error][s.parent_remote]))
+        n = len(body)
+        return (_SPAN_TAGS[n] if n < len(_SPAN_TAGS) else b"\x12" + varint(n)) + body
 
     def _cached(self, attributes: tuple[tuple[str, Any], ...]) -> bytes:
         if len(self._attributes) >= MAX_CACHED:
             self._attributes.clear()
-        encoded = self._attributes[attributes] = b"".join([_field(b"\x4a", key_value(k, v)) for k, v in attributes])
+        encoded = self._attributes[attributes] = _attribute_fields(attributes)
+        return encoded
+
+    def _template(self, base: Mapping[str, Any], name: str, kind: int) -> tuple[Any, ...]:
+        """A kept template's entry: itself, the span name and kind it is used with, their fields, its attributes'."""
+        if len(self._templates) >= MAX_CACHED:
+            self._templates.clear()
+        kept = self._templates[id(base)] = (base, name, kind, self._names.get((name, kind)) or self._name(name, kind),
+                                            _attribute_fields(base.items()))
+        return kept
+
+    def _outcome(self, outcome: str | None, error_code: Any) -> bytes:
+        if len(self._outcomes) >= MAX_CACHED:
+            self._outcomes.clear()
+        encoded = b"" if outcome is None else _attribute_fields(outcome_attributes(outcome, error_code).items())
+        self._outcomes[(outcome, error_code)] = encoded
         return encoded
 
     def _name(self, name: str, kind: int) -> bytes:
@@ -166,3 +253,24 @@ class Encoder:
             self._names.clear()
         encoded = self._names[(name, kind)] = _field(b"\x2a", name.encode("utf-8", "replace")) + _KINDS[kind]
         return encoded
+
+
+def _request_id(value: str) -> bytes:
+    """The ``jsonrpc.request.id`` attribute field (``_text_attribute``, its prefix looked up when short)."""
+    encoded = value.encode("utf-8", "replace")
+    if len(encoded) < len(_REQUEST_ID_PREFIXES):
+        return _REQUEST_ID_PREFIXES[len(encoded)] + encoded
+    return _text_attribute(_REQUEST_ID_KEY, value)
+
+
+def _attribute_fields(attributes: Iterable[tuple[str, Any]]) -> bytes:
+    """Span ``attributes`` fields (KeyValue messages)."""
+    return b"".join([_field(b"\x4a", key_value(k, v)) for k, v in attributes])
+
+
+#: The attribute fields ``Span.end`` adds for ("ok", no code), and the request id's field up to its
+#: value, by the value's length in bytes (one-byte lengths only).
+_OUTCOME_OK = _attribute_fields(outcome_attributes("ok", None).items())
+_REQUEST_ID_PREFIXES = tuple(_text_attribute(_REQUEST_ID_KEY, "x" * n)[:-n or None] for n in range(100))
+#: A ``spans`` field's tag and length, by the length of a span (up to 2 KiB; few are over 500 bytes).
+_SPAN_TAGS = tuple(b"\x12" + varint(n) for n in range(2048))

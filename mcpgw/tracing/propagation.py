@@ -104,6 +104,25 @@ def inject(msg: dict[str, Any], raw: bytes, span: Span) -> tuple[dict[str, Any],
     return sent, dumps(sent)
 
 
+def inject_line(msg: dict[str, Any], raw: bytes, span: Span) -> bytes:
+    """What ``inject_raw`` gives, for an upstream that reads only the bytes (a stdio child): when ``raw``
+    is compact JSON whose top-level ``params`` object is its first nested value and has no ``_meta``
+    (what the SDKs send), the context is written into it as it is, with no decoding or encoding again;
+    anything else goes through ``inject_raw``."""
+    params = msg.get("params")
+    traceparent = span.traceparent()
+    if traceparent is None or type(params) is not dict or "_meta" in params or span.tracestate():
+        return inject_raw(msg, raw, span)
+    at = raw.find(b'"params":{')
+    # A "params" key before which no object opens but the message itself: the top level's (a quote
+    # inside a JSON string is escaped, so the match is a key, and a nested one would follow a "{").
+    if at < 1 or raw[0] != 0x7B or raw.find(b"{", 1, at) != -1:
+        return inject_raw(msg, raw, span)
+    at += 10
+    meta = b'"_meta":{"traceparent":"' + traceparent.encode() + (b'"}' if raw[at] == 0x7D else b'"},')
+    return raw[:at] + meta + raw[at:]
+
+
 def trace_headers(msg: Any) -> dict[bytes, bytes] | None:
     """The ``traceparent`` (and ``tracestate``) a message carries in ``params._meta``, checked as a
     client's are, as HTTP headers for a remote upstream; None when it carries none."""
