@@ -288,6 +288,11 @@ def outcome_of(raw: bytes) -> tuple[str, int | None]:
     """How the JSON-RPC answer ``raw`` ended a request: ("ok", None), ("tool_error", None) for a
     CallToolResult with ``isError``, ("input_required", None), ("timeout", -32001) for the gateway's
     limits.requestTimeout, else ("error", its code)."""
+    find = raw.find  # (``find``, not ``in``: measured cheaper on short answers)
+    if find(b'"error"') < 0 and find(b"isError") < 0 and find(b"input_required") < 0 and find(b"\\u") < 0:
+        # None of what a failure, a flagged result or an InputRequiredResult holds, nor an escape that
+        # could spell one: "ok", known without turning the answer into objects.
+        return "ok", None
     try:
         msg = jsonrpc.loads(raw) if len(raw) < jsonrpc.LARGE_MESSAGE else jsonrpc.route_view(raw)
     except (jsonrpc.DecodeError, ValueError):

@@ -54,6 +54,7 @@ MAX_TEMPLATES = 4096
 Remote = tuple[int, int, bool, "str | None"]
 
 
+
 def from_config(config: TracingConfig, reactor: Any, exporter: SpanExporter | None = None) -> OtelTracer:
     """The tracer ``config`` describes: sampled by trace id, batched, exported to ``config.endpoint``.
 
@@ -109,6 +110,14 @@ class OtelTracer:
         self._parent_based = config.parentBased
         self._tools: dict[str, tuple[str, dict[str, str]]] = {}
         self._templates = Templates()
+        #: (tool, transport, server, session, identity, client address) -> the span name, the MCP
+        #: attributes and the attribute template of a call of that tool (``request``'s usual case).
+        self._calls: dict[tuple[Any, ...], tuple[str, dict[str, str], dict[str, Any]]] = {}
+
+
+    def _sampled(self, trace: bytes) -> bool:
+        """TraceIdRatioBased's decision: the trace id's low 64 bits under the bound (every one at ratio 1)."""
+        return self._bound > 0xFFFFFFFFFFFFFFFF or int.from_bytes(trace[8:], "big") < self._bound
 
     def _each(self, leg: OtelSpan, span: OtelSpan) -> None:
         self.sink(leg)
@@ -117,6 +126,28 @@ class OtelTracer:
     def request(self, method: str, params: Any = None, *, server: str | None, transport: str,
                 request_id: Any = None, session_id: str | None = None, identity: str | None = None,
                 client_ip: str | None = None, headers: Any = None, parent: Mapping[str, str] | None = None) -> OtelSpan:
+        # The usual request first, in one lookup: a tool this session called before, no trace context
+        # but perhaps the headers'. Anything else (and the first call) takes ``_request``, which keeps
+        # what this one looks up.
+        if method == "tools/call" and type(params) is dict and parent is None and "_meta" not in params:
+            tool = params.get("name")
+            known = self._calls.get((tool, transport, server, session_id, identity, client_ip)) if type(tool) is str else None
+            if known is not None:
+                remote = None if headers is None else _remote(from_headers(headers))
+                if remote is None:
+                    trace = (getrandbits(128) or 1).to_bytes(16, "big")
+                    span = OtelSpan(self, trace, b"", False, self._sampled(trace), None, known[0], KIND_SERVER, known[1])
+                    if span.sampled:
+                        span.base = known[2]
+                        if request_id is not None:
+                            text = request_id if type(request_id) is str else str(request_id)
+                            span.request_id = text if len(text) <= a.MAX_VALUE else text[:a.MAX_VALUE]  # (a.cut)
+                    return span
+        return self._request(method, params, server, transport, request_id, session_id, identity, client_ip, headers, parent)
+
+    def _request(self, method: str, params: Any, server: str | None, transport: str, request_id: Any,
+                 session_id: str | None, identity: str | None, client_ip: str | None, headers: Any,
+                 parent: Mapping[str, str] | None) -> OtelSpan:
         name, mcp, known_tool = self._named(method, params)
         links: tuple[tuple[int, int], ...] = ()
         if parent is None and (params is None or (type(params) is dict and "_meta" not in params)):
@@ -124,14 +155,13 @@ class OtelTracer:
         else:
             remote, links = self._parent(params, headers, parent)
         if remote is None:
-            trace_id = getrandbits(128) or 1
-            span = OtelSpan(self, trace_id, trace_id.to_bytes(16, "big"), b"", False,
-                            (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound, None, name, KIND_SERVER, mcp)
+            trace = (getrandbits(128) or 1).to_bytes(16, "big")
+            span = OtelSpan(self, trace, b"", False, self._sampled(trace), None, name, KIND_SERVER, mcp)
         else:
             trace_id, parent_id, parent_sampled, state = remote
-            sampled = parent_sampled if self._parent_based else (trace_id & 0xFFFFFFFFFFFFFFFF) < self._bound
-            span = OtelSpan(self, trace_id, trace_id.to_bytes(16, "big"), parent_id.to_bytes(8, "big"), True, sampled,
-                            state, name, KIND_SERVER, mcp)
+            trace = trace_id.to_bytes(16, "big")
+            sampled = parent_sampled if self._parent_based else self._sampled(trace)
+            span = OtelSpan(self, trace, parent_id.to_bytes(8, "big"), True, sampled, state, name, KIND_SERVER, mcp)
         if span.sampled:
             span.links = links
             if self._record_arguments or not known_tool:
@@ -145,6 +175,9 @@ class OtelTracer:
                     known = self._templates.keep(key, mcp, self._request_attributes(mcp, method, params, server, transport,
                                                                                session_id, identity, client_ip))
                 span.base = known
+                if len(self._calls) >= MAX_TEMPLATES:
+                    self._calls.clear()
+                self._calls[(params["name"], transport, server, session_id, identity, client_ip)] = (name, mcp, known)
             if request_id is not None:
                 text = request_id if type(request_id) is str else str(request_id)
                 span.request_id = text if len(text) <= a.MAX_VALUE else text[:a.MAX_VALUE]  # (a.cut, inlined)
@@ -241,13 +274,12 @@ class OtelSpan:
     records nothing."""
 
     __slots__ = ("_leg", "_mcp", "_tracer", "base", "error", "error_code", "id_bytes", "kind", "links", "name", "outcome",
-                 "parent_bytes", "parent_remote", "private", "request_id", "sampled", "start", "state", "stop", "trace",
+                 "parent_bytes", "parent_remote", "private", "request_id", "sampled", "start", "state", "stop",
                  "trace_bytes")
 
-    def __init__(self, tracer: OtelTracer, trace_id: int, trace_bytes: bytes, parent_bytes: bytes, parent_remote: bool,
+    def __init__(self, tracer: OtelTracer, trace_bytes: bytes, parent_bytes: bytes, parent_remote: bool,
                  sampled: bool, state: str | None, name: str, kind: int, mcp: dict[str, str]):
         self._tracer = tracer
-        self.trace = trace_id
         #: The ids as they are written (OTLP, ``traceparent``): the trace's 16 bytes, its own 8, its
         #: parent's 8 (empty for a root span), made once and shared with the spans under it.
         self.trace_bytes = trace_bytes
@@ -281,6 +313,10 @@ class OtelSpan:
         return self.trace_bytes.hex()
 
     @property
+    def trace(self) -> int:
+        return int.from_bytes(self.trace_bytes, "big")
+
+    @property
     def span_id(self) -> int:
         return int.from_bytes(self.id_bytes, "big")
 
@@ -306,13 +342,15 @@ class OtelSpan:
 
     def upstream(self, leg: str, *, server: str | None = None, pid: int | None = None, member: str | None = None,
                  node: str | None = None, url: str | None = None) -> OtelSpan:
-        span = self._under(self.name, KIND_CLIENT)
-        if not span.sampled:
+        tracer = self._tracer
+        sampled = self.sampled if tracer._parent_based else tracer._sampled(self.trace_bytes)
+        span = OtelSpan(tracer, self.trace_bytes, self.id_bytes, False, sampled, self.state, self.name, KIND_CLIENT, self._mcp)  # (_under, inlined: every traced request has a leg)
+        if not sampled:
             return span
         self._leg = span
-        tracer = self._tracer
         key = (id(self._mcp), leg, server, pid, member, node, url)
-        known = tracer._templates.get(key)
+        kept = tracer._templates._kept.get(key)
+        known = None if kept is None else kept[1]
         if known is None:
             known = tracer._templates.keep(key, self._mcp, self._leg_attributes(leg, server, pid, member, node, url))
         span.base = known
@@ -344,8 +382,8 @@ class OtelSpan:
 
     def _under(self, name: str, kind: int) -> OtelSpan:
         tracer = self._tracer
-        sampled = self.sampled if tracer._parent_based else (self.trace & 0xFFFFFFFFFFFFFFFF) < tracer._bound
-        return OtelSpan(tracer, self.trace, self.trace_bytes, self.id_bytes, False, sampled, self.state, name, kind, self._mcp)
+        sampled = self.sampled if tracer._parent_based else tracer._sampled(self.trace_bytes)
+        return OtelSpan(tracer, self.trace_bytes, self.id_bytes, False, sampled, self.state, name, kind, self._mcp)
 
     def set(self, *, server: str | None = None, tool: str | None = None, prompt: str | None = None,
             uri: str | None = None, protocol_version: str | None = None, session_id: str | None = None,
