@@ -251,7 +251,9 @@ class Templates:
     """Attribute dicts a span starts with, kept by what they are made of: a session's calls repeat them.
 
     A key holds ``id()`` of the MCP attributes it was made from; the entry holds that dict, so the id
-    cannot be reused by another while the entry exists. Past ``MAX_TEMPLATES`` entries it starts over."""
+    cannot be reused by another while the entry exists. Past ``MAX_TEMPLATES`` entries it starts over.
+    A template is used with one span name and kind only (a request's: its tool's; a leg's: its
+    request's, CLIENT): the OTLP encoder keeps each one's encoded name and attributes by its id."""
 
     def __init__(self) -> None:
         self._kept: dict[tuple[Any, ...], tuple[dict[str, str], dict[str, Any]]] = {}

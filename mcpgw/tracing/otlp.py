@@ -36,6 +36,8 @@ _KINDS = {kind: b"\x30" + bytes([kind]) for kind in (KIND_INTERNAL, KIND_SERVER,
 _DOUBLE = struct.Struct("<d")
 #: start_time_unix_nano and end_time_unix_nano (fixed64), with their tags.
 _TIMES = struct.Struct("<BQBQ")
+#: A leg's and its span's, at once.
+_PAIR_TIMES = struct.Struct("<BQBQBQBQ")
 REQUEST_ID = "jsonrpc.request.id"
 _REQUEST_ID_KEY = b"\x0a" + bytes((len(REQUEST_ID),)) + REQUEST_ID.encode()
 #: status and flags, by (error, parent remote).
@@ -172,12 +174,12 @@ class Encoder:
         """``span`` of both, a request's span and the upstream leg that ended with it, sharing what they share
         (the trace id, the span's id as the leg's parent, the end, the outcome) in the usual case: no trace
         state or links, attributes from kept templates."""
+        # Templates kept by ``span`` (never a span's private dict), each made for one name and kind (the
+        # tracer's invariant), and the leg under the span; the leg's end is the span's (OtelSpan.end).
         kept_leg = self._templates.get(id(leg.base))
         kept = self._templates.get(id(s.base))
         if (kept is None or kept_leg is None or kept[0] is not s.base or kept_leg[0] is not leg.base
-                or kept[1] is not s.name or kept_leg[1] is not leg.name or kept[2] != s.kind or kept_leg[2] != leg.kind
-                or s.private or leg.private or s.state or s.links or leg.links or leg.request_id is not None
-                or leg.parent_bytes is not s.id_bytes or leg.stop != s.stop):
+                or s.state or s.links or leg.links or leg.parent_bytes is not s.id_bytes):
             return self.span(leg) + self.span(s)  # (which keeps the templates for the next)
         trace = s.trace_bytes
         span_id = s.id_bytes
@@ -187,13 +189,19 @@ class Encoder:
         else:
             outcome = self._outcomes.get((s.outcome, s.error_code)) or self._outcome(s.outcome, s.error_code)
         tails = _TAILS[s.error]
+        times = _PAIR_TIMES.pack(0x39, leg.start, 0x41, stop, 0x39, s.start, 0x41, stop)
         leg_body = b"".join((b"\x0a\x10", trace, b"\x12\x08", leg.id_bytes, b"\x22\x08", span_id,
-                             kept_leg[3], _TIMES.pack(0x39, leg.start, 0x41, stop), kept_leg[4], outcome, tails[0]))
+                             kept_leg[3], times[:18], kept_leg[4], outcome, tails[0]))
         parent = s.parent_bytes
         request_id = s.request_id
+        if request_id is None:
+            request_id_field = b""
+        else:  # (_request_id, inlined)
+            encoded = request_id.encode("utf-8", "replace")
+            request_id_field = (_REQUEST_ID_PREFIXES[len(encoded)] + encoded if len(encoded) < len(_REQUEST_ID_PREFIXES)
+                                else _text_attribute(_REQUEST_ID_KEY, request_id))
         body = b"".join((b"\x0a\x10", trace, b"\x12\x08", span_id, b"\x22\x08" + parent if parent else b"",
-                         kept[3], _TIMES.pack(0x39, s.start, 0x41, stop), kept[4], outcome,
-                         b"" if request_id is None else _request_id(request_id), tails[s.parent_remote]))
+                         kept[3], times[18:], kept[4], outcome, request_id_field, tails[s.parent_remote]))
         n, m = len(leg_body), len(body)
         if n < len(_SPAN_TAGS) and m < len(_SPAN_TAGS):
             return b"".join((_SPAN_TAGS[n], leg_body, _SPAN_TAGS[m], body))
