@@ -166,9 +166,10 @@ class Encoder:
         return self.envelope([self.span(s) for s in spans])
 
     def envelope(self, spans: list[bytes]) -> bytes:
-        """The ``ExportTraceServiceRequest`` of spans encoded by ``span``."""
-        scope_spans = _field(b"\x12", self._scope + b"".join(spans))
-        return _field(b"\x0a", self._resource + scope_spans)
+        """The ``ExportTraceServiceRequest`` of spans encoded by ``span`` (their bytes copied once)."""
+        size = len(self._scope) + sum(map(len, spans))
+        head = b"\x12" + varint(size)
+        return b"".join((b"\x0a", varint(len(self._resource) + len(head) + size), self._resource, head, self._scope, *spans))
 
     def pair(self, leg: SpanRecord, s: SpanRecord) -> bytes:
         """``span`` of both, a request's span and the upstream leg that ended with it, sharing what they share
