@@ -101,7 +101,7 @@ def test_long_unicode_and_every_value_type_encode_as_the_sdks() -> None:
                         server="s", transport="streamable", request_id=-3).end()
     kept.tracer.request("resources/read", {"uri": "file:///" + "z" * 400}, server="s", transport="streamable").end()
     span = kept.tracer.request("ping", None, server=None, transport="streamable")
-    span.attributes.update({"x.bool": True, "x.false": False, "x.double": 0.25, "x.negative": -(2**40), "x.zero": 0})
+    span._own().update({"x.bool": True, "x.false": False, "x.double": 0.25, "x.negative": -(2**40), "x.zero": 0})
     span.end()
     assert_same(*kept.both())
 
@@ -116,6 +116,54 @@ def test_many_spans_in_one_request_and_the_cache_starting_over(monkeypatch: pyte
     encoder = Encoder(resource_for(kept.config).attributes, SCOPE, __version__)
     first = encoder.request(kept.spans)
     assert encoder.request(kept.spans) == first  # from the cache (started over several times) as when new
+
+
+class Pairs(Kept):
+    """A Kept whose spans ended with their leg are kept as the pair they went out as."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs: list[tuple[OtelSpan, OtelSpan]] = []
+        self.tracer.sink_pair = lambda leg, span: self.pairs.append((leg, span))
+
+
+PAIRED = {
+    "ok": dict(request_id=7),
+    "error": dict(request_id="r-1", outcome=("error", -32603)),
+    "tool error": dict(request_id=8, outcome=("tool_error", None)),
+    "long unicode request id": dict(request_id="ï" * 200),
+    "remote parent": dict(request_id=9, headers={"traceparent": CLIENT_PARENT}),
+    "tracestate": dict(request_id=10, headers={"traceparent": CLIENT_PARENT, "tracestate": "rojo=1"}),
+    "no request id": dict(request_id=None),
+}
+
+
+@pytest.mark.parametrize("case", PAIRED.values(), ids=PAIRED.keys())
+def test_a_span_and_its_leg_encode_together_as_the_sdk_encodes_them(case: dict[str, Any]) -> None:
+    """OtelSpan.end ends the leg still open with the span and sends both at once (Encoder.pair, which
+    shares what they share): the same bytes as each on its own, and as the SDK's."""
+    pairs = Pairs()
+    outcome = case.get("outcome", ("ok", None))
+    for _ in range(3):  # the first calls of a tool make its templates; the later ones take the kept path
+        span = pairs.tracer.request("tools/call", {"name": "get_time"}, server="time", transport="streamable",
+                                    request_id=case["request_id"], session_id="s", headers=case.get("headers"))
+        span.upstream("stdio", server="time", pid=42)
+        span.end(*outcome)
+    encoder = Encoder(resource_for(pairs.config).attributes, SCOPE, __version__)
+    for leg, span in pairs.pairs:
+        assert leg.stop == span.stop and (leg.outcome, leg.error_code) == outcome
+        assert encoder.pair(leg, span) == encoder.span(leg) + encoder.span(span)
+    ours = encoder.envelope([encoder.pair(leg, span) for leg, span in pairs.pairs])
+    assert_same(ours, pairs.both([s for pair in pairs.pairs for s in pair])[1])
+
+
+def test_a_leg_ended_before_its_span_goes_alone() -> None:
+    kept = Kept()
+    span = kept.tracer.request("tools/call", {"name": "t"}, server="s", transport="streamable")
+    leg = span.upstream("remote", server="s", url="http://up:1/mcp")
+    leg.end("timeout")
+    span.end("error", -32001)
+    assert kept.spans == [leg, span] and leg.outcome == "timeout" and span.outcome == "error"
 
 
 def test_an_unsampled_span_is_not_kept() -> None:
@@ -154,6 +202,30 @@ def test_a_full_batch_goes_at_once_and_the_rest_at_shutdown() -> None:
     assert [x for body in collector.bodies for x in body] == list(range(6))
     assert collector.bodies[0] == [0, 1, 2, 3]
     assert (export.exported, export.dropped, export.failed) == (6, 0, 0)
+
+
+def test_a_wake_for_a_full_batch_sends_full_batches_only() -> None:
+    """What arrives while a batch is out waits for the next full one (one POST per max_batch spans
+    under load, not one per wake-up with what trickled in); the interval or the stop sends the rest."""
+    collector = Collector()
+    sending = threading.Event()
+    go = threading.Event()
+
+    def send(body: Any) -> bool:
+        sending.set()
+        assert go.wait(10)
+        return collector(body)
+
+    export = BatchExport(list, send, max_batch=4, max_queue=100, interval=3600)
+    for i in range(4):
+        export.put(i)
+    assert sending.wait(10)  # the first batch is out; what follows arrives meanwhile
+    export.put(4)
+    go.set()
+    for i in range(5, 8):
+        export.put(i)
+    export.shutdown()
+    assert collector.bodies == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_a_full_queue_drops_and_counts() -> None:

@@ -27,7 +27,8 @@ from twisted.web.http_headers import Headers
 import mcpgw.tracing
 from mcpgw.config.checks import ConfigError
 from mcpgw.config.observability import DEFAULT_TRACES_ENDPOINT, TracingConfig, parse_tracing
-from mcpgw.tracing import NOOP, NOOP_SPAN, build, extract, inject_meta, inject_raw
+from mcpgw.dispatch import outcome_of
+from mcpgw.tracing import NOOP, NOOP_SPAN, build, extract, inject_line, inject_meta, inject_raw
 from mcpgw.tracing import api as tracing_api
 from mcpgw.tracing.api import EMPTY_CARRIER, NoopSpan, NoopTracer
 from mcpgw.tracing.attributes import session_hash
@@ -327,6 +328,46 @@ def test_inject_raw_encodes_again_only_when_tracing(traced: Traced) -> None:
     span.end()
 
 
+LINES = [
+    {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "get_time", "arguments": {"tz": "UTC"}}},
+    {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}},
+    {"jsonrpc": "2.0", "id": 3, "method": "ping"},
+    # a "params" key nested in a member before the top level's: the splice must not take it
+    {"jsonrpc": "2.0", "x": {"params": {}}, "id": 4, "method": "m", "params": {"a": 1}},
+    # braces and the key's own spelling inside strings before params
+    {"jsonrpc": "2.0", "id": '"params":{', "method": "m{", "params": {"a": 1}},
+    # the client's own _meta (its progress token) is kept: the message is encoded again
+    {"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"name": "t", "_meta": {"progressToken": 6}}},
+    {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "t", "arguments": {"params": {"_meta": 1}}}},
+]
+
+
+@pytest.mark.parametrize("msg", LINES)
+@pytest.mark.parametrize("dumps", [orjson.dumps, lambda m: orjson.dumps(m, option=orjson.OPT_INDENT_2)], ids=["compact", "indented"])
+def test_inject_line_gives_the_child_what_inject_raw_does(traced: Traced, msg: dict[str, Any], dumps: Any) -> None:
+    """A stdio child gets the gateway's traceparent in ``params._meta`` (MCP semantic conventions,
+    SEP-414) whether the line is written into as it is or encoded again; the client's message is unchanged."""
+    span = call(traced.tracer)
+    raw = dumps(msg)
+    before = copy.deepcopy(msg)
+    sent = inject_line(msg, raw, span)
+    assert orjson.loads(sent) == orjson.loads(inject_raw(msg, raw, span))
+    assert orjson.loads(sent).get("params", {}).get("_meta", {}).get("traceparent") == span.traceparent()
+    assert msg == before
+    span.end()
+
+
+def test_inject_line_writes_into_a_compact_line_without_encoding_it_again(traced: Traced) -> None:
+    span = call(traced.tracer)
+    raw = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"n":1.50}}}'
+    msg = orjson.loads(raw)
+    sent = inject_line(msg, raw, span)
+    # The client's bytes around the context are the client's (1.50 is not re-encoded as 1.5).
+    assert sent == raw.replace(b'"params":{', b'"params":{"_meta":{"traceparent":"%s"},' % span.traceparent().encode())
+    assert inject_line(msg, raw, NOOP_SPAN) is raw
+    span.end()
+
+
 # -- sampling and what is recorded -------------------------------------------------------
 
 
@@ -533,3 +574,25 @@ def _no_leaked_context() -> Iterator[None]:
     """No test leaves a span current for the next (the tracer never attaches one)."""
     yield
     assert not trace.get_current_span().get_span_context().is_valid
+
+
+# -- how an answer ended a request (mcpgw.dispatch.outcome_of) -------------------------------
+
+OUTCOMES = [
+    (b'{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hi"}]}}', ("ok", None)),
+    (b'{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}}', ("tool_error", None)),
+    (b'{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":false}}', ("ok", None)),
+    (b'{"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"no"}}', ("error", -32601)),
+    (b'{"jsonrpc":"2.0","id":1,"error":{"code":-32001,"message":"timed out"}}', ("timeout", -32001)),
+    (b'{"jsonrpc":"2.0","id":1,"result":{"resultType":"input_required","inputRequests":{}}}', ("input_required", None)),
+    # The same members spelled with escapes: an upstream cannot pass a failure off as a success.
+    (b'{"jsonrpc":"2.0","id":1,"\\u0065rror":{"code":-32000,"message":"x"}}', ("error", -32000)),
+    (b'{"jsonrpc":"2.0","id":1,"result":{"\\u0069sError":true}}', ("tool_error", None)),
+    # The words inside text are not members: decoded, and found to be a success.
+    (b'{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"\\"error\\" isError"}]}}', ("ok", None)),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), OUTCOMES)
+def test_an_answers_outcome_whether_or_not_it_is_decoded(raw: bytes, expected: tuple[str, int | None]) -> None:
+    assert outcome_of(raw) == expected
