@@ -179,7 +179,8 @@ def _observed(ctx: GatewayContext, session: Any, msg: dict[str, Any], raw: bytes
     else:
         span.set(session_id=session.id)
     pid = None
-    if local and server.kind == "stdio" and server.sessions != "pooled":  # a child of its own: it reads the bytes only
+    stdio = type(server) is StdioServer  # (not ``server.kind``, a property: every traced request passes here)
+    if local and stdio and server.sessions != "pooled":  # a child of its own: it reads the bytes only
         pid = session.upstream.pid
         leg = span.upstream("stdio", server=server.name, pid=pid)
         raw = inject_line(msg, raw, leg)
@@ -191,7 +192,7 @@ def _observed(ctx: GatewayContext, session: Any, msg: dict[str, Any], raw: bytes
     call = ObservedRoute(ctx, route, span, leg, msg, server=server.name, identity=identity,
                          client_ip=client_ip, audited=local)
     session.request(msg, raw, call)
-    if local and pid is None and server.kind == "stdio":  # a child started by this request
+    if local and pid is None and stdio:  # a child started by this request
         leg.set(pid=session.upstream.pid)
 
 

@@ -9,9 +9,10 @@ arithmetic (TraceIdRatioBased, ParentBased) and, behind the ``exporter`` seam, i
 What is the gateway's own: the span objects and the export. A span is a small object with its
 attributes in one dict given at its start (a template the tracer keeps, shared by a session's
 spans), and ids from ``random.getrandbits``; its end encodes it straight to OTLP protobuf
-(mcpgw.tracing.otlp) and queues the bytes for a thread that POSTs batches (mcpgw.tracing.export). The SDK's span (locks, BoundedAttributes, a Resource per span, one call per
-attribute) and its generic encoder (a protobuf object per attribute) cost more than the rest of a
-proxied call; the wire format, names, kinds, parents, links and attributes are the same (the
+(mcpgw.tracing.otlp), with its upstream leg when that ends with it, and queues the bytes for a
+thread that POSTs batches (mcpgw.tracing.export). The SDK's span (locks, BoundedAttributes, a
+Resource per span, one call per attribute) and its generic encoder (a protobuf object per
+attribute) cost more than the rest of a proxied call; the wire format, names, kinds, parents, links and attributes are the same (the
 SDK's encoder and ours are compared in tests/test_otlp_encoder.py).
 
 Every span has an explicit parent (a remote carrier, or the span it is under): nothing is read from
