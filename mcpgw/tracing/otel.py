@@ -37,6 +37,7 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.web.http_headers import Headers
 
 import mcpgw.tracing.attributes as a
 from mcpgw import __version__
@@ -134,10 +135,14 @@ class OtelTracer:
             tool = params.get("name")
             known = self._calls.get((tool, transport, server, session_id, identity, client_ip)) if type(tool) is str else None
             if known is not None:
-                remote = None if headers is None else _remote(from_headers(headers))
+                if headers is None or (type(headers) is Headers and not headers.getRawHeaders(b"traceparent")):
+                    remote = None  # (from_headers, inlined for the usual request: no traceparent header)
+                else:
+                    remote = _remote(from_headers(headers))
                 if remote is None:
                     trace = (getrandbits(128) or 1).to_bytes(16, "big")
-                    span = OtelSpan(self, trace, b"", False, self._sampled(trace), None, known[0], KIND_SERVER, known[1])
+                    sampled = self._bound > 0xFFFFFFFFFFFFFFFF or self._sampled(trace)  # (every one at ratio 1)
+                    span = OtelSpan(self, trace, b"", False, sampled, None, known[0], KIND_SERVER, known[1])
                     if span.sampled:
                         span.base = known[2]
                         if request_id is not None:
