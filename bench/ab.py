@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("--before-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment of the 'before' gateway only (repeatable)")
     ap.add_argument("--transport", default="streamable", choices=["streamable", "sse", "ws"])
-    ap.add_argument("--tracing", action="store_true", help="a tracing section (ratio 1.0, to an in-process sink) for both")
+    ap.add_argument("--tracing", action="store_true", help="a tracing section (ratio 1.0, to a sink process) for both")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seq", type=int, default=1000, help="sequential calls per round (0: none)")
     ap.add_argument("--sessions", type=int, default=50)

@@ -32,9 +32,10 @@ from mcpgw import __version__
 
 log = Logger()
 
-#: Spans per export request: the per-request costs (HTTP, the resource and scope) spread over this many.
+#: Entries per export request (an entry: a span, or a request's span and the leg that ended with it):
+#: the per-request costs (HTTP, the resource and scope) spread over this many.
 MAX_BATCH = 512
-#: Spans waiting at most; more are dropped. Several batches: the thread can fall behind a burst.
+#: Entries waiting at most; more are dropped. Several batches: the thread can fall behind a burst.
 MAX_QUEUE = 8192
 #: Seconds between exports of a batch that is not full.
 INTERVAL = 2.0
