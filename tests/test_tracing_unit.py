@@ -229,6 +229,21 @@ def test_continues_the_trace_of_the_clients_http_headers(traced: Traced) -> None
     assert finished.parent is not None and finished.parent.is_remote and hex_span(finished.parent.span_id) == CLIENT_SPAN
 
 
+@pytest.mark.parametrize("meta", [None, {"progressToken": 5}], ids=["no _meta", "a progress token"])
+def test_a_known_tools_calls_take_the_headers_context_every_time(traced: Traced, meta: Any) -> None:
+    """The first call of a tool and the later ones (found in one lookup) continue the same way: a
+    progress token in ``_meta`` is no trace context, the headers' traceparent is the parent."""
+    headers = Headers({b"traceparent": [CLIENT_PARENT.encode()]})
+    params = {"name": "get_time", **({"_meta": meta} if meta else {})}
+    for _ in range(3):
+        call(traced.tracer, params, headers=headers).end()
+        call(traced.tracer, params).end()
+    spans = traced.spans()
+    assert [hex_trace(s) == CLIENT_TRACE for s in spans] == [True, False] * 3
+    assert len({hex_trace(s) for s in spans[1::2]}) == 3  # each call without a context: a trace of its own
+    assert all(s.parent is not None and hex_span(s.parent.span_id) == CLIENT_SPAN for s in spans[::2])
+
+
 def test_continues_the_trace_of_params_meta_and_links_the_http_one(traced: Traced) -> None:
     params = {"name": "get_time", "_meta": {"traceparent": CLIENT_PARENT, "progressToken": 3}}
     call(traced.tracer, params, headers={"traceparent": OTHER_PARENT}).end()

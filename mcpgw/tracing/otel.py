@@ -131,7 +131,9 @@ class OtelTracer:
         # The usual request first, in one lookup: a tool this session called before, no trace context
         # but perhaps the headers'. Anything else (and the first call) takes ``_request``, which keeps
         # what this one looks up.
-        if method == "tools/call" and type(params) is dict and parent is None and "_meta" not in params:
+        meta = params.get("_meta") if type(params) is dict else None
+        if (method == "tools/call" and type(params) is dict and parent is None
+                and (meta is None or (type(meta) is dict and TRACEPARENT not in meta))):  # (a progress token is no context)
             tool = params.get("name")
             known = self._calls.get((tool, transport, server, session_id, identity, client_ip)) if type(tool) is str else None
             if known is not None:
