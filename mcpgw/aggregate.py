@@ -38,7 +38,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mcpgw import __version__, jsonrpc, logs
+from mcpgw import __version__, aggregate_members, jsonrpc, logs
 from mcpgw.aggregate_members import (
     CHANGED,
     LISTS,
@@ -184,10 +184,9 @@ class AggregateUpstream:
             self._answer(id, {})
         elif method in LISTS:
             self._list(id, method, params)
-        elif method in ("tools/call", "prompts/get"):
-            kind = "tools/list" if method == "tools/call" else "prompts/list"
-            self._by_public_name(id, msg, kind, params.get("name"), lambda p, name: {**p, "name": name})
-        elif method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
+        elif method in aggregate_members.LIST_OF:
+            self._by_public_name(id, msg, aggregate_members.LIST_OF[method], params.get("name"), lambda p, name: {**p, "name": name})
+        elif method in aggregate_members.URI_METHODS:
             self._by_uri(id, msg, params.get("uri"))
         elif method == "completion/complete":
             ref = _dict(params.get("ref"))
@@ -494,6 +493,13 @@ class AggregateUpstream:
             return None
         owners = [m for m in self.members if m.offers(method) and public in (m.names[method] or ())]
         return (owners[0], public) if len(owners) == 1 else None
+
+    def member_for(self, method: str, params: dict[str, Any]) -> str | None:
+        """The member a request by name or URI goes to, as far as known yet (dispatch's leg span names it)."""
+        name, uri, lists = params.get("name"), params.get("uri"), aggregate_members.LIST_OF
+        found = self._resolve(lists[method], name) if method in lists and isinstance(name, str) else None
+        owner = self._owner_of(uri) if method in aggregate_members.URI_METHODS and isinstance(uri, str) else None
+        return found[0].name if found else owner.name if owner is not None else None
 
     def _by_uri(self, id: Any, msg: dict[str, Any], uri: Any) -> None:
         if not isinstance(uri, str):

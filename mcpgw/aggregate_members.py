@@ -27,6 +27,9 @@ CHANGED = {
     "notifications/prompts/list_changed": ("prompts/list",),
     "notifications/resources/list_changed": ("resources/list", "resources/templates/list"),
 }
+#: A request by name -> the list that names it; the requests by resource URI.
+LIST_OF = {"tools/call": "tools/list", "prompts/get": "prompts/list"}
+URI_METHODS = frozenset({"resources/read", "resources/subscribe", "resources/unsubscribe"})
 Callback = Callable[[dict[str, Any]], None]
 
 

@@ -186,7 +186,7 @@ def _observed(ctx: GatewayContext, session: Any, msg: dict[str, Any], raw: bytes
         raw = inject_line(msg, raw, leg)
     else:
         pid = session.upstream.pid if local else None
-        leg = _leg(span, session, local)
+        leg = _leg(span, session, local, msg)
         if local:  # a session owned elsewhere gets the context in the cluster's message (ObservedRoute.hop)
             msg, raw = inject(msg, raw, leg)
     call = ObservedRoute(ctx, route, span, leg, msg, server=server.name, identity=identity,
@@ -261,16 +261,19 @@ def _who(principal: Principal | None) -> tuple[str | None, str | None]:
     return (None, None) if principal is None else (principal.identity, principal.client_ip)
 
 
-def _leg(span: Span, session: Any, local: bool) -> Span:
-    """The upstream leg of a request to ``session``: the hop to the cluster instance that owns it, or
-    its server's kind (a pooled server's handshake-era session: its pool)."""
+def _leg(span: Span, session: Any, local: bool, msg: dict[str, Any]) -> Span:
+    """The upstream leg of request ``msg`` to ``session``: the hop to the cluster instance that owns it,
+    or its server's kind (a pooled server's handshake-era session: its pool; an aggregate's: the member
+    it goes to, when it is known before the request goes out)."""
     if not local:
         return span.upstream("cluster", node=session.instance)
     server = session.server
     if server.kind == "remote":
         return span.upstream("remote", server=server.name, url=server.url)
     if server.kind == "aggregate":
-        return span.upstream("aggregate", server=server.name)
+        params = msg.get("params")
+        member = session.upstream.member_for(msg["method"], params) if isinstance(params, dict) else None
+        return span.upstream("aggregate", server=server.name, member=member)
     if isinstance(server, StdioServer) and server.sessions == "pooled":
         return span.upstream("pool", server=server.name)
     return span.upstream("stdio", server=server.name, pid=session.upstream.pid)

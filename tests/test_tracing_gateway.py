@@ -26,6 +26,7 @@ from mcpgw.dispatch import ObservedRoute
 from mcpgw.tracing.attributes import session_hash
 from mcpgw.transports.streamable import PostExchange
 from tests import wire
+from tests.gateway_process import fixture_server
 from tests.harness import Harness
 from tests.observing import (
     CLIENT_PARENT,
@@ -116,6 +117,27 @@ def test_the_duration_histogram_has_the_trace_as_exemplar(gw: Harness, traced: T
              and " # " in line]
     assert len(lines) == 1 and f'# {{trace_id="{CLIENT_TRACE}"}}' in lines[0], lines
     assert b"trace_id" not in generate_latest(registry)
+
+
+def test_an_aggregate_calls_leg_names_the_member_it_goes_to(traced: Traced):
+    """Issue 19: the upstream leg of a call through an aggregate says which member server took it, and
+    that member's child continues the leg (``params._meta.traceparent``)."""
+    config = wire.config()
+    config["mcpServers"].update({"a": fixture_server(), "b": fixture_server()})
+    config["aggregate"] = {"name": "all", "servers": ["a", "b"]}
+    with Harness(config) as h:
+        observe(h, traced)
+        with h.client() as client:
+            sid = wire.open_session(client, path="/servers/all/mcp")
+            r = client.post("/servers/all/mcp", headers=session_headers(sid), json=tool_call(7, "b__echo", {"text": "hi"}))
+            assert messages_of(r)[0]["result"]["content"][0]["text"] == "hi"
+        server, leg = call_tree(traced, "tools/call b__echo")
+        assert leg.attributes["mcpgw.upstream"] == "aggregate" and leg.attributes["mcpgw.aggregate.member"] == "b"
+        assert leg.attributes["mcpgw.server"] == "all" and server.attributes["mcpgw.server"] == "all"
+        got = [m for pid in h.child_pids() for m in h.program(pid).received
+               if isinstance(m, dict) and m.get("method") == "tools/call"]
+        assert len(got) == 1 and got[0]["params"]["name"] == "echo"
+        assert got[0]["params"]["_meta"]["traceparent"] == traceparent_of(leg)
 
 
 def test_initialize_spans_its_spawn(gw: Harness, traced: Traced):
