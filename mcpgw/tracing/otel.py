@@ -12,8 +12,9 @@ spans), and ids from ``random.getrandbits``; its end encodes it straight to OTLP
 (mcpgw.tracing.otlp), with its upstream leg when that ends with it, and queues the bytes for a
 thread that POSTs batches (mcpgw.tracing.export). The SDK's span (locks, BoundedAttributes, a
 Resource per span, one call per attribute) and its generic encoder (a protobuf object per
-attribute) cost more than the rest of a proxied call; the wire format, names, kinds, parents, links and attributes are the same (the
-SDK's encoder and ours are compared in tests/test_otlp_encoder.py).
+attribute) cost more than the rest of a proxied call; the wire format, names, kinds, parents,
+links and attributes are the same (the SDK's encoder and ours are compared in
+tests/test_otlp_encoder.py).
 
 Every span has an explicit parent (a remote carrier, or the span it is under): nothing is read from
 or attached to OpenTelemetry's ambient context, which lives in contextvars that do not follow a
@@ -54,7 +55,6 @@ MAX_TOOLS = 1024
 MAX_TEMPLATES = 4096
 #: A remote parent: trace id, span id, sampled, tracestate header (or None).
 Remote = tuple[int, int, bool, "str | None"]
-
 
 
 def from_config(config: TracingConfig, reactor: Any, exporter: SpanExporter | None = None) -> OtelTracer:
@@ -115,7 +115,6 @@ class OtelTracer:
         #: (tool, transport, server, session, identity, client address) -> the span name, the MCP
         #: attributes and the attribute template of a call of that tool (``request``'s usual case).
         self._calls: dict[tuple[Any, ...], tuple[str, dict[str, str], dict[str, Any]]] = {}
-
 
     def _sampled(self, trace: bytes) -> bool:
         """TraceIdRatioBased's decision: the trace id's low 64 bits under the bound (every one at ratio 1)."""
@@ -187,8 +186,7 @@ class OtelTracer:
                     self._calls.clear()
                 self._calls[(params["name"], transport, server, session_id, identity, client_ip)] = (name, mcp, known)
             if request_id is not None:
-                text = request_id if type(request_id) is str else str(request_id)
-                span.request_id = text if len(text) <= a.MAX_VALUE else text[:a.MAX_VALUE]  # (a.cut, inlined)
+                span.request_id = a.cut(request_id)
         return span
 
     def _named(self, method: str, params: Any) -> tuple[str, dict[str, str], bool]:
@@ -264,16 +262,16 @@ class Templates:
     request's, CLIENT): the OTLP encoder keeps each one's encoded name and attributes by its id."""
 
     def __init__(self) -> None:
-        self._kept: dict[tuple[Any, ...], tuple[dict[str, str], dict[str, Any]]] = {}
+        self.entries: dict[tuple[Any, ...], tuple[dict[str, str], dict[str, Any]]] = {}
 
     def get(self, key: tuple[Any, ...]) -> dict[str, Any] | None:
-        kept = self._kept.get(key)
+        kept = self.entries.get(key)
         return None if kept is None else kept[1]
 
     def keep(self, key: tuple[Any, ...], mcp: dict[str, str], attributes: dict[str, Any]) -> dict[str, Any]:
-        if len(self._kept) >= MAX_TEMPLATES:
-            self._kept.clear()
-        self._kept[key] = (mcp, attributes)
+        if len(self.entries) >= MAX_TEMPLATES:
+            self.entries.clear()
+        self.entries[key] = (mcp, attributes)
         return attributes
 
 
@@ -354,12 +352,13 @@ class OtelSpan:
                  node: str | None = None, url: str | None = None) -> OtelSpan:
         tracer = self._tracer
         sampled = self.sampled if tracer._parent_based else tracer._sampled(self.trace_bytes)
-        span = OtelSpan(tracer, self.trace_bytes, self.id_bytes, False, sampled, self.state, self.name, KIND_CLIENT, self._mcp)  # (_under, inlined: every traced request has a leg)
+        # (_under, inlined: every traced request has a leg)
+        span = OtelSpan(tracer, self.trace_bytes, self.id_bytes, False, sampled, self.state, self.name, KIND_CLIENT, self._mcp)
         if not sampled:
             return span
         self._leg = span
         key = (id(self._mcp), leg, server, pid, member, node, url)
-        kept = tracer._templates._kept.get(key)
+        kept = tracer._templates.entries.get(key)
         known = None if kept is None else kept[1]
         if known is None:
             known = tracer._templates.keep(key, self._mcp, self._leg_attributes(leg, server, pid, member, node, url))
