@@ -119,10 +119,11 @@ def test_many_spans_in_one_request_and_the_cache_starting_over(monkeypatch: pyte
 
 
 class Pairs(Kept):
-    """A Kept whose spans ended with their leg are kept as the pair they went out as."""
+    """A Kept whose spans ended with their leg are kept as the pair they went out as. Arguments are not
+    recorded (the default): a known tool's spans share kept templates, as in production."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(TracingConfig(enabled=True, serviceName="enc-test"))
         self.pairs: list[tuple[OtelSpan, OtelSpan]] = []
         self.tracer.sink_pair = lambda leg, span: self.pairs.append((leg, span))
 
@@ -139,9 +140,13 @@ PAIRED = {
 
 
 @pytest.mark.parametrize("case", PAIRED.values(), ids=PAIRED.keys())
-def test_a_span_and_its_leg_encode_together_as_the_sdk_encodes_them(case: dict[str, Any]) -> None:
+def test_a_span_and_its_leg_encode_together_as_the_sdk_encodes_them(case: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """OtelSpan.end ends the leg still open with the span and sends both at once (Encoder.pair, which
-    shares what they share): the same bytes as each on its own, and as the SDK's."""
+    packs the usual pair in one form kept for its templates): the same bytes as each on its own, and as
+    the SDK's."""
+    forms: list[int] = []
+    made = Encoder._form
+    monkeypatch.setattr(Encoder, "_form", lambda self, kept, n, parent: forms.append(n) or made(self, kept, n, parent))
     pairs = Pairs()
     outcome = case.get("outcome", ("ok", None))
     for _ in range(3):  # the first calls of a tool make its templates; the later ones take the kept path
@@ -155,6 +160,10 @@ def test_a_span_and_its_leg_encode_together_as_the_sdk_encodes_them(case: dict[s
         assert encoder.pair(leg, span) == encoder.span(leg) + encoder.span(span)
     ours = encoder.envelope([encoder.pair(leg, span) for leg, span in pairs.pairs])
     assert_same(ours, pairs.both([s for pair in pairs.pairs for s in pair])[1])
+    # The form is the usual ("ok", a short request id) pair's, made once per request id length.
+    usual = (outcome == ("ok", None) and "tracestate" not in case.get("headers", {})
+             and case["request_id"] is not None and len(str(case["request_id"]).encode()) < 100)
+    assert forms == ([len(str(case["request_id"]))] if usual else [])
 
 
 def test_a_leg_ended_before_its_span_goes_alone() -> None:

@@ -354,6 +354,9 @@ LINES = [
     # the client's own _meta (its progress token) is kept: the message is encoded again
     {"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"name": "t", "_meta": {"progressToken": 6}}},
     {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "t", "arguments": {"params": {"_meta": 1}}}},
+    # a member the gateway does not know (an object could open before params): encoded again
+    {"jsonrpc": "2.0", "id": 8, "x": 1, "method": "m", "params": {"a": 1}},
+    {"jsonrpc": "2.0", "id": 9, "method": "m", "params": {"a": 1}, "x": {"params": {}}},
 ]
 
 

@@ -109,6 +109,8 @@ class OtelTracer:
         self._record_arguments = config.recordArguments
         #: The sampler's threshold on a trace id's low 64 bits (TraceIdRatioBased's arithmetic).
         self._bound = TraceIdRatioBased.get_bound_for_rate(config.sampleRatio)
+        #: Every trace is sampled (ratio 1): no trace id is read.
+        self._every = self._bound > 0xFFFFFFFFFFFFFFFF
         self._parent_based = config.parentBased
         self._tools: dict[str, tuple[str, dict[str, str]]] = {}
         self._templates = Templates()
@@ -118,7 +120,7 @@ class OtelTracer:
 
     def _sampled(self, trace: bytes) -> bool:
         """TraceIdRatioBased's decision: the trace id's low 64 bits under the bound (every one at ratio 1)."""
-        return self._bound > 0xFFFFFFFFFFFFFFFF or int.from_bytes(trace[8:], "big") < self._bound
+        return self._every or int.from_bytes(trace[8:], "big") < self._bound
 
     def _each(self, leg: OtelSpan, span: OtelSpan) -> None:
         self.sink(leg)
@@ -130,21 +132,17 @@ class OtelTracer:
         # The usual request first, in one lookup: a tool this session called before, no trace context
         # but perhaps the headers'. Anything else (and the first call) takes ``_request``, which keeps
         # what this one looks up.
-        meta = params.get("_meta") if type(params) is dict else None
-        if (method == "tools/call" and type(params) is dict and parent is None
-                and (meta is None or (type(meta) is dict and TRACEPARENT not in meta))):  # (a progress token is no context)
+        if method == "tools/call" and parent is None and type(params) is dict:
             tool = params.get("name")
-            known = self._calls.get((tool, transport, server, session_id, identity, client_ip)) if type(tool) is str else None
-            if known is not None:
-                if headers is None or (type(headers) is Headers and not headers.getRawHeaders(b"traceparent")):
-                    remote = None  # (from_headers, inlined for the usual request: no traceparent header)
-                else:
-                    remote = _remote(from_headers(headers))
-                if remote is None:
+            meta = params.get("_meta")
+            if type(tool) is str and (meta is None or (type(meta) is dict and TRACEPARENT not in meta)):  # (a progress token is no context)
+                known = self._calls.get((tool, transport, server, session_id, identity, client_ip))
+                # (from_headers, inlined for the usual request: no traceparent header)
+                if known is not None and (headers is None or (type(headers) is Headers and not headers.getRawHeaders(b"traceparent"))):
                     trace = (getrandbits(128) or 1).to_bytes(16, "big")
-                    sampled = self._bound > 0xFFFFFFFFFFFFFFFF or self._sampled(trace)  # (every one at ratio 1)
-                    span = OtelSpan(self, trace, b"", False, sampled, None, known[0], KIND_SERVER, known[1])
-                    if span.sampled:
+                    sampled = self._every or self._sampled(trace)
+                    span = OtelSpan(self, trace, b"", sampled, None, known[0], KIND_SERVER, known[1])
+                    if sampled:
                         span.base = known[2]
                         if request_id is not None:
                             text = request_id if type(request_id) is str else str(request_id)
@@ -163,12 +161,12 @@ class OtelTracer:
             remote, links = self._parent(params, headers, parent)
         if remote is None:
             trace = (getrandbits(128) or 1).to_bytes(16, "big")
-            span = OtelSpan(self, trace, b"", False, self._sampled(trace), None, name, KIND_SERVER, mcp)
+            span = OtelSpan(self, trace, b"", self._sampled(trace), None, name, KIND_SERVER, mcp)
         else:
             trace_id, parent_id, parent_sampled, state = remote
             trace = trace_id.to_bytes(16, "big")
             sampled = parent_sampled if self._parent_based else self._sampled(trace)
-            span = OtelSpan(self, trace, parent_id.to_bytes(8, "big"), True, sampled, state, name, KIND_SERVER, mcp)
+            span = OtelSpan(self, trace, parent_id.to_bytes(8, "big"), sampled, state, name, KIND_SERVER, mcp)
         if span.sampled:
             span.links = links
             if self._record_arguments or not known_tool:
@@ -276,24 +274,23 @@ class Templates:
 
 
 class OtelSpan:
-    """mcpgw.tracing.api.Span, and the record mcpgw.tracing.otlp encodes (its ``SpanRecord`` fields).
+    """mcpgw.tracing.api.Span, and the record mcpgw.tracing.otlp encodes (its ``SpanRecord`` fields): a
+    request's span (SERVER), its upstream leg (CLIENT), a step under it (INTERNAL).
 
     A span that is not sampled keeps its ids (they propagate, with the sampled flag clear) and
     records nothing."""
 
-    __slots__ = ("_leg", "_mcp", "_tracer", "base", "error", "error_code", "id_bytes", "kind", "links", "name", "outcome",
-                 "parent_bytes", "parent_remote", "private", "request_id", "sampled", "start", "state", "stop",
-                 "trace_bytes")
+    __slots__ = ("_leg", "_mcp", "_tracer", "base", "error_code", "id_bytes", "kind", "links", "name", "outcome",
+                 "parent_bytes", "private", "request_id", "sampled", "start", "state", "stop", "trace_bytes")
 
-    def __init__(self, tracer: OtelTracer, trace_bytes: bytes, parent_bytes: bytes, parent_remote: bool,
-                 sampled: bool, state: str | None, name: str, kind: int, mcp: dict[str, str]):
+    def __init__(self, tracer: OtelTracer, trace_bytes: bytes, parent_bytes: bytes, sampled: bool, state: str | None,
+                 name: str, kind: int, mcp: dict[str, str]):
         self._tracer = tracer
         #: The ids as they are written (OTLP, ``traceparent``): the trace's 16 bytes, its own 8, its
         #: parent's 8 (empty for a root span), made once and shared with the spans under it.
         self.trace_bytes = trace_bytes
         self.id_bytes = (getrandbits(64) or 1).to_bytes(8, "big")
         self.parent_bytes = parent_bytes
-        self.parent_remote = parent_remote
         self.sampled = sampled
         self.state = state
         self.name = name
@@ -311,10 +308,14 @@ class OtelSpan:
         #: Its latest upstream leg (``upstream``), ended with it if still open.
         self._leg: OtelSpan | None = None
         self.request_id: str | None = None
-        self.error = False
         self.start = time_ns()
         #: 0 until it ends.
         self.stop = 0
+
+    @property
+    def parent_remote(self) -> bool:
+        """A request's span has a remote parent if any (a client's, another instance's); a step's is local."""
+        return self.kind == KIND_SERVER and bool(self.parent_bytes)
 
     @property
     def trace_id(self) -> str | None:
@@ -334,6 +335,11 @@ class OtelSpan:
         return int.from_bytes(self.parent_bytes, "big")
 
     @property
+    def error(self) -> bool:
+        """Status ERROR (without a description: a JSON-RPC error message can quote the request's arguments)."""
+        return self.outcome is not None and self.outcome not in a.SUCCESSES
+
+    @property
     def attributes(self) -> dict[str, Any]:
         """All its attributes but the request id, in the order they are encoded (mcpgw.tracing.otlp)."""
         attributes = dict(self.base)
@@ -350,19 +356,16 @@ class OtelSpan:
 
     def upstream(self, leg: str, *, server: str | None = None, pid: int | None = None, member: str | None = None,
                  node: str | None = None, url: str | None = None) -> OtelSpan:
-        tracer = self._tracer
-        sampled = self.sampled if tracer._parent_based else tracer._sampled(self.trace_bytes)
-        # (_under, inlined: every traced request has a leg)
-        span = OtelSpan(tracer, self.trace_bytes, self.id_bytes, False, sampled, self.state, self.name, KIND_CLIENT, self._mcp)
-        if not sampled:
+        # (_under, inlined: every traced request has a leg; a leg is sampled as its span is, see _under)
+        span = OtelSpan(self._tracer, self.trace_bytes, self.id_bytes, self.sampled, self.state, self.name, KIND_CLIENT, self._mcp)
+        if not span.sampled:  # (its ids still propagate)
             return span
         self._leg = span
+        templates = self._tracer._templates
         key = (id(self._mcp), leg, server, pid, member, node, url)
-        kept = tracer._templates.entries.get(key)
-        known = None if kept is None else kept[1]
-        if known is None:
-            known = tracer._templates.keep(key, self._mcp, self._leg_attributes(leg, server, pid, member, node, url))
-        span.base = known
+        kept = templates.entries.get(key)
+        span.base = (templates.keep(key, self._mcp, self._leg_attributes(leg, server, pid, member, node, url))
+                     if kept is None else kept[1])
         return span
 
     def _leg_attributes(self, leg: str, server: str | None, pid: int | None, member: str | None, node: str | None,
@@ -392,7 +395,7 @@ class OtelSpan:
     def _under(self, name: str, kind: int) -> OtelSpan:
         tracer = self._tracer
         sampled = self.sampled if tracer._parent_based else tracer._sampled(self.trace_bytes)
-        return OtelSpan(tracer, self.trace_bytes, self.id_bytes, False, sampled, self.state, name, kind, self._mcp)
+        return OtelSpan(tracer, self.trace_bytes, self.id_bytes, sampled, self.state, name, kind, self._mcp)
 
     def set(self, *, server: str | None = None, tool: str | None = None, prompt: str | None = None,
             uri: str | None = None, protocol_version: str | None = None, session_id: str | None = None,
@@ -418,10 +421,9 @@ class OtelSpan:
             return
         self.outcome = outcome
         self.error_code = error_code
-        # Status ERROR without a description: a JSON-RPC error message can quote the request's arguments.
-        error = self.error = outcome not in a.SUCCESSES
         leg = self._leg
         if leg is None or leg.stop:
+            self._leg = None  # (a leg refers to its span: no cycle left for the collector)
             self._tracer.sink(self)
             return
         # The leg still open ends now too, as the span did (the answer that ends a request ends its
@@ -429,7 +431,6 @@ class OtelSpan:
         leg.stop = self.stop
         leg.outcome = outcome
         leg.error_code = error_code
-        leg.error = error
         self._tracer.sink_pair(leg, self)
 
     def traceparent(self) -> str | None:

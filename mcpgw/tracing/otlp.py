@@ -36,8 +36,6 @@ _KINDS = {kind: b"\x30" + bytes([kind]) for kind in (KIND_INTERNAL, KIND_SERVER,
 _DOUBLE = struct.Struct("<d")
 #: start_time_unix_nano and end_time_unix_nano (fixed64), with their tags.
 _TIMES = struct.Struct("<BQBQ")
-#: A leg's and its span's, at once.
-_PAIR_TIMES = struct.Struct("<BQBQBQBQ")
 REQUEST_ID = "jsonrpc.request.id"
 _REQUEST_ID_KEY = b"\x0a" + bytes((len(REQUEST_ID),)) + REQUEST_ID.encode()
 #: status and flags, by (error, parent remote).
@@ -160,6 +158,8 @@ class Encoder:
         self._templates: dict[int, tuple[Any, ...]] = {}
         self._outcomes: dict[tuple[str | None, Any], bytes] = {}
         self._names: dict[tuple[str, int], bytes] = {}
+        #: A request's template (by id) -> its leg's, and the pair's forms (``_form``) by request id length.
+        self._pairs: dict[int, tuple[Any, ...]] = {}
 
     def request(self, spans: Iterable[SpanRecord]) -> bytes:
         """The ``ExportTraceServiceRequest`` of ``spans`` (one resource, one scope)."""
@@ -172,41 +172,64 @@ class Encoder:
         return b"".join((b"\x0a", varint(len(self._resource) + len(head) + size), self._resource, head, self._scope, *spans))
 
     def pair(self, leg: SpanRecord, s: SpanRecord) -> bytes:
-        """``span`` of both, a request's span and the upstream leg that ended with it, sharing what they share
-        (the trace id, the span's id as the leg's parent, the end, the outcome) in the usual case: no trace
-        state or links, attributes from kept templates."""
-        # Templates kept by ``span`` (never a span's private dict), each made for one name and kind (the
-        # tracer's invariant), and the leg under the span; the leg's end is the span's (OtelSpan.end).
-        kept_leg = self._templates.get(id(leg.base))
-        kept = self._templates.get(id(s.base))
-        if (kept is None or kept_leg is None or kept[0] is not s.base or kept_leg[0] is not leg.base
-                or s.state or s.links or leg.links or leg.parent_bytes is not s.id_bytes):
-            return self.span(leg) + self.span(s)  # (which keeps the templates for the next)
-        trace = s.trace_bytes
-        span_id = s.id_bytes
-        stop = s.stop
-        if s.outcome == "ok" and s.error_code is None:
-            outcome = _OUTCOME_OK
-        else:
-            outcome = self._outcomes.get((s.outcome, s.error_code)) or self._outcome(s.outcome, s.error_code)
-        tails = _TAILS[s.error]
-        times = _PAIR_TIMES.pack(0x39, leg.start, 0x41, stop, 0x39, s.start, 0x41, stop)
-        leg_body = b"".join((b"\x0a\x10", trace, b"\x12\x08", leg.id_bytes, b"\x22\x08", span_id,
-                             kept_leg[3], times[:18], kept_leg[4], outcome, tails[0]))
-        parent = s.parent_bytes
+        """``span`` of both, a request's span and the upstream leg under it that ended with it (the leg first).
+
+        The usual pair (answered "ok", no trace state or links, a short request id, both attributes from
+        kept templates) is one ``Struct.pack`` of a form kept for its templates, parent and request id
+        length (``_form``): its constant bytes made once, only the ids, times and request id given."""
+        kept = self._pairs.get(id(s.base))
         request_id = s.request_id
-        if request_id is None:
-            request_id_field = b""
-        else:  # (_request_id, inlined)
-            encoded = request_id.encode("utf-8", "replace")
-            request_id_field = (_REQUEST_ID_PREFIXES[len(encoded)] + encoded if len(encoded) < len(_REQUEST_ID_PREFIXES)
-                                else _text_attribute(_REQUEST_ID_KEY, request_id))
-        body = b"".join((b"\x0a\x10", trace, b"\x12\x08", span_id, b"\x22\x08" + parent if parent else b"",
-                         kept[3], times[18:], kept[4], outcome, request_id_field, tails[s.parent_remote]))
-        n, m = len(leg_body), len(body)
-        if n < len(_SPAN_TAGS) and m < len(_SPAN_TAGS):
-            return b"".join((_SPAN_TAGS[n], leg_body, _SPAN_TAGS[m], body))
-        return b"".join((b"\x12", varint(n), leg_body, b"\x12", varint(m), body))
+        if (kept is not None and kept[0] is s.base and kept[1] is leg.base and request_id is not None
+                and s.outcome == "ok" and s.error_code is None and not s.state and not s.links):
+            try:
+                rid = request_id.encode()
+            except UnicodeEncodeError:  # (a lone surrogate: "replace"d by ``span``)
+                rid = b""
+            n = len(rid)
+            parent = s.parent_bytes
+            if 0 < n < _SHORT_ID and (not parent or s.parent_remote):
+                trace, span_id, stop = s.trace_bytes, s.id_bytes, s.stop
+                if parent:
+                    form = kept[3][n] or self._form(kept, n, True)
+                    return form[0](form[1], trace, b"\x12\x08", leg.id_bytes, b"\x22\x08", span_id, form[2], leg.start,
+                                   b"\x41", stop, form[3], trace, b"\x12\x08", span_id, b"\x22\x08", parent, form[4],
+                                   s.start, b"\x41", stop, form[5], rid, form[6])
+                form = kept[2][n] or self._form(kept, n, False)
+                return form[0](form[1], trace, b"\x12\x08", leg.id_bytes, b"\x22\x08", span_id, form[2], leg.start,
+                               b"\x41", stop, form[3], trace, b"\x12\x08", span_id, form[4], s.start, b"\x41", stop,
+                               form[5], rid, form[6])
+        encoded = self.span(leg) + self.span(s)  # (which keeps the templates, for the form of the next)
+        if not s.private and not leg.private and s.kind == KIND_SERVER:
+            entry = self._templates.get(id(s.base))
+            leg_entry = self._templates.get(id(leg.base))
+            if entry is not None and leg_entry is not None and entry[0] is s.base and leg_entry[0] is leg.base:
+                if len(self._pairs) >= MAX_CACHED:
+                    self._pairs.clear()
+                self._pairs[id(s.base)] = (s.base, leg.base, [None] * _SHORT_ID, [None] * _SHORT_ID, entry, leg_entry)
+        return encoded
+
+    def _form(self, kept: tuple[Any, ...], n: int, parent: bool) -> tuple[Any, ...]:
+        """The pair's form for a request id of ``n`` bytes (and a remote parent, or none): the ``pack`` of a
+        Struct and the constant parts between its ids, times and request id, as ``span`` encodes them."""
+        entry, leg_entry = kept[4], kept[5]
+        tail = _TAILS[False][parent]
+        leg_tail = _TAILS[False][False]
+        prefix = _REQUEST_ID_PREFIXES[n]
+        leg_n = 38 + len(leg_entry[3]) + 18 + len(leg_entry[4]) + len(_OUTCOME_OK) + len(leg_tail)
+        span_n = 28 + (10 if parent else 0) + len(entry[3]) + 18 + len(entry[4]) + len(_OUTCOME_OK) + len(prefix) + n + len(tail)
+        parts = (
+            b"\x12" + varint(leg_n) + b"\x0a\x10",
+            leg_entry[3] + b"\x39",
+            leg_entry[4] + _OUTCOME_OK + leg_tail + b"\x12" + varint(span_n) + b"\x0a\x10",
+            entry[3] + b"\x39",
+            entry[4] + _OUTCOME_OK + prefix,
+            tail,
+        )
+        layout = (f"<{len(parts[0])}s16s2s8s2s8s{len(parts[1])}sQ1sQ{len(parts[2])}s16s2s8s"
+                  + ("2s8s" if parent else "") + f"{len(parts[3])}sQ1sQ{len(parts[4])}s{n}s{len(parts[5])}s")
+        form = (struct.Struct(layout).pack, *parts)
+        kept[3 if parent else 2][n] = form
+        return form
 
     def span(self, s: SpanRecord) -> bytes:
         """One ``Span`` as the ``spans`` field of a ``ScopeSpans`` (tag, length, message)."""
@@ -280,6 +303,8 @@ def _attribute_fields(attributes: Iterable[tuple[str, Any]]) -> bytes:
 #: The attribute fields ``Span.end`` adds for ("ok", no code), and the request id's field up to its
 #: value, by the value's length in bytes (one-byte lengths only).
 _OUTCOME_OK = _attribute_fields(outcome_attributes("ok", None).items())
+#: Request ids shorter than this (in bytes) have a pair form of their own.
+_SHORT_ID = 100
 _REQUEST_ID_PREFIXES = tuple(_text_attribute(_REQUEST_ID_KEY, "x" * n)[:-n or None] for n in range(100))
 #: A ``spans`` field's tag and length, by the length of a span (up to 2 KiB; few are over 500 bytes).
 _SPAN_TAGS = tuple(b"\x12" + varint(n) for n in range(2048))

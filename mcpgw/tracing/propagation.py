@@ -105,22 +105,21 @@ def inject(msg: dict[str, Any], raw: bytes, span: Span) -> tuple[dict[str, Any],
 
 
 def inject_line(msg: dict[str, Any], raw: bytes, span: Span) -> bytes:
-    """What ``inject_raw`` gives, for an upstream that reads only the bytes (a stdio child): when ``raw``
-    is compact JSON whose top-level ``params`` object is its first nested value and has no ``_meta``
-    (what the SDKs send), the context is written into it as it is, with no decoding or encoding again;
-    anything else goes through ``inject_raw``."""
+    """What ``inject_raw`` gives, for an upstream that reads only the bytes (a stdio child): when request
+    ``msg`` (``raw`` decoded, as jsonrpc.classify accepted it) has no member but ``jsonrpc``, ``id``,
+    ``method`` and an object ``params`` without ``_meta`` (what the SDKs send), the context is written into
+    ``raw`` as it is, with no decoding or encoding again; anything else goes through ``inject_raw``."""
     params = msg.get("params")
     traceparent = span.traceparent()
-    if traceparent is None or type(params) is not dict or "_meta" in params or span.tracestate():
+    if traceparent is None or type(params) is not dict or "_meta" in params or len(msg) != 4 or span.tracestate():
         return inject_raw(msg, raw, span)
-    at = raw.find(b'"params":{')
-    # A "params" key before which no object opens but the message itself: the top level's (a quote
-    # inside a JSON string is escaped, so the match is a key, and a nested one would follow a "{").
-    if at < 1 or raw[0] != 0x7B or raw.find(b"{", 1, at) != -1:
+    # The first ``"params":{`` is the top level's: every other member is a scalar (classify), so no object
+    # opens before it, and a JSON string cannot hold it (its quotes are escaped).
+    head, key, tail = raw.partition(b'"params":{')
+    if not key:  # (whitespace in it: encoded again)
         return inject_raw(msg, raw, span)
-    at += 10
-    meta = b'"_meta":{"traceparent":"' + traceparent.encode() + (b'"}' if raw[at] == 0x7D else b'"},')
-    return raw[:at] + meta + raw[at:]
+    return b"".join((head, b'"params":{"_meta":{"traceparent":"', traceparent.encode(),
+                     b'"}' if tail[0] == 0x7D else b'"},', tail))
 
 
 def trace_headers(msg: Any) -> dict[bytes, bytes] | None:
