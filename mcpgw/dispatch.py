@@ -288,19 +288,21 @@ def target_of(method: str, params: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def outcome_of(raw: bytes) -> tuple[str, int | None]:
+def outcome_of(raw: bytes, msg: Any = None) -> tuple[str, int | None]:
     """How the JSON-RPC answer ``raw`` ended a request: ("ok", None), ("tool_error", None) for a
     CallToolResult with ``isError``, ("input_required", None), ("timeout", -32001) for the gateway's
-    limits.requestTimeout, else ("error", its code)."""
-    find = raw.find  # (``find``, not ``in``: measured cheaper on short answers)
-    if find(b'"error"') < 0 and find(b"isError") < 0 and find(b"input_required") < 0 and find(b"\\u") < 0:
-        # None of what a failure, a flagged result or an InputRequiredResult holds, nor an escape that
-        # could spell one: "ok", known without turning the answer into objects.
-        return "ok", None
-    try:
-        msg = jsonrpc.loads(raw) if len(raw) < jsonrpc.LARGE_MESSAGE else jsonrpc.route_view(raw)
-    except (jsonrpc.DecodeError, ValueError):
-        return "error", None
+    limits.requestTimeout, else ("error", its code). ``msg``: ``raw`` decoded, if the caller has it
+    (IRoute.answer's: a session's upstream decodes every answer; a large one's result is undecoded)."""
+    if msg is None:
+        find = raw.find  # (``find``, not ``in``: measured cheaper on short answers)
+        if find(b'"error"') < 0 and find(b"isError") < 0 and find(b"input_required") < 0 and find(b"\\u") < 0:
+            # None of what a failure, a flagged result or an InputRequiredResult holds, nor an escape that
+            # could spell one: "ok", known without turning the answer into objects.
+            return "ok", None
+        try:
+            msg = jsonrpc.loads(raw) if len(raw) < jsonrpc.LARGE_MESSAGE else jsonrpc.route_view(raw)
+        except (jsonrpc.DecodeError, ValueError):
+            return "error", None
     if not isinstance(msg, dict):
         return "error", None
     error = msg.get("error")
@@ -349,10 +351,10 @@ class ObservedRoute:
     def open_stream(self) -> bool:
         return bool(self.route.open_stream)
 
-    def answer(self, id: Any, raw: bytes) -> None:
-        self.route.answer(id, raw)
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
+        self.route.answer(id, raw, msg)
         if not self._done:
-            self.settle(*outcome_of(raw))
+            self.settle(*outcome_of(raw, msg))
 
     def deliver(self, raw: bytes) -> None:
         self.route.deliver(raw)

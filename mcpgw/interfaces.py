@@ -27,8 +27,10 @@ class IRoute(Interface):
         "where the client is reading already. False for a route that is the session's outlet too "
         "(an HTTP+SSE stream, a WebSocket) or that no client reads (a pool's own fetch)")
 
-    def answer(id: Any, raw: bytes) -> None:
-        """The response to request ``id`` that this route carried."""
+    def answer(id: Any, raw: bytes, msg: Any = None) -> None:
+        """The response to request ``id`` that this route carried; ``msg``: ``raw`` decoded, when the caller
+        has it (a session: what its upstream read), for a route that reads the answer (mcpgw.dispatch's
+        ObservedRoute) rather than decoding it again. A route that changes ``raw`` passes on no ``msg``."""
 
     def deliver(raw: bytes) -> None:
         """Any other message that belongs on this route (progress, related requests)."""

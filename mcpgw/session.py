@@ -276,7 +276,7 @@ class Session:
                     if self.on_version is not None:
                         self.on_version(self)
                 self._initialize_id = None
-            route.answer(id, raw)
+            route.answer(id, raw, msg)
             return
         if msg.get("method") == "notifications/progress":
             params = jsonrpc.decoded(msg.get("params"))

@@ -77,8 +77,8 @@ class HiddenTools:
     def open_stream(self) -> bool:
         return bool(self.route.open_stream)
 
-    def answer(self, id: Any, raw: bytes) -> None:
-        msg = jsonrpc.as_message(raw)
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
+        msg = jsonrpc.as_message(raw)  # (not the caller's: a large answer's is a route view, its result undecoded)
         result = msg.get("result") if isinstance(msg, dict) else None
         if isinstance(result, dict) and isinstance(result.get("tools"), list):
             kept = [t for t in result["tools"] if not (isinstance(t, dict) and t.get("name") in self.hidden)]

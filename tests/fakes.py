@@ -83,11 +83,14 @@ class RecordingRoute:
 
     def __init__(self) -> None:
         self.answers: list[tuple[Any, bytes]] = []
+        #: The ``msg`` of each answer: what the caller had decoded (None: nothing).
+        self.decoded: list[Any] = []
         self.delivered: list[bytes] = []
         self.forgotten: list[Any] = []
 
-    def answer(self, id: Any, raw: bytes) -> None:
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
         self.answers.append((id, raw))
+        self.decoded.append(msg)
 
     def deliver(self, raw: bytes) -> None:
         self.delivered.append(raw)

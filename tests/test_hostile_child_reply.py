@@ -228,7 +228,7 @@ class SessionCountsItOnceTests(SynchronousTestCase):
         answers: list[tuple[Any, bytes]] = []
 
         class Route:
-            def answer(self, id: Any, raw: bytes) -> None:
+            def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
                 answers.append((id, raw))
 
             def deliver(self, raw: bytes) -> None:

@@ -46,7 +46,7 @@ class Route:
         self.answers: list[tuple[Any, dict[str, Any]]] = []
         self.forgotten: list[Any] = []
 
-    def answer(self, id: Any, raw: bytes) -> None:
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
         self.answers.append((id, jsonrpc.loads(raw)))
 
     def deliver(self, raw: bytes) -> None:

@@ -27,7 +27,7 @@ class Route:
         self.answers: list[tuple[Any, dict[str, Any]]] = []
         self.delivered: list[dict[str, Any]] = []
 
-    def answer(self, id: Any, raw: bytes) -> None:
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
         self.answers.append((id, json.loads(raw)))
 
     def deliver(self, raw: bytes) -> None:

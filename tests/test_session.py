@@ -93,6 +93,16 @@ class RequestRoutingTests(SessionTestCase):
         self.assertEqual(self.outlet.unbound_messages, [])
         self.assertFalse(self.session.has_pending())
 
+    def test_answerCarriesWhatTheUpstreamDecoded(self) -> None:
+        """The route gets the child's answer decoded as well as its bytes (IRoute.answer's ``msg``): a
+        route that reads it (the tracer's and the audit trail's outcome) does not decode it again."""
+        route = RecordingRoute()
+        self.send(route, 3)
+        raw, msg = resp(3)
+        self.session.upstreamMessage(raw, msg)
+        self.assertEqual(route.answers, [(3, raw)])
+        self.assertIs(route.decoded[0], msg)
+
     def test_stringAndIntegerIdsDistinct(self) -> None:
         """Ids 1 and "1" are different requests."""
         a, b = RecordingRoute(), RecordingRoute()

@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from twisted.web.http_headers import Headers
 
 import mcpgw.tracing
+from mcpgw import jsonrpc
 from mcpgw.config.checks import ConfigError
 from mcpgw.config.observability import DEFAULT_TRACES_ENDPOINT, TracingConfig, parse_tracing
 from mcpgw.dispatch import outcome_of
@@ -613,4 +614,8 @@ OUTCOMES = [
 
 @pytest.mark.parametrize(("raw", "expected"), OUTCOMES)
 def test_an_answers_outcome_whether_or_not_it_is_decoded(raw: bytes, expected: tuple[str, int | None]) -> None:
+    """From the bytes alone (a cluster's answer), and from what the session's upstream decoded: the whole
+    message, or a large one's route view (its result undecoded)."""
     assert outcome_of(raw) == expected
+    assert outcome_of(raw, orjson.loads(raw)) == expected
+    assert outcome_of(raw, jsonrpc.route_view(raw)) == expected

@@ -134,7 +134,7 @@ class ManagerTests(SynchronousTestCase):
         seen: list[bytes] = []
 
         class Route:
-            def answer(self, id: Any, raw: bytes) -> None:
+            def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
                 seen.append(raw)
 
         msg = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
@@ -155,7 +155,7 @@ class ManagerTests(SynchronousTestCase):
         seen: list[bytes] = []
 
         class Route:
-            def answer(self, id: Any, raw: bytes) -> None:
+            def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
                 seen.append(raw)
 
         msg = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}
@@ -259,7 +259,7 @@ class _Route:
     def __init__(self) -> None:
         self.answers: list[bytes] = []
 
-    def answer(self, id: Any, raw: bytes) -> None:
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
         self.answers.append(raw)
 
     def deliver(self, raw: bytes) -> None:

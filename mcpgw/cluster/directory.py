@@ -43,7 +43,7 @@ class RemoteLegacyOutlet:
     def __init__(self, session: RemoteSession):
         self.session = session
 
-    def answer(self, id: Any, raw: bytes) -> None:
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
         """Something the gateway itself answers (``server/discover``): written on the owner's stream."""
         self.session.directory.routes.forward(self.session, wire.Emit, None, raw)
 

@@ -162,7 +162,7 @@ class RemoteRoute:
         """Server messages may go to it (StreamableOutlet.unbound): its POST still waits."""
         return bool(self.waiting) and not self.closed and not self.lost
 
-    def answer(self, id: Any, raw: bytes) -> None:
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
         self.waiting.discard(id)
         self._send(wire.Answer(self.rid, id, raw))
         self._maybe_done()

@@ -305,7 +305,7 @@ class ChildPool(ToolHeaders, InputParking, Subscriptions):
         if pending is None:
             return  # an answer to a cancelled or timed-out request, or to the gateway's own request
         msg["id"] = pending.id
-        pending.route.answer(pending.id, jsonrpc.dumps(msg))
+        pending.route.answer(pending.id, jsonrpc.dumps(msg), msg)
 
     def _notification(self, child: PooledChild, msg: dict[str, Any]) -> None:
         method = msg.get("method")

@@ -66,7 +66,7 @@ class ToolsFetch:
         self.pool.request({"jsonrpc": "2.0", "id": f"{self.pool._prefix}tools-{self.pages}", "method": "tools/list",
                            "params": params}, self)
 
-    def answer(self, id: Any, raw: bytes) -> None:
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
         result = jsonrpc.loads(raw).get("result")
         if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
             self.pool._tools_fetched(self, None)

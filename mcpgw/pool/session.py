@@ -91,9 +91,9 @@ class _SessionRoute:
         """As the client's route it stands for."""
         return bool(self.route.open_stream)
 
-    def answer(self, id: Any, raw: bytes) -> None:
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
         self.session._inflight.pop(self.id, None)
-        self.route.answer(id, raw)
+        self.route.answer(id, raw, msg)
 
     def deliver(self, raw: bytes) -> None:
         self.route.deliver(raw)

@@ -60,7 +60,7 @@ class LegacyStream:
         if self.response is not None:
             self.response.write_event(raw, MESSAGE)
 
-    def answer(self, id: Any, raw: bytes) -> None:
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
         self._write(raw)
 
     def deliver(self, raw: bytes) -> None:

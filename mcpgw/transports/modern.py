@@ -177,7 +177,7 @@ class ModernExchange:
         request.notifyFinish().addBoth(self._gone)
 
     # Route
-    def answer(self, id: Any, raw: bytes) -> None:
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
         if self.done:
             return
         self.done = True

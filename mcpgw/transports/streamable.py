@@ -226,7 +226,7 @@ class PostExchange:
         """Its response may carry more: not finished, and the client has not gone away."""
         return not (self.finished or gone(self.request))
 
-    def answer(self, id: Any, raw: bytes) -> None:
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
         self.waiting.discard(id)
         if self.stream is None and not self.waiting and not self.batch and not self.finished:
             self._json(raw)

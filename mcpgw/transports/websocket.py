@@ -98,7 +98,7 @@ class WsConnection:
         self.session = session
         self.protocol = protocol
 
-    def answer(self, id: Any, raw: bytes) -> None:
+    def answer(self, id: Any, raw: bytes, msg: Any = None) -> None:
         self.protocol.send_text(raw)
 
     def deliver(self, raw: bytes) -> None:
