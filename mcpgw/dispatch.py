@@ -39,7 +39,6 @@ from mcpgw.audit import AUDITED, NOOP_AUDIT, AuditEvent
 from mcpgw.auth import InsufficientScope, Principal, principal_of
 from mcpgw.config import StdioServer
 from mcpgw.interfaces import ILocalSession, IRoute
-from mcpgw.metrics import method_label
 from mcpgw.pool import PoolFull
 from mcpgw.session import SessionRefused
 from mcpgw.tracing import NOOP, NOOP_SPAN, Span, inject, inject_line, inject_meta
@@ -328,8 +327,7 @@ class ObservedRoute:
     ``settle`` does that once, whichever comes first: the answer, the client's cancellation
     (``forget``), or the caller's word (a pool that was full, a call the client left)."""
 
-    __slots__ = ("_audit", "_ctx", "_done", "_identity", "_method", "_server", "_started", "_params",
-                 "client_ip", "leg", "route", "span")
+    __slots__ = ("_audit", "_ctx", "_done", "_identity", "_msg", "_server", "_started", "client_ip", "leg", "route", "span")
 
     def __init__(self, ctx: GatewayContext, route: Any, span: Span, leg: Span, msg: dict[str, Any], *,
                  server: str, identity: str | None, client_ip: str | None, audited: bool = True):
@@ -337,13 +335,13 @@ class ObservedRoute:
         self.route = route
         self.span = span
         self.leg = leg
-        self._method = msg["method"]
-        #: The request's params, read for the audit line's target only when a line is written.
-        self._params = msg.get("params")
+        #: The request: its method, and its params for the audit line's target when a line is written.
+        self._msg = msg
         self._server = server
         self._identity = identity
         self.client_ip = client_ip
-        self._audit = ctx.audit if audited and ctx.audit is not NOOP_AUDIT and self._method in AUDITED else None
+        audit = ctx.audit
+        self._audit = audit if audited and audit is not NOOP_AUDIT and msg["method"] in AUDITED else None
         self._started = ctx.reactor.seconds()
         self._done = False
 
@@ -380,13 +378,13 @@ class ObservedRoute:
         ctx = self._ctx
         duration = ctx.reactor.seconds() - self._started
         if span is not NOOP_SPAN:  # traced: its trace id is the exemplar of its latency bucket
-            ctx.metrics.exemplar(method_label(self._method), duration, span)
+            ctx.metrics.exemplar(self._msg["method"], duration, span)
         failed = outcome not in _NOT_FAILED
         if failed or self._audit is not None:
-            trace_id = span.trace_id
-            event = AuditEvent(time=self._started, method=self._method, outcome=outcome, identity=self._identity,
-                               client_ip=self.client_ip, server=self._server, target=target_of(self._method, self._params), duration=duration,
-                               trace_id=trace_id, error_code=error_code)
+            method = self._msg["method"]
+            event = AuditEvent(time=self._started, method=method, outcome=outcome, identity=self._identity,
+                               client_ip=self.client_ip, server=self._server, target=target_of(method, self._msg.get("params")),
+                               duration=duration, trace_id=span.trace_id, error_code=error_code)
             if failed:
                 ctx.failures.add(event)
             if self._audit is not None:

@@ -384,11 +384,15 @@ class Metrics:
                 self._redis[(op, outcome)] = counter
         counter.inc()
 
-    def exemplar(self, method: str, seconds: float, span: Span) -> None:
-        """The request of ``span`` (a traced one) took ``seconds`` for a request of ``method`` (a method label):
-        the latest one of each bucket of mcp_gateway_request_duration_seconds is its exemplar (OpenMetrics
-        exposition), its trace id written out at scrape time."""
-        histogram = self.durations[method]  # (_Histogram.exemplar, inlined: once per traced request)
+    def exemplar(self, method: Any, seconds: float, span: Span) -> None:
+        """The request of ``span`` (a traced one) took ``seconds`` for a request of ``method`` (any: its label is
+        ``method_label``'s): the latest one of each bucket of mcp_gateway_request_duration_seconds is its
+        exemplar (OpenMetrics exposition), its trace id written out at scrape time."""
+        # (_Histogram.exemplar and method_label, inlined: once per traced request; a label is a key, and
+        # every other method is OTHER's)
+        histogram = self.durations.get(method) if type(method) is str else None
+        if histogram is None:
+            histogram = self.durations[OTHER]
         if histogram.exemplars is None:
             histogram.exemplars = {}
         histogram.exemplars[bisect_left(DURATION_BUCKETS, seconds)] = (span, seconds, time.time())
@@ -505,7 +509,7 @@ class NoMetrics(Metrics):
     def redis_op(self, op: str, outcome: str = "ok") -> None:
         pass
 
-    def exemplar(self, method: str, seconds: float, span: Span) -> None:
+    def exemplar(self, method: Any, seconds: float, span: Span) -> None:
         pass
 
     def rate_limited(self, transport: str = OTHER, server: str = OTHER) -> None:

@@ -138,7 +138,7 @@ class OtelTracer:
             if type(tool) is str and (meta is None or (type(meta) is dict and TRACEPARENT not in meta)):  # (a progress token is no context)
                 known = self._calls.get((tool, transport, server, session_id, identity, client_ip))
                 # (from_headers, inlined for the usual request: no traceparent header)
-                if known is not None and (headers is None or (type(headers) is Headers and not headers.getRawHeaders(b"traceparent"))):
+                if known is not None and (headers is None or (type(headers) is Headers and not headers.hasHeader(b"traceparent"))):
                     trace = (getrandbits(128) or 1).to_bytes(16, "big")
                     sampled = self._every or self._sampled(trace)
                     span = OtelSpan(self, trace, b"", sampled, None, known[0], KIND_SERVER, known[1])
