@@ -4,6 +4,10 @@ and shedding under descriptor pressure. No sockets: StringTransport and task.Clo
 
 from __future__ import annotations
 
+import fcntl
+import select
+import struct
+import termios
 from typing import Any
 
 import pytest
@@ -536,6 +540,22 @@ class WriteThroughTests(SynchronousTestCase):
                 break
             data += chunk
         return data
+
+    def test_a_shed_connection_closes_cleanly_with_its_head_unread(self) -> None:
+        """Descriptors short, a connection whose head the reactor has not read yet (accepted in the
+        same burst) is shed: its unread input is dropped first, so the client reads an end of stream,
+        not a reset (a socket closed with unread input is reset: RFC 1122 4.2.2.13)."""
+        from twisted.python.failure import Failure
+
+        self.peer.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        select.select([self.transport.socket], [], [], 5)  # in the gateway's kernel buffer, unread
+        self.channel.shed()
+        unread = struct.unpack("i", fcntl.ioctl(self.transport.socket, termios.FIONREAD, b"\0\0\0\0"))[0]
+        self.assertEqual(unread, 0)  # nothing left to turn the close into a reset
+        done = self.transport.doWrite()
+        self.assertTrue(done)  # the 503 written, the connection done
+        self.transport.connectionLost(Failure(done))
+        self.assertEqual(self.received(1 << 20), b"")  # the end of stream (a reset raises)
 
     @pytest.mark.fast_paths
     def test_whole_response_sent_without_the_reactor(self) -> None:
