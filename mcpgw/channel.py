@@ -25,7 +25,6 @@ private state (a copy of its line parser, a response written straight to the soc
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from types import MethodType
 from typing import Any, Protocol
@@ -41,7 +40,7 @@ from twisted.web.http import HTTPChannel
 
 from mcpgw import jsonrpc, logs
 from mcpgw._fast import web as _fast_web
-from mcpgw.connections import DESCRIPTORS, Connections, fileno
+from mcpgw.connections import DESCRIPTORS, Connections, drop_unread, fileno
 from mcpgw.readgate import BUFFERED, PIPELINE, TRANSPORT, VERDICT, NoProducer, ReadGate
 
 __all__ = ["ADMIT", "ChannelLimits", "Connections", "GatewayChannel"]
@@ -53,8 +52,6 @@ EAGER_READ = 0x4000
 LINGER_SECONDS = 2.0
 #: After ``loseConnection``, how long a peer that reads nothing may hold the connection.
 ABORT_SECONDS = 5.0
-#: Reads of 64 KiB at most when a shed or refused connection's unread input is dropped (``_drop_unread``).
-_DROP_READS = 4
 
 # Where a connection's current request is.
 _WAIT = 0  # no byte of a request head yet
@@ -536,7 +533,7 @@ class GatewayChannel(HTTPChannel):
             self._tcp().write(_raw_reply(b"503 Service Unavailable",
                                             "Service Unavailable: the gateway is short of connections",
                                             b"Retry-After: 1\r\n"))
-        self._drop_unread()
+        drop_unread(self.transport)
         self._close_soon()
 
     def _refuse_connection(self, reason: str) -> None:
@@ -548,7 +545,7 @@ class GatewayChannel(HTTPChannel):
         self._tcp().write(_raw_reply(b"503 Service Unavailable", f"Service Unavailable: {reason}",
                                         b"Retry-After: 1\r\n"))
         if reason == DESCRIPTORS:
-            self._drop_unread()
+            drop_unread(self.transport)
             self._close_soon()
         else:
             self._discarding = True
@@ -573,20 +570,6 @@ class GatewayChannel(HTTPChannel):
             transport.loseWriteConnection()
         except (AttributeError, NotImplementedError):
             transport.loseConnection()
-
-    def _drop_unread(self) -> None:
-        """Read and drop what the client sent that the reactor has not read yet (a connection closed
-        in the burst that accepted it): a socket closed with input unread ends in a reset (RFC 1122
-        4.2.2.13), and the client would lose the 503 before it. Plain TCP only; a bounded read."""
-        handle = getattr(self.transport, "getHandle", lambda: None)()
-        if not isinstance(handle, socket.socket):
-            return
-        try:
-            for _ in range(_DROP_READS):
-                if not handle.recv(65536, socket.MSG_DONTWAIT):
-                    return
-        except OSError:  # nothing left (EAGAIN), or the connection is gone already
-            return
 
     def _close_soon(self) -> None:
         """loseConnection, and an abort if the peer does not take the last bytes."""

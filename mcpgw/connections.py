@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource as _rlimit
+import socket
 from typing import Any
 
 from twisted.logger import Logger
@@ -192,3 +193,22 @@ class Connections:
             self._last_warning = now
             _log.warn("connections: {what} (shed so far: {shed}, refused: {refused})", what=what,
                       shed=self.shed_total, refused=self.refused_total)
+
+
+#: Reads of 64 KiB at most when a shed or refused connection's unread input is dropped.
+_DROP_READS = 4
+
+
+def drop_unread(transport: Any) -> None:
+    """Read and drop what a client sent that the reactor has not read yet (a connection closed in the
+    burst that accepted it): a socket closed with input unread ends in a reset (RFC 1122 4.2.2.13),
+    and the client would lose the answer before it. Plain TCP only; a bounded read."""
+    handle = getattr(transport, "getHandle", lambda: None)()
+    if not isinstance(handle, socket.socket):
+        return
+    try:
+        for _ in range(_DROP_READS):
+            if not handle.recv(65536, socket.MSG_DONTWAIT):
+                return
+    except OSError:  # nothing left (EAGAIN), or the connection is gone already
+        return
