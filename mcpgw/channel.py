@@ -38,9 +38,9 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
-from mcpgw import jsonrpc, logs
+from mcpgw import logs
 from mcpgw._fast import web as _fast_web
-from mcpgw.connections import DESCRIPTORS, Connections, drop_unread, fileno
+from mcpgw.connections import DESCRIPTORS, Connections, drop_unread, fileno, raw_reply
 from mcpgw.readgate import BUFFERED, PIPELINE, TRANSPORT, VERDICT, NoProducer, ReadGate
 
 __all__ = ["ADMIT", "ChannelLimits", "Connections", "GatewayChannel"]
@@ -85,16 +85,6 @@ class _Site(Protocol):
     connections: Connections
 
     def head_received(self, request: Any, method: bytes, uri: bytes, version: bytes) -> Any: ...
-
-
-def _raw_reply(status: bytes, message: str | None, extra: bytes = b"") -> bytes:
-    """A whole HTTP/1.1 answer written by the channel itself (no request to render it): a
-    JSON-RPC error body like every other refusal of the gateway, and ``Connection: close``."""
-    body = jsonrpc.error_bytes(None, jsonrpc.INVALID_REQUEST, message) if message else b""
-    head = b"HTTP/1.1 " + status + b"\r\nConnection: close\r\n" + extra
-    if body:
-        head += b"Content-Type: application/json\r\n"
-    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
 
 class GatewayChannel(HTTPChannel):
@@ -517,20 +507,20 @@ class GatewayChannel(HTTPChannel):
         self._deadline = None
         if self._phase == _HEAD:
             message = f"request head not received within limits.headerTimeout ({self._limits.header_timeout:g} s)"
-            self._tcp().write(_raw_reply(b"408 Request Timeout", message))
+            self._tcp().write(raw_reply(b"408 Request Timeout", message))
         self._close_soon()  # a connection that sent nothing is closed without a word
 
     def _body_late(self) -> None:
         self._deadline = None
         if self._phase == _BODY:
             message = f"request body not received within limits.bodyTimeout ({self._limits.body_timeout:g} s)"
-            self._tcp().write(_raw_reply(b"408 Request Timeout", message))
+            self._tcp().write(raw_reply(b"408 Request Timeout", message))
             self._close_soon()
 
     def shed(self) -> None:
         """Descriptors run low and this connection has no complete request head: close it."""
         if self._phase == _HEAD:
-            self._tcp().write(_raw_reply(b"503 Service Unavailable",
+            self._tcp().write(raw_reply(b"503 Service Unavailable",
                                             "Service Unavailable: the gateway is short of connections",
                                             b"Retry-After: 1\r\n"))
         drop_unread(self.transport)
@@ -542,7 +532,7 @@ class GatewayChannel(HTTPChannel):
         self._phase = _GONE
         self._cancel_calls()
         self.setTimeout(None)
-        self._tcp().write(_raw_reply(b"503 Service Unavailable", f"Service Unavailable: {reason}",
+        self._tcp().write(raw_reply(b"503 Service Unavailable", f"Service Unavailable: {reason}",
                                         b"Retry-After: 1\r\n"))
         if reason == DESCRIPTORS:
             drop_unread(self.transport)

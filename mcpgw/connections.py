@@ -8,9 +8,12 @@ import resource as _rlimit
 import socket
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from mcpgw import logs
+from mcpgw import jsonrpc, logs
 
 #: Descriptor pressure: above this share of RLIMIT_NOFILE, connections without a complete head are shed.
 PRESSURE_SHARE = 0.8
@@ -212,3 +215,44 @@ def drop_unread(transport: Any) -> None:
                 return
     except OSError:  # nothing left (EAGAIN), or the connection is gone already
         return
+
+
+def raw_reply(status: bytes, message: str | None, extra: bytes = b"") -> bytes:
+    """A whole HTTP/1.1 answer written by the channel itself (no request to render it): a
+    JSON-RPC error body like every other refusal of the gateway, and ``Connection: close``."""
+    body = jsonrpc.error_bytes(None, jsonrpc.INVALID_REQUEST, message) if message else b""
+    head = b"HTTP/1.1 " + status + b"\r\nConnection: close\r\n" + extra
+    if body:
+        head += b"Content-Type: application/json\r\n"
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+#: What a connection accepted while descriptors are exhausted reads before the end of stream.
+_SHORT_OF_DESCRIPTORS = raw_reply(b"503 Service Unavailable", f"Service Unavailable: {DESCRIPTORS}",
+                                  b"Retry-After: 1\r\n")
+
+
+class ClosedAtOnce(Protocol):
+    """A connection accepted after descriptors ran out in this turn of the reactor (one accept
+    burst can take a hundred): a 503 written straight to the socket, its unread input dropped and
+    the socket closed before the next accept, so the burst cannot reach EMFILE.
+
+    Twisted closes a socket at once when ``buildProtocol`` returns None, but without a shutdown:
+    a client whose request was already in the kernel's buffer then reads a reset instead of an
+    answer and an end of stream (RFC 1122 4.2.2.13). Closing through the transport's own
+    ``connectionLost`` shuts the socket down first (a FIN), then closes it, as the reactor would on
+    its next turn. A transport that is not a plain socket (TLS) is closed by ``loseConnection``."""
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        handle = getattr(transport, "getHandle", lambda: None)()
+        lost = getattr(transport, "connectionLost", None)
+        if not isinstance(handle, socket.socket) or lost is None:
+            transport.loseConnection()
+            return
+        try:
+            handle.send(_SHORT_OF_DESCRIPTORS, socket.MSG_DONTWAIT)
+        except OSError:  # the peer is gone already: nothing to answer
+            pass
+        drop_unread(transport)
+        lost(Failure(ConnectionDone()))

@@ -21,6 +21,7 @@ from mcpgw.aggregate import AggregateUpstream
 from mcpgw.auth import Authenticator, InsufficientScope, Principal, Unauthorized, principal_of
 from mcpgw.channel import ADMIT, ChannelLimits, Connections, GatewayChannel
 from mcpgw.config import ServerConfig
+from mcpgw.connections import ClosedAtOnce
 from mcpgw.oauth.metadata import well_known
 from mcpgw.origin import HostPolicy
 from mcpgw.ratelimit import Decision
@@ -415,10 +416,12 @@ class GatewaySite(Site):
         self.connections = Connections(self.reactor)
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
-        """None (Twisted closes the socket at once) while descriptors are exhausted in this turn
-        of the reactor; a 503 would hold the descriptor for another turn."""
+        """While descriptors are exhausted in this turn of the reactor, a connection is answered
+        and closed before the next accept (ClosedAtOnce); a channel's 503 would hold its
+        descriptor for another turn."""
         if self.connections.exhausted:
-            return None
+            self.connections.refused_total += 1
+            return ClosedAtOnce()
         return super().buildProtocol(addr)
 
     def log(self, request: http.Request) -> None:

@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -23,7 +25,7 @@ from mcpgw import _fast
 from mcpgw.auth import Authenticator
 from mcpgw.channel import ChannelLimits, Connections, GatewayChannel
 from mcpgw.config import AuthConfig, GatewayConfig, StaticToken, StdioServer
-from mcpgw.connections import DESCRIPTORS
+from mcpgw.connections import DESCRIPTORS, ClosedAtOnce
 from mcpgw.ratelimit import Decision
 from mcpgw.request import HeadChecked
 from mcpgw.transports.common import GatewayContext
@@ -422,10 +424,45 @@ class ConnectionsTests(SynchronousTestCase):
         self.assertTrue(c.exhausted)
         site = GatewaySite(Resource())
         site.connections = c
-        self.assertIsNone(site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555)))
+        self.assertIsInstance(site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555)), ClosedAtOnce)
         clock.advance(0)
         self.assertFalse(c.exhausted)
-        self.assertIsNotNone(site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555)))
+        self.assertIsInstance(site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555)), GatewayChannel)
+
+    def test_exhausted_burst_closes_a_waiting_request_with_an_answer_and_no_reset(self) -> None:
+        """The connections closed in an exhausted accept burst waited in the listen queue, their
+        request already in the kernel's buffer. Closed unread and without a shutdown (Twisted's
+        close when buildProtocol returns None) each read a reset (RFC 1122 4.2.2.13; the 'reset'
+        test_descriptor_exhaustion_sheds_slow_heads_first saw under load). Now each reads a 503
+        and the end of stream, and its descriptor is closed in the same turn: a real listening
+        port, accepted by hand (the reactor in memory)."""
+        import os
+        import socket
+
+        from twisted.internet import tcp
+        from twisted.internet.testing import MemoryReactorClock
+
+        reactor = MemoryReactorClock()
+        site = GatewaySite(Resource(), reactor=reactor)
+        site.connections.exhausted = True
+        port = tcp.Port(0, site, interface="127.0.0.1", reactor=reactor)
+        port.startListening()
+        self.addCleanup(port.connectionLost, Failure(ConnectionDone()))
+        peers = [socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5) for _ in range(3)]
+        for peer in peers:
+            self.addCleanup(peer.close)
+            peer.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4000\r\n\r\n" + b"x" * 4000)
+        select.select([], [], [], 0.2)  # (loopback delivers at once; a margin for a busy machine)
+        before = len(os.listdir("/proc/self/fd"))
+        port.doRead()  # one accept burst: every waiting connection
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)  # none left open
+        for peer in peers:
+            data = b""
+            while chunk := peer.recv(65536):  # a reset raises ConnectionResetError
+                data += chunk
+            self.assertTrue(data.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), data)
+            self.assertIn(b"Retry-After: 1", data)
+        self.assertEqual(site.connections.refused_total, 3)
 
     def test_kept_alive_connections_shed_after_those_that_never_completed_a_request(self) -> None:
         """A client's idle keep-alive connection (between two of its requests) is older than the
