@@ -13,7 +13,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 
-from mcpgw import _fast, logs
+from mcpgw import _fast, heap, logs
 from mcpgw.config import EXAMPLE_SECRETS, LOG_FORMATS, ConfigError, GatewayConfig, load
 from mcpgw.metrics import Metrics, NoMetrics
 from mcpgw.observability import Observability
@@ -273,6 +273,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if guard is not None:
         procsec.GuardService(guard).setServiceParent(top)
     warn_if_open(config, options["listen"])
+    # What startup made is frozen and collections spaced out when the service starts (mcpgw.heap).
+    heap.Settle().setServiceParent(top)
     # Text or JSON, behind logLevel and the cleaning of client-controlled fields (mcpgw.logs).
     top.log_observer = logs.observer_for(options.parent, options["log-format"] or config.logFormat)
     return top
