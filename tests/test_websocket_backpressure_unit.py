@@ -248,6 +248,47 @@ class SocketBackpressureTests(WebSocketTestCase):
         self.assertIn(self.conn, self.fds.readers)
         self.assertFalse(self.child.paused)
 
+    def test_each_turn_answers_at_most_a_write_buffer_of_a_misaligned_flood(self) -> None:
+        """Reads of 64 KiB (Twisted's read size) of 7-byte invalid frames, so most reads end inside
+        a frame, and a peer whose kernel takes every reply: each turn of the reactor (a read, or
+        the doWrite that drains the buffer and resumes) answers at most what takes the write
+        buffer over the mark plus one piece of Autobahn's, never a whole read of 9,362 frames
+        (the fast path once handed the read after a split frame to Autobahn whole: a 228 ms
+        turn for tests/test_hostile_websocket.py's legitimate client to wait behind)."""
+        read, reads = 65536, 6
+        stream = (GARBAGE * (read * reads // len(GARBAGE) + 1))[:read * reads]
+        handled = [0]
+        answer = self.proto.onMessage
+
+        def count(payload: bytes, is_binary: bool) -> None:
+            handled[0] += 1
+            answer(payload, is_binary)
+
+        self.proto.onMessage = count  # type: ignore[method-assign]
+        turns: list[int] = []
+        received: list[bytes] = []
+        pos = 0
+        while True:
+            handled[0] = 0
+            if self.conn in self.fds.readers and pos < len(stream) - len(GARBAGE):
+                self.proto.dataReceived(stream[pos:pos + read])
+                pos += read
+            elif self.conn in self.fds.writers:
+                received.append(self.received())
+                self.conn.doWrite()  # drained: resumes, parses what the read left
+            else:
+                break
+            turns.append(handled[0])
+        received.append(self.received())
+        replies = b"".join(received)
+        n = replies[1]
+        first = replies[:2 + n] if n < 126 else replies[:4 + struct.unpack("!H", replies[2:4])[0]]
+        self.assertEqual(outcome(server_frames(first)), [PARSE_ERROR])
+        frames = read * reads // len(GARBAGE)  # every whole frame, once
+        self.assertEqual(sum(turns), frames)
+        self.assertEqual(replies, first * frames)
+        self.assertLessEqual(max(turns), self.conn.bufferSize // len(first) + 1 + PUBLIC_PIECE // len(GARBAGE), turns)
+
     def test_replies_to_one_read_leave_in_one_send(self) -> None:
         """Replies written while a read is parsed are buffered, not sent one system call each."""
         self.proto.dataReceived(GARBAGE * 3)

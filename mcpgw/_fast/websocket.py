@@ -3,10 +3,15 @@ shortcuts mcpgw.transports.websocket takes, and the one slot of Autobahn's it fi
 
 - :class:`FastFrames` receiving: a read that holds only whole, final, masked, unextended text frames
   (what every client sends for a JSON-RPC message) is parsed and unmasked here and each message
-  handed to ``onMessage`` directly, past Autobahn's per-frame machinery; anything else (a control
-  frame, a fragment, a frame split across reads, a frame over the limit, a protocol error, any state
-  but OPEN) goes from that frame on to Autobahn's byte entry ``_dataReceived``, which therefore sees
-  exactly the bytes it would have seen. It reads Autobahn's parser state (``data``,
+  handed to ``onMessage`` directly, past Autobahn's per-frame machinery; such a frame split across
+  reads is kept here until its last byte has come. Any other frame (a control frame, a fragment, a
+  frame over the limit, a protocol error, any state but OPEN) goes to Autobahn's byte entry
+  ``_dataReceived``, which sees exactly the bytes of the frames it would have parsed, in order: the
+  frame alone when its header tells its length, else a piece (:data:`PIECE`) at a time, back to the
+  fast path as soon as Autobahn's parser holds nothing. Whichever path parses, a reply that takes
+  the write buffer over its high-water mark holds the rest of the read until the buffer has
+  drained (``held``): one read of tiny frames costs one turn of the reactor at most a write
+  buffer's worth of replies, not thousands of them. It reads Autobahn's parser state (``data``,
   ``current_frame``, ``inside_message``), its keepalive state (``autoPingTimeoutCall``,
   ``autoPingRestartOnAnyTraffic``, ``_cancelAutoPingTimeoutCall``) and what decides that every frame
   must be Autobahn's (``_perMessageCompress``, ``logFrames``, ``logOctets``, ``trackedTimings``).
@@ -54,6 +59,9 @@ _OPEN = WebSocketProtocol.STATE_OPEN
 _INT_UNMASK_MAX = 1024
 #: The header of a text frame (FIN, opcode 1, unmasked) for each 7-bit payload length.
 _TEXT_HEADERS = [bytes((0x81, n)) for n in range(126)]
+#: Bytes handed to Autobahn's parser at a time when it does not tell where its frame ends: between
+#: pieces a write buffer over the high-water mark holds the rest of the read.
+PIECE = 4096
 
 
 # -- the probe -----------------------------------------------------------------------------------
@@ -186,71 +194,109 @@ class FastFrames:
         #: when the buffer has drained (``resume``), so one read of small frames cannot keep the
         #: reactor answering them for long while other connections wait.
         self.held = b""
+        #: A whole text frame's first bytes, split across reads (the reads so far, in order).
+        self.partial: list[bytes] = []
+        self._partial_len = 0
+        #: Its size once its header is in (0 before): a read that does not complete it is only kept.
+        self._partial_need = 0
 
     def resume(self) -> None:
         """The write buffer drained: parse what the last read left."""
         held, self.held = self.held, b""
         if held:
-            self.data_received(held)
+            self._parse(held)
 
     @classmethod
     def open(cls, proto: Any) -> FastFrames:
         return cls(proto, _receive_limit(proto), _is_plain_tcp(proto.transport))
 
     def data_received(self, data: bytes) -> None:
-        """Whole text frames here; from the first other frame (or partial frame) on, Autobahn.
-
-        Replaces Autobahn's Twisted ``dataReceived``, which only adds a debug-log call whose
-        arguments are formatted for every read even when debug is off.
-        """
-        proto = self._proto
+        """Replaces Autobahn's Twisted ``dataReceived``, which only adds a debug-log call whose
+        arguments are formatted for every read even when debug is off."""
         if self.held:
             self.held += data  # read before the pause took effect: behind what is held
             return
-        if proto.state != _OPEN or proto.data or proto.current_frame is not None or proto.inside_message:
-            proto._dataReceived(data)
-            return
-        # Replies written while this read is parsed (errors, 429s, {"type":"pong"}) go into Twisted's
-        # buffer, out in one send when the reactor next writes, rather than one send each; and
-        # past the high-water mark they pause reading (_Backpressure) within this read.
-        direct, self.direct = self.direct, False
-        try:
-            pos = self._whole_frames(proto, data)
-        finally:
-            self.direct = direct
-        if pos < len(data) and not proto.stopped_reading:
-            proto._dataReceived(data[pos:] if pos else data)
+        if self.partial:
+            self.partial.append(data)
+            self._partial_len += len(data)
+            if self._partial_len < self._partial_need:
+                return  # the split frame is not whole yet
+            data = b"".join(self.partial)
+            self.partial, self._partial_len, self._partial_need = [], 0, 0
+        self._parse(data)
 
-    def _whole_frames(self, proto: Any, data: bytes) -> int:
-        """Hand each whole, final, masked text frame at the start of ``data`` to ``onMessage``;
-        the offset of the first byte left for Autobahn (``len(data)`` when the rest is held)."""
+    def _parse(self, data: bytes) -> None:
+        """Whole text frames here, other frames Autobahn's, in order, until the data ends, a split
+        text frame is left (kept), a reply went over the high-water mark (the rest held) or the
+        connection failed (the rest dropped)."""
+        proto = self._proto
         n = len(data)
         pos = 0
+        while True:
+            if proto.state == _OPEN and not (proto.data or proto.current_frame is not None or proto.inside_message):
+                # Replies written while a read is parsed (errors, 429s, {"type":"pong"}) go into
+                # Twisted's buffer, out in one send when the reactor next writes, rather than one
+                # send each; and past the high-water mark they pause reading (_Backpressure).
+                direct, self.direct = self.direct, False
+                try:
+                    end, split = self._whole_frames(proto, data, pos)
+                finally:
+                    self.direct = direct
+                if split:
+                    self._keep(data[end:] if end else data)
+                    return
+                if end == pos:  # a frame of Autobahn's: that frame alone, or its first piece
+                    end = pos + min(_frame_size(data, pos) or PIECE, PIECE)
+                    proto._dataReceived(data[pos:end] if pos or end < n else data)
+            else:
+                end = pos + PIECE
+                proto._dataReceived(data[pos:end] if pos or end < n else data)
+            pos = end
+            if pos >= n or proto.stopped_reading:
+                return
+            backpressure = proto.backpressure
+            if backpressure is not None and backpressure.paused:
+                self.held = data[pos:]
+                return
+
+    def _keep(self, rest: bytes) -> None:
+        """The first bytes of a whole text frame: parsed once the reads after them complete it."""
+        self.partial = [rest]
+        self._partial_len = len(rest)
+        self._partial_need = _frame_size(rest, 0)
+
+    def _whole_frames(self, proto: Any, data: bytes, pos: int) -> tuple[int, bool]:
+        """Hand each whole, final, masked text frame from ``data[pos:]`` on to ``onMessage``, until
+        another frame, a state but OPEN or a full write buffer: (the offset where it stopped, whether
+        what is left there is the start of such a frame, split across reads)."""
+        n = len(data)
         limit = self.limit
         while n - pos >= 6:
             b1 = data[pos + 1]
             if data[pos] != 0x81 or b1 < 0x80:
-                break  # not FIN + text without RSV bits, or unmasked: Autobahn decides
+                return pos, False  # not FIN + text without RSV bits, or unmasked: Autobahn decides
             length = b1 & 0x7F
             if length < 126:
                 start = pos + 6
             elif length == 126:
                 start = pos + 8
                 if start > n:
-                    break
+                    return pos, limit >= 0
                 length = (data[pos + 2] << 8) | data[pos + 3]
                 if length < 126:
-                    break  # not the minimal length encoding: a protocol error
+                    return pos, False  # not the minimal length encoding: a protocol error
             else:
                 start = pos + 14
                 if start > n:
-                    break
+                    return pos, limit >= 0
                 length = int.from_bytes(data[pos + 2:pos + 10], "big")
                 if length < 65536 or length >> 63:
-                    break  # not minimal, or the reserved top bit: a protocol error
+                    return pos, False  # not minimal, or the reserved top bit: a protocol error
+            if length > limit:
+                return pos, False  # over websocket.maxMessageBytes (1009)
             end = start + length
-            if end > n or length > limit:
-                break  # a partial frame, or over websocket.maxMessageBytes (1009)
+            if end > n:
+                return pos, True  # the rest of it is still to come
             mask = data[start - 4:start]
             if length <= _INT_UNMASK_MAX:
                 q, r = divmod(length, 4)
@@ -263,12 +309,12 @@ class FastFrames:
                 proto._cancelAutoPingTimeoutCall()  # as Autobahn's onFrameEnd: any data frame will do
             proto.onMessage(payload, False)
             if proto.state != _OPEN:
-                break  # closing: the rest is Autobahn's
+                return pos, False  # closing: the rest is Autobahn's
             backpressure = proto.backpressure
-            if backpressure is not None and backpressure.paused and pos < n:
-                self.held = data[pos:]
-                return n
-        return pos
+            if backpressure is not None and backpressure.paused:
+                return pos, False
+        # under 6 bytes left: the start of a text frame (FIN, text, masked) waits for the next read
+        return pos, pos < n and limit >= 0 and data[pos] == 0x81 and (n - pos < 2 or data[pos + 1] >= 0x80)
 
     def send_text(self, raw: bytes) -> bool:
         """One message, one text frame, header + payload in one write; False when Autobahn has
@@ -303,6 +349,27 @@ class FastFrames:
                 t.write(frame[sent:])
         else:
             t.write(frame)
+
+
+def _frame_size(data: bytes, pos: int) -> int:
+    """Bytes of the frame at ``data[pos:]`` (header, mask key, payload); 0 while its header is short."""
+    have = len(data) - pos
+    if have < 2:
+        return 0
+    b1 = data[pos + 1]
+    length = b1 & 0x7F
+    header = 2
+    if length == 126:
+        header = 4
+        if have < 4:
+            return 0
+        length = (data[pos + 2] << 8) | data[pos + 3]
+    elif length == 127:
+        header = 10
+        if have < 10:
+            return 0
+        length = int.from_bytes(data[pos + 2:pos + 10], "big")
+    return header + (4 if b1 & 0x80 else 0) + length
 
 
 def _receive_limit(proto: Any) -> int:

@@ -29,9 +29,14 @@ Backpressure (``_Backpressure``): every frame the gateway writes, its own error,
 429 and pong frames included, goes through the transport's write buffer; over
 Twisted's high-water mark (``bufferSize``, 64 KiB) the socket stops being read
 and the session's child stops being read, and both resume once the buffer has
-drained. A peer that sends without reading therefore gets at most one read
-(64 KiB) of frames answered past the mark, and is dropped by the keepalive
-ping timeout (its pong, and any frame that stands in for it, is never read).
+drained. A read is parsed a frame at a time on the fast path and a piece
+(``PUBLIC_PIECE``, 4 KiB) at a time by Autobahn's parser, and a reply over the
+mark holds the rest of the read until the buffer has drained: a peer that sends
+without reading gets at most a piece of frames answered past the mark, and one
+turn of the reactor spends on it about a write buffer's worth of replies, never
+a whole read of thousands of tiny frames, so other connections are served in
+between. It is dropped by the keepalive ping timeout (its pong, and any frame
+that stands in for it, is never read).
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ CLOSE_TRY_AGAIN_LATER = 1013
 MAX_WAITING = 1024
 #: Bytes of one read handed to Autobahn's parser at a time on the public path: between pieces a full
 #: write buffer (a peer that sends and never reads) holds the rest until it drains.
-PUBLIC_PIECE = 4096
+PUBLIC_PIECE = fast_websocket.PIECE
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSING = WebSocketProtocol.STATE_CLOSING
