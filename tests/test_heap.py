@@ -33,13 +33,12 @@ class SettleTests(SynchronousTestCase):
     def test_the_gateway_service_tree_settles_last(self) -> None:
         """tap.makeService puts Settle after every other service: it runs once all is built and listening."""
         import json
+        import shutil
+        import tempfile
         from pathlib import Path
 
         from mcpgw import tap
         from tests.gateway_process import fixture_server
-
-        import shutil
-        import tempfile
 
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
