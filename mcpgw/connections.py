@@ -239,9 +239,10 @@ class ClosedAtOnce(Protocol):
 
     Twisted closes a socket at once when ``buildProtocol`` returns None, but without a shutdown:
     a client whose request was already in the kernel's buffer then reads a reset instead of an
-    answer and an end of stream (RFC 1122 4.2.2.13). Closing through the transport's own
-    ``connectionLost`` shuts the socket down first (a FIN), then closes it, as the reactor would on
-    its next turn. A transport that is not a plain socket (TLS) is closed by ``loseConnection``."""
+    answer and an end of stream (RFC 1122 4.2.2.13). Here the socket is shut down first (a FIN),
+    then closed through the transport's own ``connectionLost``, as the reactor would on its next
+    turn. A transport that is not a plain socket (TLS), or has no ``connectionLost``, is closed by
+    ``loseConnection``."""
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -255,4 +256,8 @@ class ClosedAtOnce(Protocol):
         except OSError:  # the peer is gone already: nothing to answer
             pass
         drop_unread(transport)
+        try:
+            handle.shutdown(socket.SHUT_RDWR)  # the FIN now, whatever the close below does
+        except OSError:
+            pass
         lost(Failure(ConnectionDone()))
