@@ -29,6 +29,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
 from typing import Any
 
@@ -87,7 +88,7 @@ def gateway_config(websocket: dict[str, Any] | None = None, rate_max: int = 1_00
 class RawWebSocket:
     """A client that speaks the framing by hand (so it can flood without reading)."""
 
-    def __init__(self, port: int, token: str, rcvbuf: int | None = ATTACKER_RCVBUF):
+    def __init__(self, port: int, token: str, rcvbuf: int | None = ATTACKER_RCVBUF, path: str = "/ws"):
         self.port = port
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ATTACKER_SNDBUF)
@@ -97,7 +98,7 @@ class RawWebSocket:
         self.local_port = self.sock.getsockname()[1]
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall((
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mcp\r\n"
             f"Authorization: Bearer {token}\r\n\r\n").encode())
         self.sock.settimeout(10)
@@ -280,3 +281,42 @@ def test_never_reading_peer_is_paused_then_dropped(make_gateway, reply):
     assert during.rss - before.rss < RSS_BOUND, (before, during)
     assert after.rss - before.rss < RSS_BOUND, (before, after)
     assert dropped, "the never-reading peer is still connected %.1f s later" % dropped_after
+
+
+#: A notification the session relays to its child and nobody answers: 67 bytes on the wire.
+NOTIFICATION = bytes((0x81, 0x80 | 61)) + MASK + bytes(
+    b ^ MASK[i % 4] for i, b in enumerate(b'{"jsonrpc":"2.0","method":"notifications/roots/list_changed"}'))
+
+
+def test_notifications_for_a_child_that_does_not_read_stdin_stop_the_reading(make_gateway):
+    """A child that never reads its stdin, and a peer that floods it with notifications (no reply
+    to the client, so the write buffer never fills): the gateway once queued every one for the
+    child's pipe (1,000,000 of them, 67 MB: all taken, RSS +107 MiB). Now the pipe's buffer over
+    its high-water mark stops reading the socket (mcpgw.upstream.stdin): the flood stalls, RSS
+    stays flat, and the keepalive ping timeout drops the peer."""
+    ping_interval, ping_timeout = 3, 3
+    config = gateway_config({"pingInterval": ping_interval, "pingTimeout": ping_timeout}, rate_max=100_000_000)
+    config["mcpServers"]["deaf"] = {"command": sys.executable, "args": ["-c", "import time; time.sleep(600)"]}
+    gw = make_gateway(config)
+    with LegitClient(gw.url + "/mcp", headers=auth(LEGIT_TOKEN)) as legit:
+        attacker = RawWebSocket(gw.port, MALLORY_TOKEN, path="/servers/deaf/ws")
+        try:
+            before = proc_stats(gw.proc.pid)
+            started = time.monotonic()
+            sent, seconds, ended = attacker.flood(NOTIFICATION * 1_000_000)
+            paused = gateway_socket(gw, attacker.local_port)
+            during = proc_stats(gw.proc.pid)
+            dropped = wait_until(lambda: gateway_closed(gw, attacker.local_port), timeout=ping_interval + ping_timeout + 10)
+            dropped_after = time.monotonic() - started
+            after = proc_stats(gw.proc.pid)
+        finally:
+            attacker.close()
+    report = legit.assert_healthy()
+    print(f"\ndeaf child: sent {sent} of {len(NOTIFICATION) * 1_000_000} bytes in {seconds:.2f} s ({ended}); gateway socket "
+          f"{paused}; RSS {before.rss >> 20} -> {during.rss >> 20} -> {after.rss >> 20} MiB; dropped after "
+          f"{dropped_after:.1f} s; legit p99 {report.p99 * 1000:.0f} ms over {len(report.latencies)} calls")
+    assert ended == "stalled", (ended, sent)
+    assert paused is not None and paused[0] == TCP_ESTABLISHED and paused[2] > 0, paused
+    assert during.rss - before.rss < RSS_BOUND, (before, during)
+    assert after.rss - before.rss < RSS_BOUND, (before, after)
+    assert dropped, "the peer is still connected %.1f s later" % dropped_after

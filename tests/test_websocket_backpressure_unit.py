@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mcpgw.config import ConfigError, WebSocketConfig, parse
 from mcpgw.ratelimit import MemoryRateLimiter
-from mcpgw.transports.websocket import PUBLIC_PIECE
+from mcpgw.transports.websocket import MAX_TURN_MESSAGES, PUBLIC_PIECE
 from tests.test_websocket_fastpath import CONT, Recorder, SocketConnection
 from tests.test_websocket_unit import (
     CLOSE,
@@ -203,6 +203,7 @@ class SocketBackpressureTests(WebSocketTestCase):
         """Reads of 500 frames each until the gateway stops reading; the number of reads."""
         for reads in range(1, limit + 1):
             self.proto.dataReceived(frame * 500)
+            self.next_turns()
             if self.conn not in self.fds.readers:
                 return reads
         self.fail("the gateway never stopped reading")
@@ -276,6 +277,8 @@ class SocketBackpressureTests(WebSocketTestCase):
             elif self.conn in self.fds.writers:
                 received.append(self.received())
                 self.conn.doWrite()  # drained: resumes, parses what the read left
+            elif self.next_turn():
+                pass  # the next turn: parses what the turn's message budget left
             else:
                 break
             turns.append(handled[0])
@@ -288,6 +291,61 @@ class SocketBackpressureTests(WebSocketTestCase):
         self.assertEqual(sum(turns), frames)
         self.assertEqual(replies, first * frames)
         self.assertLessEqual(max(turns), self.conn.bufferSize // len(first) + 1 + PUBLIC_PIECE // len(GARBAGE), turns)
+
+    def test_each_turn_handles_at_most_its_budget_of_messages_nobody_answers(self) -> None:
+        """Reads of 64 KiB of notifications for the child (1,170 a read, no reply to the client, so
+        the write buffer never fills): each turn of the reactor handles at most MAX_TURN_MESSAGES
+        of them (plus, on Autobahn's path, the rest of the piece it was parsing), the rest on the
+        next turns, every one relayed to the child once and in order."""
+        note = b'{"jsonrpc":"2.0","method":"notifications/x","params":{"n":%d}}'
+        count = 65536 * 4 // len(client_frame(TEXT, note % 10000))
+        stream = b"".join(client_frame(TEXT, note % (10000 + i)) for i in range(count))
+        handled = [0]
+        answer = self.proto.onMessage
+
+        def counted(payload: bytes, is_binary: bool) -> None:
+            handled[0] += 1
+            answer(payload, is_binary)
+
+        self.proto.onMessage = counted  # type: ignore[method-assign]
+        turns: list[int] = []
+        pos = 0
+        while True:
+            handled[0] = 0
+            if self.conn in self.fds.readers and pos < len(stream):
+                self.proto.dataReceived(stream[pos:pos + 65536])
+                pos += 65536
+            elif not self.next_turn():
+                break
+            turns.append(handled[0])
+        self.assertEqual(sum(turns), count)
+        self.assertLessEqual(max(turns), MAX_TURN_MESSAGES + (0 if self.fast else PUBLIC_PIECE // len(GOOD)), turns)
+        self.assertEqual(b"".join(self.child.written).splitlines(), [note % (10000 + i) for i in range(count)])
+        self.assertIn(self.conn, self.fds.readers)
+        self.assertEqual(self.flush_to_peer(), b"")
+
+    def test_a_child_that_does_not_read_its_stdin_pauses_reading(self) -> None:
+        """The child's stdin over its high-water mark (mcpgw.upstream.stdin: Twisted pauses the
+        gate it registered on the pipe): the rest of the read waits, the socket is not read, until
+        the pipe has drained; then every message reaches the child once, in order."""
+        gate = self.child.proto.stdin_gate
+        gate.pauseProducing()  # as Twisted's pipe writer does past its bufferSize
+        notes = [b'{"jsonrpc":"2.0","method":"notifications/x","params":{"n":%d}}' % i for i in range(40)]
+        self.proto.dataReceived(b"".join(client_frame(TEXT, n) for n in notes))
+        self.next_turns()
+        written = b"".join(self.child.written).splitlines()
+        self.assertEqual(written, notes[:1] if self.fast else notes)  # Autobahn's path: a piece at a time
+        if self.fast:
+            self.assertNotIn(self.conn, self.fds.readers)
+        gate.resumeProducing()  # drained
+        self.assertEqual(b"".join(self.child.written).splitlines(), notes)
+        self.assertIn(self.conn, self.fds.readers)
+        gate.pauseProducing()
+        self.proto.dataReceived(GOOD * 3)
+        self.assertNotIn(self.conn, self.fds.readers)
+        gate.stopProducing()  # the pipe closed: nothing to wait for
+        self.assertIn(self.conn, self.fds.readers)
+        self.assertEqual(len(b"".join(self.child.written).splitlines()), len(notes) + 3)
 
     def test_replies_to_one_read_leave_in_one_send(self) -> None:
         """Replies written while a read is parsed are buffered, not sent one system call each."""
@@ -375,6 +433,7 @@ class NoBudgetTests(WebSocketTestCase):
     def test_no_limit(self) -> None:
         proto, transport, _ = self.open()
         proto.dataReceived(GARBAGE * 1000)
+        self.next_turns()
         self.assertEqual(outcome(self.frames(transport)), [PARSE_ERROR] * 1000)
         self.assertEqual(proto.state, proto.STATE_OPEN)
 

@@ -136,6 +136,29 @@ class WebSocketTestCase(SynchronousTestCase):
         [child] = self.reactor.spawned
         return proto, transport, child
 
+    def next_turn(self) -> bool:
+        """Run the reactor's next turn if one is due now (a read's messages past MAX_TURN_MESSAGES
+        wait for it): whether one ran."""
+        now = self.reactor.seconds()
+        due = [call for call in self.reactor.getDelayedCalls() if call.getTime() <= now]
+        if not due:
+            return False
+        # The calls due now, not those they make (Clock.advance would run a callLater(0) made by
+        # a call it runs in the same advance; the reactor runs it on its next turn).
+        for call in due:
+            if call.active():
+                self.reactor.calls.remove(call)
+                call.called = True
+                call.func(*call.args, **call.kw)
+        return True
+
+    def next_turns(self, limit: int = 10_000) -> int:
+        """Run the turns that are due until none is: how many ran."""
+        for turns in range(limit):
+            if not self.next_turn():
+                return turns
+        self.fail("still turning after %d turns" % limit)
+
     def frames(self, transport: StringTransport) -> list[tuple[int, bytes]]:
         frames = server_frames(transport.value())
         transport.clear()

@@ -36,7 +36,11 @@ without reading gets at most a piece of frames answered past the mark, and one
 turn of the reactor spends on it about a write buffer's worth of replies, never
 a whole read of thousands of tiny frames, so other connections are served in
 between. It is dropped by the keepalive ping timeout (its pong, and any frame
-that stands in for it, is never read).
+that stands in for it, is never read). Messages that get no reply (notifications
+for the child) do not fill the buffer: one turn handles at most
+``MAX_TURN_MESSAGES`` of a connection's messages, the rest of the read waits for
+the next turn, and a child whose stdin is over its high-water mark (it does not
+read: mcpgw.upstream.stdin) stops the reading until it has drained.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from mcpgw.transports.common import (
     parse_messages,
 )
 from mcpgw.transports.sse import _PauseShare
+from mcpgw.upstream import innermost
 
 SUBPROTOCOL = "mcp"
 PONG = b'{"type":"pong"}'
@@ -84,6 +89,10 @@ CLOSE_INVALID_PAYLOAD = WebSocketProtocol.CLOSE_STATUS_CODE_INVALID_PAYLOAD  # 1
 CLOSE_TRY_AGAIN_LATER = 1013
 #: Messages held while the rate limiter decides on an earlier one (an asynchronous limiter).
 MAX_WAITING = 1024
+#: Messages one turn of the reactor handles for one connection: the rest of the read waits for the
+#: next turn (``_Backpressure.next_turn``), so a read of thousands of tiny messages that nobody
+#: answers (notifications for the child) does not keep other connections waiting.
+MAX_TURN_MESSAGES = 256
 #: Bytes of one read handed to Autobahn's parser at a time on the public path: between pieces a full
 #: write buffer (a peer that sends and never reads) holds the rest until it drains.
 PUBLIC_PIECE = fast_websocket.PIECE
@@ -125,38 +134,79 @@ class WsConnection:
 
 
 class _Backpressure:
-    """The socket's streaming producer: a write buffer over the high-water mark pauses reading.
+    """The socket's streaming producer: while ``paused`` the socket is not read and the parsers hold
+    the rest of the read they were parsing (``resume_held`` parses it once nothing holds it).
 
-    Twisted calls ``pauseProducing`` on every write while its buffer holds more than
-    ``bufferSize`` bytes, and ``resumeProducing`` once, when the buffer has drained.
-    Pausing stops reading the peer (``transport.pauseProducing``), so a client that
-    sends and never reads cannot make the gateway queue replies without end, and
-    takes this socket's share in pausing the session (the child's stdout).
+    Three things pause it. Twisted calls ``pauseProducing`` on every write while its buffer holds
+    more than ``bufferSize`` bytes, and ``resumeProducing`` once, when the buffer has drained: a
+    client that sends and never reads cannot make the gateway queue replies without end, and this
+    socket takes its share in pausing the session (the child's stdout). ``next_turn``: the turn
+    handled MAX_TURN_MESSAGES messages, the rest waits for the reactor's next turn. ``child_full``:
+    the session's child does not read its stdin (mcpgw.upstream.stdin), the rest waits until it has.
     """
 
     def __init__(self, protocol: McpWebSocketProtocol, share: _PauseShare):
         self._protocol = protocol
         self._share = share
+        #: Any of the three: the parsers hold the rest of a read.
         self.paused = False
+        self._full = False
+        self._child = False
+        self._turn: Any = None
 
     def pauseProducing(self) -> None:
+        if not self._full:
+            self._full = True
+            self._share.pauseProducing()
+            self._hold()
+
+    def resumeProducing(self) -> None:
+        if self._full:
+            self._full = False
+            self._share.resumeProducing()
+            self._release()
+
+    def next_turn(self) -> None:
+        """The turn's messages are spent: the rest of the read on the reactor's next turn."""
+        if self._turn is None:
+            self._turn = self._protocol.factory.ctx.reactor.callLater(0, self._turned)
+            self._hold()
+
+    def _turned(self) -> None:
+        self._turn = None
+        self._release()
+
+    def child_full(self, gate: Any) -> None:
+        """The child's stdin is over its high-water mark: the rest once it has drained."""
+        if not self._child:
+            self._child = True
+            gate.when_drained(self._child_drained)
+            self._hold()
+
+    def _child_drained(self) -> None:
+        self._child = False
+        self._release()
+
+    def _hold(self) -> None:
         if not self.paused:
             self.paused = True
             self._protocol.socket().pauseProducing()
-            self._share.pauseProducing()
 
-    def resumeProducing(self) -> None:
-        if self.paused:
+    def _release(self) -> None:
+        if self.paused and not (self._full or self._child or self._turn is not None):
             self.paused = False
             protocol = self._protocol
+            protocol.turn_messages = 0
             protocol.resume_held()  # the rest of the read that paused it, first
             if not (self.paused or protocol.stopped_reading):
                 protocol.socket().resumeProducing()
-            self._share.resumeProducing()
 
     def stopProducing(self) -> None:
         """The connection is going away (not necessarily the session): give back the session's pause."""
-        self.paused = False
+        self.paused = self._full = self._child = False
+        if self._turn is not None:
+            self._turn.cancel()
+            self._turn = None
         self._share.stopProducing()
 
 
@@ -175,6 +225,10 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
     backpressure: _Backpressure | None = None
     #: Public path: the rest of a read held while the write buffer is full (_public_received).
     _held = b""
+    #: Messages handled in this turn of the reactor (MAX_TURN_MESSAGES).
+    turn_messages = 0
+    #: The session's child's stdin (a stdio server's; None for others): over its mark, reading waits.
+    _stdin_gate: Any = None
     _waiting = 0
     #: Taken out of mcp_gateway_active_connections (onClose).
     _uncounted = False
@@ -235,6 +289,8 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
             self.close(CLOSE_INTERNAL_ERROR, "cannot start the MCP server")
             return
         self.connection = cast(WsConnection, session.outlet)
+        # A stdio child's stdin (mcpgw.upstream.stdin); a WebSocket's session starts its child at once.
+        self._stdin_gate = getattr(innermost(session.upstream), "stdin_gate", None)
         session.metrics.connection_opened()
         # Backpressure: a full socket buffer pauses reading the socket and the child's
         # stdout (_Backpressure). The transport still names the HTTPChannel that served
@@ -250,6 +306,9 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         """Each message is one hit on the rate limiter; messages are handled in order."""
+        self.turn_messages += 1
+        if self.turn_messages >= MAX_TURN_MESSAGES and self.backpressure is not None:
+            self.backpressure.next_turn()
         if not isBinary and not payload.isascii():
             # Autobahn's incremental validator is off (``utf8validateIncoming``): one
             # check per message, for the fast path and Autobahn's alike; invalid text is 1007
@@ -341,6 +400,9 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
             self.send_text(toolpolicy.refusal_error(m.msg["id"], refused[1]))
             return
         dispatch.relay(ctx, session, m, connection, principal=self.principal, transport="ws")
+        gate = self._stdin_gate
+        if gate is not None and gate.full and self.backpressure is not None:
+            self.backpressure.child_full(gate)
 
     def _invalid_message(self) -> None:
         """One more invalid message in a row: at websocket.maxErrors the connection fails with 1008.
@@ -381,6 +443,7 @@ class McpWebSocketProtocol(WebSocketServerProtocol):
         """Twisted's bytes: to the fast path once the connection is open, else to Autobahn's."""
         if self.stopped_reading:
             return
+        self.turn_messages = 0
         if self._fast is not None:
             self._fast.data_received(data)
         else:

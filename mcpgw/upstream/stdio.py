@@ -29,6 +29,7 @@ from mcpgw._fast import process as fast_process
 from mcpgw.config import PRIVATE_ENV, StdioServer
 from mcpgw.interfaces import IUpstream, IUpstreamDelegate, upstream_kind
 from mcpgw.metrics import NULL_BOUND, BoundMetrics
+from mcpgw.upstream.stdin import StdinGate
 
 #: Variables a child gets from the gateway's environment when they are set (and LC_*).
 _BASE_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ")
@@ -324,6 +325,8 @@ class StdioUpstream(ProcessProtocol):
         self._out = LineFramer(server.maxMessageBytes, self._outLine, self._outOverflow)
         self._err = LineFramer(64 * 1024, self._errLine, lambda n: None)
         self.started_at = reactor.seconds()
+        #: Over its high-water mark while the child does not read its stdin (mcpgw.upstream.stdin).
+        self.stdin_gate = StdinGate()
 
     # -- spawning ---------------------------------------------------------
 
@@ -398,6 +401,7 @@ class StdioUpstream(ProcessProtocol):
         self.pid = self.transport.pid
         # Larger reads of stdout, and the stdin pipe for direct writes, where the fast paths allow.
         self._stdin = fast_process.tune_pipes(self.transport)
+        self.stdin_gate.register(self.transport)
         self.log.info("child {server} started pid={pid}", server=self.server.name, pid=self.pid)
 
     # -- child -> gateway -------------------------------------------------
