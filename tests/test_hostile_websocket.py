@@ -241,6 +241,19 @@ def test_garbage_flood_is_closed_1008_after_the_error_budget(make_gateway):
     assert after.rss - before.rss < RSS_BOUND, (before, after)
 
 
+def flood_until_dropped(gw: Gateway, attacker: RawWebSocket, data: bytes, timeout: float) -> tuple[Any, ...]:
+    """``attacker`` floods ``data`` until the gateway stops taking it, then waits up to ``timeout`` s for
+    the gateway to drop it: (sent, seconds, how the flood ended, the gateway's socket while paused,
+    proc_stats before, during and after, dropped, seconds from the flood's start to the drop)."""
+    before = proc_stats(gw.proc.pid)
+    started = time.monotonic()
+    sent, seconds, ended = attacker.flood(data)
+    paused = gateway_socket(gw, attacker.local_port)
+    during = proc_stats(gw.proc.pid)
+    dropped = wait_until(lambda: gateway_closed(gw, attacker.local_port), timeout=timeout)
+    return sent, seconds, ended, paused, before, during, proc_stats(gw.proc.pid), dropped, time.monotonic() - started
+
+
 @pytest.mark.parametrize("reply", ["parse-error", "rate-limited", "pong"])
 def test_never_reading_peer_is_paused_then_dropped(make_gateway, reply):
     """The error budget off (``websocket.maxErrors: null``): each frame is answered with a -32700,
@@ -261,14 +274,8 @@ def test_never_reading_peer_is_paused_then_dropped(make_gateway, reply):
                 assert set(error_codes(answered)) == {-32700}
                 assert error_codes(attacker.exchange(GARBAGE, 1)) == [-32000]  # Too Many Requests
             frame = PING_FRAME if reply == "pong" else GARBAGE
-            before = proc_stats(gw.proc.pid)
-            started = time.monotonic()
-            sent, seconds, ended = attacker.flood(frame * FRAMES)
-            paused = gateway_socket(gw, attacker.local_port)
-            during = proc_stats(gw.proc.pid)
-            dropped = wait_until(lambda: gateway_closed(gw, attacker.local_port), timeout=ping_interval + ping_timeout + 10)
-            dropped_after = time.monotonic() - started
-            after = proc_stats(gw.proc.pid)
+            sent, seconds, ended, paused, before, during, after, dropped, dropped_after = flood_until_dropped(
+                gw, attacker, frame * FRAMES, ping_interval + ping_timeout + 10)
         finally:
             attacker.close()
     report = legit.assert_healthy()
@@ -301,14 +308,8 @@ def test_notifications_for_a_child_that_does_not_read_stdin_stop_the_reading(mak
     with LegitClient(gw.url + "/mcp", headers=auth(LEGIT_TOKEN)) as legit:
         attacker = RawWebSocket(gw.port, MALLORY_TOKEN, path="/servers/deaf/ws")
         try:
-            before = proc_stats(gw.proc.pid)
-            started = time.monotonic()
-            sent, seconds, ended = attacker.flood(NOTIFICATION * 1_000_000)
-            paused = gateway_socket(gw, attacker.local_port)
-            during = proc_stats(gw.proc.pid)
-            dropped = wait_until(lambda: gateway_closed(gw, attacker.local_port), timeout=ping_interval + ping_timeout + 10)
-            dropped_after = time.monotonic() - started
-            after = proc_stats(gw.proc.pid)
+            sent, seconds, ended, paused, before, during, after, dropped, dropped_after = flood_until_dropped(
+                gw, attacker, NOTIFICATION * 1_000_000, ping_interval + ping_timeout + 10)
         finally:
             attacker.close()
     report = legit.assert_healthy()

@@ -249,6 +249,18 @@ class SocketBackpressureTests(WebSocketTestCase):
         self.assertIn(self.conn, self.fds.readers)
         self.assertFalse(self.child.paused)
 
+    def count_messages(self) -> list[int]:
+        """``[n]``: the messages the protocol handles from now on (a test sets n back to 0 per turn)."""
+        handled = [0]
+        answer = self.proto.onMessage
+
+        def counted(payload: bytes, is_binary: bool) -> None:
+            handled[0] += 1
+            answer(payload, is_binary)
+
+        self.proto.onMessage = counted  # type: ignore[method-assign]
+        return handled
+
     def test_each_turn_answers_at_most_a_write_buffer_of_a_misaligned_flood(self) -> None:
         """Reads of 64 KiB (Twisted's read size) of 7-byte invalid frames, so most reads end inside
         a frame, and a peer whose kernel takes every reply: each turn of the reactor (a read, or
@@ -258,14 +270,7 @@ class SocketBackpressureTests(WebSocketTestCase):
         turn for tests/test_hostile_websocket.py's legitimate client to wait behind)."""
         read, reads = 65536, 6
         stream = (GARBAGE * (read * reads // len(GARBAGE) + 1))[:read * reads]
-        handled = [0]
-        answer = self.proto.onMessage
-
-        def count(payload: bytes, is_binary: bool) -> None:
-            handled[0] += 1
-            answer(payload, is_binary)
-
-        self.proto.onMessage = count  # type: ignore[method-assign]
+        handled = self.count_messages()
         turns: list[int] = []
         received: list[bytes] = []
         pos = 0
@@ -300,14 +305,7 @@ class SocketBackpressureTests(WebSocketTestCase):
         note = b'{"jsonrpc":"2.0","method":"notifications/x","params":{"n":%d}}'
         count = 65536 * 4 // len(client_frame(TEXT, note % 10000))
         stream = b"".join(client_frame(TEXT, note % (10000 + i)) for i in range(count))
-        handled = [0]
-        answer = self.proto.onMessage
-
-        def counted(payload: bytes, is_binary: bool) -> None:
-            handled[0] += 1
-            answer(payload, is_binary)
-
-        self.proto.onMessage = counted  # type: ignore[method-assign]
+        handled = self.count_messages()
         turns: list[int] = []
         pos = 0
         while True:
